@@ -1,0 +1,126 @@
+"""Typed model of a Mamba-3 layer spec (the YAML a user writes).
+
+Every field a user can write lives here, with its default and its meaning; cross-field rules that need no device
+knowledge are checked by validators here, device limits (shared memory) are checked later in the backend.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DType = Literal["bf16", "fp16", "fp32"]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Discretization(_Strict):
+    rule: Literal["exp_euler", "exp_trapezoidal"] = Field(
+        "exp_trapezoidal",
+        description="exp_euler: Mamba-2/SSD rule, one input term. exp_trapezoidal: Mamba-3 rule, current and previous token.",
+    )
+    lambda_: Literal["data", "constant"] = Field(
+        "data",
+        alias="lambda",
+        description="exp_trapezoidal only. data: λ_t = σ(trap_t) from the trap input; constant: λ = lambda_value.",
+    )
+    lambda_value: float | None = Field(
+        None, description="The constant λ in [0, 1] when lambda is 'constant' (0.5 is the classic trapezoid)."
+    )
+
+    @model_validator(mode="after")
+    def _check_lambda(self) -> "Discretization":
+        if self.rule == "exp_euler":
+            if self.lambda_ != "data" or self.lambda_value is not None:
+                raise ValueError("exp_euler has no λ; remove 'lambda' and 'lambda_value'")
+        elif self.lambda_ == "constant":
+            if self.lambda_value is None:
+                raise ValueError("lambda: constant needs lambda_value in [0, 1]; try lambda_value: 0.5")
+            if not 0.0 <= self.lambda_value <= 1.0:
+                raise ValueError(f"lambda_value={self.lambda_value} is outside [0, 1]; try 0.5")
+        elif self.lambda_value is not None:
+            raise ValueError("lambda_value is only read when lambda: constant; remove it or set lambda: constant")
+        return self
+
+
+class State(_Strict):
+    kind: Literal["real", "complex"] = Field(
+        "complex", description="real: no rotation (Θ is not carried). complex: rotary state, pairs of dims rotated by Θ."
+    )
+    rope_fraction: Literal[0.5, 1.0] = Field(
+        0.5, description="complex only: fraction of the N state dims that are rotated (S = N·fraction/2 angles)."
+    )
+    rotation: Literal["pairwise", "halved"] = Field(
+        "pairwise",
+        description="complex only: pairwise rotates dims (2j, 2j+1) as the official SISO; halved rotates (j, j+N/2) as the official MIMO.",
+    )
+
+
+class Dims(_Strict):
+    d_state: int = Field(128, ge=2, description="N, the state (Q/K) dim; even.")
+    headdim: int = Field(64, ge=1, description="P, the value dim of a head.")
+    mimo_rank: int = Field(1, ge=1, le=8, description="R, the MIMO rank; 1 is SISO.")
+    ngroups: int = Field(1, ge=1, description="G, the number of B/C (K/Q) groups; heads must be a multiple of it.")
+    chunk_size: int = Field(64, ge=1, description="C_s, tokens per chunk of the chunked algorithm; a power of two.")
+
+
+class DTypes(_Strict):
+    input: Literal["bf16", "fp32"] = Field("bf16", description="dtype of Q, K, V, Z and the output.")
+    compute: Literal["tf32", "bf16", "fp32"] = Field(
+        "tf32",
+        description="operand precision of the tensor-core products (accumulation is always fp32): "
+        "fp32 (exact, slowest), tf32 (default), bf16 (fastest, least accurate).",
+    )
+    state: Literal["fp32"] = Field("fp32", description="dtype of the carried SSM state; fp32 only for now.")
+
+
+class Options(_Strict):
+    d_skip: bool = Field(True, description="add D[h]·v (the skip connection).")
+    z_gate: bool = Field(True, description="gate the output with silu(z).")
+    initial_states: bool = Field(False, description="accept initial states (Θ, H, k̂, v) of a previous segment.")
+    final_states: bool = Field(True, description="can return the final states (Θ, H, k̂, v).")
+    varlen: bool = Field(False, description="accept cu_seqlens (packed sequences, batch 1).")
+
+
+class Spec(_Strict):
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="a Python identifier: generated/<name>/ is written.")
+    discretization: Discretization = Discretization()
+    state: State = State()
+    dims: Dims = Dims()
+    dtypes: DTypes = DTypes()
+    options: Options = Options()
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> "Spec":
+        n, c = self.dims.d_state, self.dims.chunk_size
+        if n % 2:
+            raise ValueError(f"dims.d_state: N={n} is odd; the state is split into two halves, try N={n + 1}")
+        if c & (c - 1):
+            raise ValueError(f"dims.chunk_size: {c} is not a power of two; try {1 << (c - 1).bit_length()}")
+        return self
+
+    # Derived quantities, used by the lowering and printed by `mamba3-gen check`.
+    @property
+    def is_complex(self) -> bool:
+        return self.state.kind == "complex"
+
+    @property
+    def num_angles(self) -> int:
+        """S: rotated pairs per token (0 for a real state)."""
+        if not self.is_complex:
+            return 0
+        split = int(self.dims.d_state * self.state.rope_fraction)
+        split -= split % 2
+        return split // 2
+
+    @property
+    def has_trap_input(self) -> bool:
+        return self.discretization.rule == "exp_trapezoidal" and self.discretization.lambda_ == "data"
+
+    @property
+    def carries_prev_token(self) -> bool:
+        """Whether the state carries the previous token's k̂ and v (rules with a lagged input term)."""
+        return self.discretization.rule != "exp_euler"
