@@ -1,0 +1,173 @@
+"""The computation of one forward kernel as a networkx graph of stages.
+
+Each stage is one template macro (``templates/triton/stages/<name>.py.jinja``). Stages name the values they read,
+write and update; the graph holds true dependencies (write -> read), ordering of updates (write -> update) and
+anti-dependencies (read -> later update of the same value). A stage is active only when the spec needs it (no
+rotation for a real state, no gate without z, ...). The emission order inside each phase is a topological order
+that issues loads as early as the dependencies allow (memory latency hides behind the arithmetic that follows).
+The graph is validated after it is built and after it is pruned; `mamba3-gen check --graph` prints it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import networkx as nx
+
+from mamba3_gen.lower.lowering import Lowered
+from mamba3_gen.spec.model import Spec
+
+PHASES = ("prologue", "chunk", "epilogue")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    phase: str
+    doc: str
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    updates: tuple[str, ...] = ()
+    loads: tuple[str, ...] = ()  # tensors read from memory
+    stores: tuple[str, ...] = ()  # tensors written to memory
+    when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
+
+
+def _complex(spec, low):
+    return spec.is_complex
+
+
+def _mimo(spec, low):
+    return spec.dims.mimo_rank > 1
+
+
+# Declaration order is the semantic order of writes to a value; the graph may reorder independent stages.
+STAGES: tuple[Stage, ...] = (
+    Stage("init_carry", "prologue", "carried Θ and H: zeros, or the initial states",
+          writes=("theta", "h"), loads=("init_angle", "init_ssm")),
+    Stage("init_correction", "prologue", "previous token's lagged input enters the initial state",
+          reads=("theta",), updates=("h",), loads=("dt", "trap", "init_k", "init_v", "mimo_v"),
+          when=lambda spec, low: spec.options.initial_states and low.has_shift),
+    Stage("load_steps", "chunk", "Δ, a = A·Δ, λ of the chunk's tokens and of the next token",
+          writes=("dt", "a", "lam", "dt_next", "lam_next"), loads=("dt", "adt", "trap")),
+    Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves",
+          writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias")),
+    Stage("load_v", "chunk", "V rows, times MIMO_V per rank", writes=("v_rows",), loads=("v", "mimo_v")),
+    Stage("load_gate", "chunk", "Z rows, times MIMO_Z per rank", writes=("z_rows",), loads=("z", "mimo_z"),
+          when=lambda spec, low: spec.options.z_gate),
+    Stage("coefficients", "chunk", "discretization weights derived by sympy: γ (diagonal) and the key scale",
+          reads=("dt", "lam", "dt_next", "lam_next"), writes=("gamma", "scale")),
+    Stage("decay_cumsum", "chunk", "in-chunk inclusive cumsum of a, and the chunk total",
+          reads=("a",), writes=("cs", "cs_last")),
+    Stage("angle_cumsum", "chunk", "Θ_t = Θ + cumsum(Δ·π·tanh(angle)) in fp32; cos, sin per row",
+          reads=("dt",), updates=("theta",), writes=("cos", "sin"), loads=("angles",), when=_complex),
+    Stage("rotate", "chunk", "rotate Q and K by Θ_t (pairwise or halved layout)",
+          reads=("cos", "sin"), updates=("q", "k"), when=_complex),
+    Stage("intra_chunk", "chunk", "(Q Kᵀ ⊙ W) V with W = scale_j·exp(cs_i − cs_j) below, γ_i on the diagonal block",
+          reads=("q", "k", "v_rows", "cs", "gamma", "scale"), writes=("y",)),
+    Stage("inter_chunk", "chunk", "y += exp(cs)·Q Hᵀ, the state entering the chunk",
+          reads=("q", "h", "cs"), updates=("y",)),
+    Stage("skip", "chunk", "y += D·v", reads=("v_rows",), updates=("y",), loads=("D",),
+          when=lambda spec, low: spec.options.d_skip),
+    Stage("gate", "chunk", "y ⊙= silu(z)", reads=("z_rows",), updates=("y",), when=lambda spec, low: spec.options.z_gate),
+    Stage("reduce_ranks", "chunk", "out = Σ_r y_r ⊙ MIMO_Out_r", reads=("y",), writes=("out",), loads=("mimo_o",),
+          when=_mimo),
+    Stage("store_out", "chunk", "write the chunk's output", reads=("out",), stores=("out",),
+          when=_mimo),
+    Stage("store_y", "chunk", "write the chunk's output (one rank)", reads=("y",), stores=("out",),
+          when=lambda spec, low: not _mimo(spec, low)),
+    Stage("state_update", "chunk", "H = exp(cs_last)·H + (V ⊙ exp(cs_last − cs))ᵀ (scale·K)",
+          reads=("k", "v_rows", "scale", "cs", "cs_last"), updates=("h",)),
+    Stage("final_states", "epilogue", "store Θ, H, and the last token's k̂ and v",
+          reads=("theta", "h"), stores=("final_angle", "final_ssm", "final_k", "final_v"), loads=("k", "k_bias", "v"),
+          when=lambda spec, low: spec.options.final_states),
+)
+
+
+class GraphError(AssertionError):
+    pass
+
+
+@dataclass
+class KernelPlan:
+    """The validated, ordered stages of one kernel, and what it moves."""
+
+    graph: nx.DiGraph
+    order: dict[str, list[Stage]] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for p in PHASES for s in self.order[p]]
+
+    @property
+    def loads(self) -> list[str]:
+        return sorted({t for s in self.stages for t in s.loads})
+
+    @property
+    def stores(self) -> list[str]:
+        return sorted({t for s in self.stages for t in s.stores})
+
+    def describe(self) -> str:
+        lines = []
+        for phase in PHASES:
+            lines.append(f"{phase}:")
+            for s in self.order[phase]:
+                deps = sorted(self.graph.predecessors(s.name))
+                lines.append(f"  {s.name:<16} <- {', '.join(deps) or '-':<40} {s.doc}")
+        lines.append(f"loads:  {', '.join(self.loads)}")
+        lines.append(f"stores: {', '.join(self.stores)}")
+        return "\n".join(lines)
+
+
+def build_graph(stages: tuple[Stage, ...] | list[Stage]) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for i, s in enumerate(stages):
+        g.add_node(s.name, stage=s, index=i)
+    writer: dict[str, str] = {}
+    readers: dict[str, list[str]] = {}
+    for s in stages:
+        for v in s.reads:
+            if v not in writer:
+                raise GraphError(f"stage {s.name} reads {v!r} before any stage writes it")
+            g.add_edge(writer[v], s.name, value=v, kind="data")
+            readers.setdefault(v, []).append(s.name)
+        for v in s.updates:
+            if v not in writer:
+                raise GraphError(f"stage {s.name} updates {v!r} before any stage writes it")
+            g.add_edge(writer[v], s.name, value=v, kind="data")
+            for r in readers.get(v, []):
+                if r != s.name:
+                    g.add_edge(r, s.name, value=v, kind="anti")
+            writer[v], readers[v] = s.name, []
+        for v in s.writes:
+            if v in writer:
+                raise GraphError(f"{v!r} is written by both {writer[v]} and {s.name}; use 'updates'")
+            writer[v], readers[v] = s.name, []
+    return g
+
+
+def validate(g: nx.DiGraph) -> None:
+    if not nx.is_directed_acyclic_graph(g):
+        raise GraphError(f"stage graph has a cycle: {nx.find_cycle(g)}")
+    rank = {p: i for i, p in enumerate(PHASES)}
+    for u, v in g.edges:
+        pu, pv = g.nodes[u]["stage"].phase, g.nodes[v]["stage"].phase
+        if rank[pu] > rank[pv]:
+            raise GraphError(f"{v} ({pv}) depends on {u} ({pu}), a later phase")
+
+
+def plan_kernel(spec: Spec, lowered: Lowered) -> KernelPlan:
+    validate(build_graph(STAGES))  # the full graph is well formed for every spec
+    active = [s for s in STAGES if s.when(spec, lowered)]
+    g = build_graph(active)
+    validate(g)
+
+    def priority(name: str):
+        s = g.nodes[name]["stage"]
+        return (0 if s.name.startswith("load_") else 1, g.nodes[name]["index"])
+
+    order: dict[str, list[Stage]] = {p: [] for p in PHASES}
+    for name in nx.lexicographical_topological_sort(g, key=priority):
+        s = g.nodes[name]["stage"]
+        order[s.phase].append(s)
+    return KernelPlan(g, order)
