@@ -33,16 +33,27 @@ class Discretization(_Strict):
 
     @model_validator(mode="after")
     def _check_lambda(self) -> "Discretization":
+        # Messages start with the offending field ("lambda_value: ...", relative to this section) so that the loader can
+        # point at its line; every message says what to do.
         if self.rule == "exp_euler":
-            if self.lambda_ != "data" or self.lambda_value is not None:
-                raise ValueError("exp_euler has no λ; remove 'lambda' and 'lambda_value'")
+            if self.lambda_ != "data":
+                raise ValueError(
+                    "lambda: exp_euler has no λ (it is the λ=1 rule); try removing 'lambda', or rule: exp_trapezoidal"
+                )
+            if self.lambda_value is not None:
+                raise ValueError(
+                    "lambda_value: exp_euler has no λ (it is the λ=1 rule); try removing 'lambda_value', "
+                    "or rule: exp_trapezoidal"
+                )
         elif self.lambda_ == "constant":
             if self.lambda_value is None:
-                raise ValueError("lambda: constant needs lambda_value in [0, 1]; try lambda_value: 0.5")
+                raise ValueError("lambda: 'constant' needs lambda_value in [0, 1]; try adding lambda_value: 0.5")
             if not 0.0 <= self.lambda_value <= 1.0:
-                raise ValueError(f"lambda_value={self.lambda_value} is outside [0, 1]; try 0.5")
+                raise ValueError(f"lambda_value: {self.lambda_value} is outside [0, 1]; try lambda_value: 0.5")
         elif self.lambda_value is not None:
-            raise ValueError("lambda_value is only read when lambda: constant; remove it or set lambda: constant")
+            raise ValueError(
+                "lambda_value: only read when lambda: constant; try removing lambda_value, or setting lambda: constant"
+            )
         return self
 
 
@@ -51,20 +62,41 @@ class State(_Strict):
         "complex", description="real: no rotation (Θ is not carried). complex: rotary state, pairs of dims rotated by Θ."
     )
     rope_fraction: Literal[0.5, 1.0] = Field(
-        0.5, description="complex only: fraction of the N state dims that are rotated (S = N·fraction/2 angles)."
+        0.5,
+        description="complex only (ignored for a real state): fraction of the N state dims that are rotated, "
+        "0.5 or 1.0 (S = N·fraction/2 angles).",
     )
     rotation: Literal["pairwise", "halved"] = Field(
         "pairwise",
-        description="complex only: pairwise rotates dims (2j, 2j+1) as the official SISO; halved rotates (j, j+N/2) as the official MIMO.",
+        description="complex only (ignored for a real state): pairwise rotates dims (2j, 2j+1) as the official SISO; "
+        "halved rotates (j, j+N/2) as the official MIMO.",
     )
 
 
+MAX_CHUNK_ROWS = 256  # C_s·R: rows of one chunk tile (every rank of every token of a chunk is a row)
+
+
 class Dims(_Strict):
-    d_state: int = Field(128, ge=2, description="N, the state (Q/K) dim; even.")
-    headdim: int = Field(64, ge=1, description="P, the value dim of a head.")
-    mimo_rank: int = Field(1, ge=1, le=8, description="R, the MIMO rank; 1 is SISO.")
+    d_state: int = Field(128, ge=4, description="N, the state (Q/K) dim; even, at least 4.")
+    headdim: int = Field(64, ge=4, description="P, the value dim of a head; at least 4.")
+    mimo_rank: int = Field(1, ge=1, le=8, description="R, the MIMO rank, 1..8; 1 is SISO.")
     ngroups: int = Field(1, ge=1, description="G, the number of B/C (K/Q) groups; heads must be a multiple of it.")
-    chunk_size: int = Field(64, ge=1, description="C_s, tokens per chunk of the chunked algorithm; a power of two.")
+    chunk_size: int = Field(
+        64,
+        ge=1,
+        description="C_s, tokens per chunk of the chunked algorithm; a power of two, with chunk_size·mimo_rank <= "
+        f"{MAX_CHUNK_ROWS} (64/R is the usual choice).",
+    )
+
+    @model_validator(mode="after")
+    def _check_chunk_rows(self) -> "Dims":
+        c, r = self.chunk_size, self.mimo_rank
+        if c * r > MAX_CHUNK_ROWS:
+            raise ValueError(
+                f"chunk_size: chunk_size*mimo_rank={c * r} rows exceed {MAX_CHUNK_ROWS} per chunk tile; "
+                f"try chunk_size={max(1, 64 // r)}"
+            )
+        return self
 
 
 class DTypes(_Strict):
@@ -95,11 +127,14 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _check_dims(self) -> "Spec":
-        n, c = self.dims.d_state, self.dims.chunk_size
+        n, c, r = self.dims.d_state, self.dims.chunk_size, self.dims.mimo_rank
         if n % 2:
-            raise ValueError(f"dims.d_state: N={n} is odd; the state is split into two halves, try N={n + 1}")
+            raise ValueError(f"dims.d_state: N={n} is odd (the state is split into two halves); try d_state: {n + 1}")
         if c & (c - 1):
-            raise ValueError(f"dims.chunk_size: {c} is not a power of two; try {1 << (c - 1).bit_length()}")
+            lower = 1 << (c.bit_length() - 1)
+            upper = lower * 2
+            best = upper if upper * r <= MAX_CHUNK_ROWS and upper - c < c - lower else lower
+            raise ValueError(f"dims.chunk_size: {c} is not a power of two; try chunk_size: {best}")
         return self
 
     # Derived quantities, used by the lowering and printed by `mamba3-gen check`.

@@ -1,0 +1,435 @@
+"""Read a YAML spec file into a validated :class:`Spec`, with errors a user can act on.
+
+Every problem becomes one line ``<file>:<line>: <field.path>: <what is wrong>; try <what to do>``: the file as the
+user named it, the 1-based line of the offending key (of its parent mapping, or line 1, when the key is missing),
+the dotted field path as written in YAML (aliases, e.g. ``discretization.lambda``) and a fix. File-level problems
+use the pseudo fields ``file`` (cannot read), ``yaml`` (syntax) and ``spec`` (the document as a whole).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from mamba3_gen.spec.model import Spec
+from mamba3_gen.version import __version__
+
+__all__ = ["SpecError", "load_spec", "load_spec_text", "spec_hash", "json_schema"]
+
+Loc = tuple[Any, ...]
+
+
+class SpecError(Exception):
+    """One or more problems with a spec, each a ``file:line: field: message; try ...`` line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(self.problems)  # args = (problems,), so that copies and pickles rebuild the same error
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+# ---------------------------------------------------------------------------------------------------------- public
+
+
+def load_spec(path: str | os.PathLike[str]) -> Spec:
+    """Load and validate the spec at ``path``; raise :class:`SpecError` (never another exception) on a user mistake."""
+    shown = os.fspath(path)
+    try:
+        with open(shown, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SpecError([_line(shown, 1, "file", "no such file; try a path to an existing spec, e.g. specs/mimo_r4.yaml")])
+    except IsADirectoryError:
+        raise SpecError([_line(shown, 1, "file", "is a directory; try the path of one .yaml spec file inside it")])
+    except UnicodeDecodeError as e:
+        raise SpecError([_line(shown, 1, "file", f"is not UTF-8 text ({e.reason}); try saving it as UTF-8")])
+    except OSError as e:
+        raise SpecError([_line(shown, 1, "file", f"cannot be read ({e.strerror}); try checking its permissions")])
+    return load_spec_text(text, filename=shown)
+
+
+def load_spec_text(text: str, filename: str = "<string>") -> Spec:
+    """Same as :func:`load_spec`, from the YAML text itself (``filename`` is only used in messages)."""
+    doc = _parse_yaml(text, filename)
+    if doc is None:
+        raise SpecError(
+            [_line(filename, 1, "spec", "the document is empty; try starting it with 'name: my_layer' (see specs/*.yaml)")]
+        )
+    if not isinstance(doc, dict):
+        raise SpecError(
+            [
+                _line(
+                    filename,
+                    _node_line(doc),
+                    "spec",
+                    f"the top level must be a mapping of sections, got {_describe(_plain(doc))}; "
+                    f"try 'key: value' lines: {', '.join(_keys_of(Spec))}",
+                )
+            ]
+        )
+    try:
+        return Spec.model_validate(_plain(doc))
+    except ValidationError as e:
+        problems = [_translate_safely(err, doc, filename) for err in e.errors()]
+    # Sort by line (stable: pydantic's field order within a line), dropping exact duplicates.
+    problems.sort(key=lambda p: p[0])
+    lines: list[str] = []
+    for _, msg in problems:
+        if msg not in lines:
+            lines.append(msg)
+    raise SpecError(lines)
+
+
+def spec_hash(spec: Spec) -> str:
+    """sha256 (hex) of the spec's canonical JSON: all fields, defaults included, keys sorted, no spaces."""
+    canonical = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec file (keys as written in YAML), for editors and documentation."""
+    schema = Spec.model_json_schema(by_alias=True)
+    out: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"urn:mamba3-gen:spec:{__version__}",
+    }
+    out.update(schema)
+    out["title"] = "mamba3-gen layer spec"
+    out.setdefault("description", "A Mamba-3 SSM layer for mamba3-gen to compile into Triton kernels.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- YAML input
+
+
+def _parse_yaml(text: str, filename: str) -> Any:
+    yaml = YAML(typ="rt")
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = (e.problem or e.context or "invalid YAML").strip()
+        raise SpecError([_line(filename, line, "yaml", f"{_one_line(problem)}; try {_yaml_hint(problem)}")]) from None
+    except YAMLError as e:
+        raise SpecError([_line(filename, 1, "yaml", f"{_one_line(str(e))}; try fixing the YAML syntax")]) from None
+
+
+def _yaml_hint(problem: str) -> str:
+    if "duplicate key" in problem:
+        return "keeping only one of the two keys"
+    if "\\t" in problem or "\t" in problem:
+        return "indenting with spaces, not tabs"
+    if "mapping values are not allowed" in problem:
+        return "a space after each ':' and one 'key: value' per line (quote values that contain ': ')"
+    if "another document" in problem:
+        return "one document per file (remove the second '---' and what follows it)"
+    if "end of stream" in problem or "expected" in problem:
+        return "closing every quote and bracket that is opened"
+    return "fixing the indentation, colons and quotes near this line"
+
+
+def _plain(node: Any) -> Any:
+    """ruamel round-trip nodes -> plain Python values (ScalarFloat -> float, CommentedMap -> dict, ...)."""
+    if isinstance(node, dict):
+        return {_plain_key(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    if isinstance(node, bool) or type(node).__name__ == "ScalarBoolean":
+        return bool(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def _plain_key(key: Any) -> Any:
+    """A mapping key as a hashable plain value (YAML allows '? [a, b]' keys; they are reported as unknown keys)."""
+    key = _plain(key)
+    if isinstance(key, (list, dict)):
+        return str(key)
+    return key
+
+
+def _node_line(node: Any) -> int:
+    lc = getattr(node, "lc", None)
+    return lc.line + 1 if lc is not None and lc.line is not None else 1
+
+
+def _find_line(doc: Any, path: Loc) -> tuple[int, bool]:
+    """(line of the deepest key of ``path`` present in the YAML, whether all of it is present).
+
+    A missing key reports the line of its parent's key (the mapping it should be in), or line 1 at the top level."""
+    node, line = doc, 1
+    for part in path:
+        try:
+            if isinstance(node, CommentedMap) and part in node:
+                child = node[part]
+                line = node.lc.key(part)[0] + 1
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                child = node[part]
+                line = node.lc.item(part)[0] + 1
+            else:
+                return line, False
+        except (KeyError, IndexError, TypeError, AttributeError):  # e.g. a key brought in by a '<<' merge
+            return line, False
+        node = child
+    return line, True
+
+
+# ------------------------------------------------------------------------------------------------ the model's shape
+
+
+def _model_at(path: Loc) -> type[BaseModel] | None:
+    """The pydantic model class of the section at ``path`` (aliases), or None when the path leaves the models."""
+    model: type[BaseModel] = Spec
+    for part in path:
+        name = _field_name(model, part)
+        if name is None:
+            return None
+        ann = model.model_fields[name].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _field_name(model: type[BaseModel], key: Any) -> str | None:
+    for name, info in model.model_fields.items():
+        if key == (info.alias or name):
+            return name
+    return None
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _field_info(path: Loc):
+    parent = _model_at(path[:-1]) if path else None
+    if parent is None:
+        return None
+    name = _field_name(parent, path[-1])
+    return parent.model_fields[name] if name else None
+
+
+def _allowed(path: Loc) -> list[Any]:
+    info = _field_info(path)
+    if info is None:
+        return []
+    values: list[Any] = []
+    for arg in [info.annotation, *typing.get_args(info.annotation)]:
+        if typing.get_origin(arg) is typing.Literal:
+            values.extend(typing.get_args(arg))
+    return values
+
+
+def _default(path: Loc) -> Any:
+    info = _field_info(path)
+    if info is None or info.is_required():
+        return None
+    return info.get_default(call_default_factory=True)
+
+
+def _is_valid_path(path: Loc) -> bool:
+    if not path:
+        return False
+    parent = _model_at(path[:-1])
+    return parent is not None and _field_name(parent, path[-1]) is not None
+
+
+# --------------------------------------------------------------------------------------------- error translation
+
+
+_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*): (.*)$", re.S)
+
+
+def _translate_safely(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
+    """:func:`_translate`, falling back to pydantic's own message should an unforeseen error shape trip it up."""
+    try:
+        return _translate(err, doc, filename)
+    except Exception:  # noqa: BLE001 - a user mistake must never end in a traceback
+        loc: Loc = tuple(err.get("loc", ()))
+        try:
+            line, _ = _find_line(doc, loc)
+        except Exception:  # noqa: BLE001
+            line = 1
+        msg = _one_line(str(err.get("msg", "invalid value")))
+        return line, _line(filename, line, _dotted(loc), f"{msg}; try a value as in specs/*.yaml")
+
+
+def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
+    loc: Loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    value = err.get("input")
+
+    if kind in ("value_error", "assertion_error"):
+        # A validator's own message. It may start with "field.path: " relative to the section that raised it.
+        msg = str(err.get("ctx", {}).get("error", err.get("msg", "")))
+        match = _PREFIX.match(msg)
+        if match:
+            rel = tuple(match.group(1).split("."))
+            for cand in (loc + rel, rel):
+                if _is_valid_path(cand):
+                    loc, msg = cand, match.group(2)
+                    break
+        line, _ = _find_line(doc, loc)
+        if "try " not in msg:
+            msg += "; try changing this field to a value the documentation allows (see specs/*.yaml)"
+        return line, _line(filename, line, _dotted(loc), _one_line(msg))
+
+    line, _ = _find_line(doc, loc)
+    field = _dotted(loc)
+    key = str(loc[-1]) if loc else "spec"
+    default = _default(loc)
+    example = _yaml_value(default) if default is not None else None
+
+    if kind == "extra_forbidden":
+        msg = f"unknown key '{key}'; try {_suggest_key(loc)}"
+    elif kind == "invalid_key":
+        msg = f"key {_yaml_value(value)} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
+    elif kind == "missing":
+        line, _ = _find_line(doc, loc[:-1])
+        hint = "my_layer" if key == "name" else (example or "...")
+        msg = f"missing required key '{key}'; try adding '{key}: {hint}'"
+    elif kind == "literal_error":
+        allowed = _allowed(loc)
+        shown = ", ".join(_yaml_value(a) for a in allowed) or err.get("ctx", {}).get("expected", "?")
+        if key == "lambda" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            fix = f"lambda: constant with lambda_value: {value}"
+        else:
+            fix = f"{key}: {_yaml_value(_closest(value, allowed, default))}"
+        msg = f"{_describe(value)} is not allowed (allowed: {shown}); try {fix}"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        model = _model_at(loc)
+        first = next(iter(model.model_fields.items())) if model else None
+        if first:
+            fname, finfo = first
+            fkey = finfo.alias or fname
+            fdef = _yaml_value(finfo.get_default(call_default_factory=True))
+            sample = f"indented lines such as '{fkey}: {fdef}' under '{key}:'"
+        else:
+            sample = f"indented 'key: value' lines under '{key}:'"
+        if value is None:
+            msg = f"section is empty; try {sample}, or removing '{key}:' to keep the defaults"
+        else:
+            msg = f"expected a mapping of keys, got {_describe(value)}; try {sample}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        msg = f"expected a whole number, got {_describe(value)}; try {key}: {example or 1}"
+    elif kind in ("float_type", "float_parsing"):
+        msg = f"expected a number, got {_describe(value)}; try {key}: {example or 0.5}"
+    elif kind in ("bool_type", "bool_parsing"):
+        msg = f"expected true or false, got {_describe(value)}; try {key}: {example or 'true'}"
+    elif kind in ("string_type",):
+        msg = f"expected a string, got {_describe(value)}; try {key}: {example or _fix_name(value)}"
+    elif kind == "string_pattern_mismatch":
+        msg = (
+            f"{_describe(value)} is not a lowercase identifier (letters, digits, '_', starting with a letter); "
+            f"try {key}: {_fix_name(value)}"
+        )
+    elif kind in ("greater_than_equal", "greater_than"):
+        bound = err["ctx"].get("ge", err["ctx"].get("gt"))
+        op = ">=" if kind == "greater_than_equal" else ">"
+        low = bound if kind == "greater_than_equal" else bound + 1
+        also = f" (default {example})" if example is not None else ""
+        msg = f"{_describe(value)} is too small (must be {op} {bound}); try {key}: {low} or more{also}"
+    elif kind in ("less_than_equal", "less_than"):
+        bound = err["ctx"].get("le", err["ctx"].get("lt"))
+        op = "<=" if kind == "less_than_equal" else "<"
+        high = bound if kind == "less_than_equal" else bound - 1
+        msg = f"{_describe(value)} is too large (must be {op} {bound}); try {key}: {high}"
+    else:
+        base = str(err.get("msg", "invalid value"))
+        msg = f"{base[:1].lower()}{base[1:]} (got {_describe(value)}); try {key}: {example or 'a valid value'}"
+    return line, _line(filename, line, field, _one_line(msg))
+
+
+def _suggest_key(loc: Loc) -> str:
+    bad = str(loc[-1])
+    here = _model_at(loc[:-1])
+    valid = _keys_of(here) if here else []
+    # The right key in the wrong section (e.g. d_state at the top level)?
+    sections = [s for s in _keys_of(Spec) if _model_at((s,)) is not None and (s,) != loc[:-1]]
+    for section in sections:
+        if bad in _keys_of(_model_at((section,))):
+            return f"moving it under '{section}:'"
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+    if close:
+        return f"'{close[0]}'"
+    for section in sections:
+        found = difflib.get_close_matches(bad, _keys_of(_model_at((section,))), n=1, cutoff=0.8)
+        if found:
+            return f"'{found[0]}' under '{section}:'"
+    where = f"'{_dotted(loc[:-1])}'" if loc[:-1] else "the top level"
+    return f"removing it (keys allowed in {where}: {', '.join(valid)})"
+
+
+def _closest(value: Any, allowed: list[Any], default: Any = None) -> Any:
+    """The allowed value nearest to ``value`` (numerically, or by spelling); the default when nothing is close."""
+    if not allowed:
+        return value
+    numbers = [a for a in allowed if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and numbers:
+        return min(numbers, key=lambda a: abs(a - value))
+    texts = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value).lower(), texts, n=1, cutoff=0.6)
+    if close:
+        return allowed[texts.index(close[0])]
+    return default if default in allowed else allowed[0]
+
+
+def _fix_name(value: Any) -> str:
+    if not isinstance(value, str):
+        return "my_layer"
+    name = re.sub(r"[^a-z0-9_]+", "_", value.strip().lower()).strip("_")
+    if not name:
+        return "my_layer"
+    return name if name[0].isalpha() else f"layer_{name}"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, str):
+        return f"'{value}'" if value else "'' (an empty string)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return repr(value)
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc) if loc else "spec"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _line(filename: str, line: int, field: str, msg: str) -> str:
+    return f"{filename}:{line}: {field}: {msg}"
