@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import pprint
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +95,15 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["pyrepr"] = lambda obj: pprint.pformat(obj, width=110, sort_dicts=True)
+    return env
 
 
 def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
