@@ -161,7 +161,8 @@ def to_float64(d: dict) -> dict:
 # Argument plumbing shared by the references (no recurrence math here)
 # ----------------------------------------------------------------------------------------------------------------
 def _f64(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.detach().to("cpu", F64)
+    # float64 on the default device: the CPU, unless a GPU run sets torch.set_default_device("cuda") for speed
+    return None if x is None else x.detach().to(torch.get_default_device(), F64)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -174,7 +175,7 @@ def canonicalize(
     q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None,
     mimo_v=None, mimo_z=None, mimo_o=None, initial_states=None, cu_seqlens=None,
 ) -> SimpleNamespace:
-    """Float64 CPU tensors in one layout:
+    """Float64 tensors (on the default device) in one layout:
 
     q, k (B, L, R, H, N) per head (unbiased, unrotated); q_bias, k_bias (H, R, N); v (B, L, H, P);
     z (B, L, H, P) or None; D (H,) or None; mimo_v, mimo_z, mimo_o (H, R, P) (ones for R == 1);

@@ -1,0 +1,91 @@
+"""Time a spec's generated forward on a GPU (median of triton.testing.do_bench), with its hardware floor.
+
+    python -m benchmarks.bench_forward specs/mimo_r4.yaml --batch 8 --seqlen 4096 --heads 32
+
+Prints ms, the bytes and FLOPs the forward must move/do at least, and the resulting floors from the measured copy
+bandwidth and bf16 matmul rate of this GPU (both measured in the same run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mamba3_gen  # noqa: E402
+from mamba3_gen.reference import make_inputs  # noqa: E402
+from mamba3_gen.spec.loader import load_spec  # noqa: E402
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 dense matmul rate of this device."""
+    import triton
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    del x, y, a, b
+    return {"copy_GBps": 2 * (1 << 30) / ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm / 1e9}
+
+
+def work(spec, B, L, H, inputs: dict) -> dict:
+    """Minimum bytes (each input read once, output written once) and tensor-core FLOPs of the chunked forward."""
+    d = spec.dims
+    nbytes = sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
+    nbytes += B * L * H * d.headdim * inputs["v"].element_size()  # the output
+    rows, n, p = d.chunk_size * d.mimo_rank, d.d_state, d.headdim
+    chunks = B * H * -(-L // d.chunk_size)
+    flops = chunks * (2 * rows * rows * n + 2 * rows * rows * p + 4 * rows * n * p)
+    return {"bytes": nbytes, "flops": flops}
+
+
+def bench(spec_path, B=8, L=4096, H=32, dtype=torch.bfloat16, ceilings=None, with_states=False) -> dict:
+    import triton
+
+    spec = load_spec(str(spec_path))
+    mod = mamba3_gen.load(spec_path)
+    inputs = make_inputs(spec, B, L, H, dtype=dtype, device="cuda", seed=0)
+    for key in ("adt", "dt", "trap", "angles"):  # the official wrappers take these in fp32
+        if key in inputs:
+            inputs[key] = inputs[key].float()
+    fn = lambda: mod.mamba3_forward(**inputs, return_final_states=with_states)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    w = work(spec, B, L, H, inputs)
+    res = {"spec": spec.name, "B": B, "L": L, "H": H, "dtype": str(dtype).replace("torch.", ""), "ms": ms, **w}
+    best = getattr(mod.mamba3_fwd_kernel, "best_config", None)
+    res["config"] = str(best) if best is not None else None
+    if ceilings:
+        res["floor_bytes_ms"] = w["bytes"] / ceilings["copy_GBps"] / 1e6
+        res["floor_flops_ms"] = w["flops"] / ceilings["bf16_TFLOPs"] / 1e9
+        res["pct_of_copy_bw"] = 100 * res["floor_bytes_ms"] / ms
+    return res
+
+
+def main(spec_path, batch=8, seqlen=4096, heads=32):
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 1
+    ceil = measure_ceilings()
+    print(f"device {torch.cuda.get_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 mm {ceil['bf16_TFLOPs']:.0f} TFLOP/s")
+    r = bench(spec_path, batch, seqlen, heads, ceilings=ceil)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    a = ap.parse_args()
+    sys.exit(main(a.spec, a.batch, a.seqlen, a.heads))

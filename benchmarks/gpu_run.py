@@ -1,0 +1,127 @@
+"""One GPU session: accuracy of every shipped spec at real sizes (bf16 and fp32) against the float64 recurrence, and
+the bf16 forward timings, with this device's measured ceilings. Results go to $OUT (or ./gpu_results) as JSON and
+a Markdown table.
+
+    python benchmarks/gpu_run.py [--quick]
+
+Accuracy inputs are drawn once in fp32 and rounded to bf16 values, so one float64 reference (computed on the GPU in
+float64) serves both the bf16 and the fp32 runs of the kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mamba3_gen  # noqa: E402
+from benchmarks.bench_forward import bench, measure_ceilings  # noqa: E402
+from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err  # noqa: E402
+from mamba3_gen.runtime.state import Mamba3State  # noqa: E402
+from mamba3_gen.spec.loader import load_spec  # noqa: E402
+
+SPECS = ["siso_euler_real", "siso_trap_complex", "mimo_r4", "mimo_r2_const_half_fullrope", "mimo_r4_init"]
+_LOW_PRECISION = ("q", "k", "v", "z")  # what the official wrappers take in bf16
+
+
+def _cast(inputs: dict, dtype) -> dict:
+    out = {}
+    for key, val in inputs.items():
+        if key in _LOW_PRECISION:
+            out[key] = val.to(dtype)
+        else:
+            out[key] = val
+    return out
+
+
+def circ_err(a, b) -> float:
+    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
+    return d.abs().max().item()
+
+
+def accuracy(spec_path, B, L, H, seed=0, with_init=False) -> list[dict]:
+    spec = load_spec(str(spec_path))
+    mod = mamba3_gen.load(spec_path)
+    inputs = make_inputs(spec, B, L, H, dtype=torch.float32, device="cuda", seed=seed, with_initial_states=with_init)
+    for key in _LOW_PRECISION:  # bf16-representable values: one reference for both dtypes
+        if key in inputs:
+            inputs[key] = inputs[key].to(torch.bfloat16).float()
+    t0 = time.time()
+    with torch.device("cuda"):
+        ref, ref_state = naive_recurrence(spec, **inputs)
+    t_ref = time.time() - t0
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        out, state = mod.mamba3_forward(**_cast(inputs, dtype), return_final_states=True)
+        torch.cuda.synchronize()
+        row = {"spec": spec.name, "B": B, "L": L, "H": H, "dtype": str(dtype).replace("torch.", ""),
+               "init_states": with_init, "out_rel": rel_err(out, ref), "ref_seconds": round(t_ref, 1),
+               "nan": bool(torch.isnan(out).any())}
+        for f in Mamba3State._fields:
+            a, b = getattr(state, f), getattr(ref_state, f)
+            if a is None or b is None:
+                continue
+            row[f"{f}_rel"] = rel_err(a, b)
+            if f == "angle":
+                row["angle_max_rad"] = circ_err(a, b)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", ROOT / "gpu_results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    info["triton"] = triton.__version__
+    print(json.dumps(info), flush=True)
+    results = {"info": info, "accuracy": [], "bench": []}
+    B, L, H = (2, 256, 4) if args.quick else (8, 4096, 32)
+    if not args.skip_accuracy:
+        for name in SPECS:
+            spec = load_spec(str(ROOT / "specs" / f"{name}.yaml"))
+            path = ROOT / "specs" / f"{name}.yaml"
+            results["accuracy"] += accuracy(path, B, L, H, with_init=spec.options.initial_states)
+        # the official kernels' figures were measured at B2 L2048 H8 (SISO) and with MIMO R4 C16
+        for name in ("siso_trap_complex", "mimo_r4"):
+            results["accuracy"] += accuracy(ROOT / "specs" / f"{name}.yaml", 2, 2048, 8, seed=1)
+    if not args.skip_bench:
+        ceil = measure_ceilings()
+        results["ceilings"] = ceil
+        print(json.dumps(ceil), flush=True)
+        for name in SPECS:
+            r = bench(ROOT / "specs" / f"{name}.yaml", B, L, H, ceilings=ceil)
+            results["bench"].append(r)
+            print(json.dumps(r), flush=True)
+    (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
+    lines = ["| spec | dtype | B L H | out rel | ssm rel | k rel | angle max rad |", "|---|---|---|---|---|---|---|"]
+    for r in results["accuracy"]:
+        lines.append(f"| {r['spec']} | {r['dtype']} | {r['B']} {r['L']} {r['H']} | {r['out_rel']:.2e} | "
+                     f"{r.get('ssm_rel', float('nan')):.2e} | {r.get('k_rel', float('nan')):.2e} | "
+                     f"{r.get('angle_max_rad', float('nan')):.2e} |")
+    lines += ["", "| spec | ms (bf16) | floor bytes ms | floor flops ms | config |", "|---|---|---|---|---|"]
+    for r in results["bench"]:
+        lines.append(f"| {r['spec']} | {r['ms']:.3f} | {r.get('floor_bytes_ms', 0):.3f} | "
+                     f"{r.get('floor_flops_ms', 0):.3f} | {r['config']} |")
+    table = "\n".join(lines)
+    (out_dir / "gpu_results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
