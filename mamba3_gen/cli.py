@@ -1,0 +1,618 @@
+"""The ``mamba3-gen`` command line: build, check, test, bench a spec, and print the spec schema.
+
+Conventions: a user mistake (a bad spec, a bad option value, an unwritable --out) exits with code 2 and prints one
+line per problem on stderr, ``<file>:<line>: <field>: <what is wrong>; try <fix>``, never a traceback. Work that
+takes a while prints one progress line per step. Machine-readable output (``check --json``) goes to stdout alone;
+its progress lines go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mamba3_gen.version import __version__
+
+app = typer.Typer(
+    name="mamba3-gen",
+    epilog="Exit codes: 0 ok, 1 the work itself failed (tests, benchmark, no GPU), 2 bad input (spec, options).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # plain click help: paragraphs re-wrapped to the terminal, '<name>' and '__init__' kept
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+USER_ERROR = 2
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def _repo_root() -> Path:
+    from mamba3_gen.backends.triton.build import REPO_ROOT
+
+    return REPO_ROOT
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be: relative to the working directory when it is under it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd().resolve()) else str(path)
+    except (ValueError, OSError):
+        return str(path)
+
+
+def _fail(lines: list[str], code: int = USER_ERROR) -> typer.Exit:
+    for line in lines:
+        typer.echo(line, err=True)
+    return typer.Exit(code)
+
+
+def _check_arch(arch: str) -> None:
+    from mamba3_gen.backends.device import TARGETS
+
+    if arch not in TARGETS:
+        raise _fail([f"--arch: unknown target '{arch}'; try one of: {', '.join(TARGETS)}"])
+
+
+def _yaml_line(spec_path: str, dotted: str) -> int:
+    """1-based line of the deepest key of ``dotted`` (e.g. 'dims.chunk_size') present in the spec file; 1 if none."""
+    try:
+        from ruamel.yaml import YAML
+
+        with open(spec_path, encoding="utf-8") as f:
+            node = YAML(typ="rt").load(f)
+    except Exception:  # noqa: BLE001 - only used to point at a line; the spec itself already loaded
+        return 1
+    line = 1
+    for part in dotted.split("."):
+        lc = getattr(node, "lc", None)
+        if not isinstance(node, dict) or part not in node or lc is None:
+            break
+        try:
+            line = lc.key(part)[0] + 1
+        except Exception:  # noqa: BLE001
+            break
+        node = node[part]
+    return line
+
+
+def _problem_lines(spec_path: str, err: Exception) -> list[str]:
+    """The ``file:line: field: message`` lines of an error raised while loading or lowering a spec."""
+    from mamba3_gen.spec.loader import SpecError
+
+    if isinstance(err, SpecError):
+        return list(err.problems)
+    lines = []
+    for raw in str(err).splitlines() or [type(err).__name__]:
+        raw = " ".join(raw.split())
+        if not raw:
+            continue
+        field, sep, rest = raw.partition(": ")
+        if sep and field.replace("_", "a").replace(".", "a").isalnum() and " " not in field:
+            msg = rest if "try " in rest else f"{rest}; try changing {field} (see `mamba3-gen schema`)"
+            lines.append(f"{spec_path}:{_yaml_line(spec_path, field)}: {field}: {msg}")
+        else:
+            msg = raw if "try " in raw else f"{raw}; try another spec (see specs/*.yaml)"
+            lines.append(f"{spec_path}:1: spec: {msg}")
+    return lines
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from mamba3_gen.backends.triton.build import BuildError
+    from mamba3_gen.lower.lowering import LoweringError
+    from mamba3_gen.spec.loader import SpecError
+
+    return (SpecError, BuildError, LoweringError, ValueError)
+
+
+def _load(spec_path: str):
+    """Load a spec or exit 2 with its problem lines."""
+    from mamba3_gen.spec.loader import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as e:
+        raise _fail(_problem_lines(spec_path, e)) from None
+
+
+def _lower(spec_path: str, arch: str):
+    """(spec, lowering) of a spec for ``arch``, or exit 2 with the problem lines."""
+    from mamba3_gen.backends.triton.build import lower
+
+    spec = _load(spec_path)
+    try:
+        return spec, lower(spec, arch)
+    except _user_errors() as e:
+        raise _fail(_problem_lines(spec_path, e)) from None
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mamba3-gen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", help="Print the mamba3-gen version and exit.", callback=_version_callback,
+                     is_eager=True),
+    ] = False,
+) -> None:
+    """Compile declarative Mamba-3 SSM layer specs (YAML) into Triton kernels; check, test and benchmark them.
+
+    Typical use: `mamba3-gen check specs/mimo_r4.yaml`, then `mamba3-gen build specs/mimo_r4.yaml`, which writes
+    generated/mimo_r4/{__init__.py,fwd.py,spec.json}; in Python, `mamba3_gen.load("specs/mimo_r4.yaml")` builds
+    and imports it. `mamba3-gen COMMAND --help` explains each command.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------- build
+
+
+@app.command()
+def build(
+    specs: Annotated[list[str], typer.Argument(help="One or more spec files (YAML), e.g. specs/mimo_r4.yaml.",
+                                               metavar="SPEC...")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Directory to write <name>/ packages into (default: the repository's generated/).",
+        file_okay=False)] = None,
+    arch: Annotated[str, typer.Option(help="Target GPU architecture whose limits the kernels must fit: "
+                                           "sm_90a, sm_80, sm_89, sm_120, or interpreter (CPU).")] = "sm_90a",
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n",
+                                          help="Validate and render, but write nothing; list what would change.")] = False,
+) -> None:
+    """Build each SPEC into a Python package <out>/<name>/ (__init__.py, fwd.py, spec.json).
+
+    Every file is listed with its state: 'written' (new or changed), 'unchanged' (byte-identical, left alone) or,
+    with --dry-run, 'would write'. Builds are reproducible: the same spec, templates and generator version always
+    give the same bytes. A bad spec prints 'file:line: field: problem; try fix' lines and exits with code 2; the
+    other specs are still built.
+    """
+    from mamba3_gen.backends.triton.build import GENERATED_DIR
+    from mamba3_gen.backends.triton.build import build as build_spec
+
+    _check_arch(arch)
+    root = out if out is not None else GENERATED_DIR
+    if root.exists() and not root.is_dir():
+        raise _fail([f"--out: {root} is a file, not a directory; try another --out directory"])
+    verb = "checking" if dry_run else "building"
+    plural = "spec" if len(specs) == 1 else "specs"
+    typer.echo(f"{verb} {len(specs)} {plural} for {arch} into {_shown(root)}/" + (" (dry run)" if dry_run else ""))
+    failed = 0
+    for i, spec_path in enumerate(specs, 1):
+        prefix = f"[{i}/{len(specs)}] {spec_path}"
+        try:
+            target_dir, files = build_spec(spec_path, out_dir=root, arch=arch, write=False)
+        except _user_errors() as e:
+            failed += 1
+            typer.echo(f"{prefix}: failed", err=False)
+            for line in _problem_lines(spec_path, e):
+                typer.echo(line, err=True)
+            continue
+        states = {}
+        pkg_init = root / "__init__.py"
+        if not pkg_init.exists():
+            states[pkg_init] = ("would write" if dry_run else "written", None)
+        for name, text in files.items():
+            p = target_dir / name
+            try:
+                same = p.is_file() and p.read_text(encoding="utf-8") == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            states[p] = ("unchanged" if same else ("would write" if dry_run else "written"), len(text.encode()))
+        if not dry_run and any(s != "unchanged" for s, _ in states.values()):
+            try:
+                build_spec(spec_path, out_dir=root, arch=arch, write=True)
+            except OSError as e:
+                raise _fail([f"--out: cannot write {_shown(target_dir)}: {e.strerror or e}; "
+                             "try a writable --out directory"]) from None
+        typer.echo(f"{prefix} -> {_shown(target_dir)}/")
+        for p, (state, size) in states.items():
+            if size is None and p.exists():
+                size = p.stat().st_size
+            typer.echo(f"  {state:<12} {_shown(p):<48} {'-' if size is None else _size(size):>10}")
+    if failed:
+        typer.echo(f"{failed} of {len(specs)} {plural} failed", err=True)
+        raise typer.Exit(USER_ERROR)
+
+
+# --------------------------------------------------------------------------------------------------------- check
+
+
+def _resolved(model, prefix: str = "", parent_default: bool = False) -> list[tuple[str, Any, bool, bool]]:
+    """(dotted key as written in YAML, value, is_default, is_section) for every field of a spec, defaults included."""
+    from pydantic import BaseModel
+
+    rows = []
+    for name, info in type(model).model_fields.items():
+        key = prefix + (info.alias or name)
+        value = getattr(model, name)
+        default = parent_default or name not in model.model_fields_set
+        if isinstance(value, BaseModel):
+            rows.append((key, None, default, True))
+            rows.extend(_resolved(value, key + ".", default))
+        else:
+            rows.append((key, value, default, False))
+    return rows
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _aot(spec_path: str, arch: str, configs, progress) -> dict:
+    """Run the AOT compile report; {'available': bool, 'reason'|'configs': ...}."""
+    from mamba3_gen.backends.device import get_target
+
+    if not get_target(arch).is_gpu:
+        return {"available": False, "reason": f"--arch {arch} is not a GPU target (compile reports are per GPU arch)"}
+    try:
+        from mamba3_gen.backends.triton.aot import compile_report
+    except ImportError as e:
+        return {"available": False, "reason": str(e) or type(e).__name__}
+    progress(f"compiling {len(configs)} configs for {arch} (ahead of time, no GPU needed) ...")
+    try:
+        rows = compile_report(spec_path, arch)
+    except Exception as e:  # noqa: BLE001 - reported; the rest of the check stands
+        return {"available": True, "error": str(e).strip() or type(e).__name__}
+    return {"available": True, "configs": [dict(r) for r in rows]}
+
+
+@app.command()
+def check(
+    spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) to check, e.g. specs/mimo_r4.yaml.",
+                                             metavar="SPEC")],
+    arch: Annotated[str, typer.Option(help="Target GPU architecture for the shared-memory check and the AOT "
+                                           "report: sm_90a, sm_80, sm_89, sm_120, or interpreter.")] = "sm_90a",
+    graph: Annotated[bool, typer.Option("--graph", help="Also print the kernel's stage graph: each stage, the "
+                                                         "stages it depends on, and the tensors loaded/stored.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with everything instead of text.")] = False,
+    aot: Annotated[bool, typer.Option("--aot/--no-aot", help="Compile every autotune config ahead of time for the "
+                                                              "target and report registers, spills and shared memory "
+                                                              "(takes a while; no GPU needed).")] = True,
+) -> None:
+    """Validate SPEC and show what the compiler derives from it, without writing anything.
+
+    Prints the resolved spec (every field, defaults marked), derived quantities (S rotation angles, chunk rows C·R,
+    kernel dims), the discretization lowered by sympy (diagonal weight, key scale, initial-state correction), the
+    stage order, the autotune configs with their shared-memory estimates against the target's per-block limit,
+    which GPU targets the spec fits, and (with --aot) what the compiler actually allocated per config.
+    """
+    from mamba3_gen.backends.device import TARGETS
+    from mamba3_gen.backends.triton.build import BuildError, lower
+    from mamba3_gen.graph.dataflow import PHASES
+    from mamba3_gen.spec.loader import spec_hash
+
+    _check_arch(arch)
+    spec, low = _lower(spec_path, arch)
+    target = low.target
+    d = spec.dims
+    dims = low.dims
+    rows = d.chunk_size * d.mimo_rank
+    limit = target.smem_per_block
+
+    fits = {}
+    for name, t in TARGETS.items():
+        if not t.is_gpu:
+            continue
+        try:
+            cfgs = low.configs if name == arch else lower(spec, name).configs
+            fits[name] = {"target": t.name, "fits": True, "configs": len(cfgs), "smem_limit": t.smem_per_block,
+                          "smallest_smem_estimate": min(c.smem_estimate for c in cfgs)}
+        except (BuildError, ValueError) as e:
+            fits[name] = {"target": t.name, "fits": False, "configs": 0, "smem_limit": t.smem_per_block,
+                          "reason": " ".join(str(e).split())}
+
+    def progress(msg: str) -> None:
+        typer.echo(msg, err=as_json)
+
+    report = _aot(spec_path, arch, low.configs, progress) if aot else None
+
+    derived = {
+        "S_angles": spec.num_angles,
+        "chunk_rows": rows,
+        "dims": dims | {"G": d.ngroups},
+        "lambda_source": low.lowered.lam_source,
+        "trap_input": spec.has_trap_input,
+        "carries_prev_token": low.lowered.has_shift,
+    }
+    configs = [{"block_p": c.block_p, "num_warps": c.num_warps, "num_stages": c.num_stages,
+                "smem_estimate": c.smem_estimate, "smem_limit": limit} for c in low.configs]
+    stage_order = {p: [s.name for s in low.plan.order[p]] for p in PHASES}
+
+    if as_json:
+        plan = low.plan
+        obj = {
+            "spec_path": spec_path,
+            "spec": spec.model_dump(mode="json", by_alias=True),
+            "defaults": [k for k, _, dflt, section in _resolved(spec) if dflt and not section],
+            "spec_hash": spec_hash(spec),
+            "generator": __version__,
+            "arch": arch,
+            "target": target.name,
+            "derived": derived,
+            "lowering": low.lowered.describe(),
+            "kernel_code": low.lowered.code(),
+            "stage_order": stage_order,
+            "graph": {
+                "stages": [{"name": s.name, "phase": s.phase, "doc": s.doc,
+                            "depends_on": sorted(plan.graph.predecessors(s.name))} for s in plan.stages],
+                "loads": plan.loads,
+                "stores": plan.stores,
+                "text": plan.describe(),
+            },
+            "configs": configs,
+            "targets": fits,
+            "aot": report,
+        }
+        typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+    else:
+        echo = typer.echo
+        echo(f"{spec.name}: {spec_path} is valid  (sha256 {spec_hash(spec)[:16]}…, mamba3-gen {__version__})")
+        echo("")
+        echo("resolved spec (* = default, not written in the file):")
+        for key, value, dflt, section in _resolved(spec):
+            indent = "  " * (key.count(".") + 1)
+            leaf = key.rsplit(".", 1)[-1]
+            text = "" if section else " " + _yaml_scalar(value)
+            echo(f"{indent}{leaf}:{text}{'  *' if dflt else ''}")
+        echo("")
+        echo("derived:")
+        rf = spec.state.rope_fraction
+        if spec.is_complex:
+            echo(f"  S, rotation angles per token: {spec.num_angles}  (N·rope_fraction/2 = {d.d_state}·{rf}/2, "
+                 f"{spec.state.rotation} pairs)")
+        else:
+            echo("  S, rotation angles per token: 0  (real state: no rotation)")
+        echo(f"  chunk rows C·R: {d.chunk_size}·{d.mimo_rank} = {rows}  (token-major, rank-minor rows of a chunk tile)")
+        echo(f"  kernel dims: N={dims['N']} (two halves of {dims['N2']}, padded to {dims['BN2']}), "
+             f"P={dims['P']} (padded to {dims['BP']}), R={dims['R']}, G={d.ngroups}, C={dims['C']}")
+        lam = {"data": "per token, λ_t = σ(trap_t) from the trap input",
+               "constant": f"constant λ = {spec.discretization.lambda_value}",
+               "none": "none (exp_euler is the λ = 1 rule)"}[low.lowered.lam_source]
+        echo(f"  λ: {lam}")
+        echo(f"  carries the previous token (k̂, v) in the state: {'yes' if low.lowered.has_shift else 'no'}")
+        echo("")
+        echo("discretization, lowered by sympy:")
+        desc = low.lowered.describe()
+        width = max(len(k) for k in desc)
+        for k, v in desc.items():
+            echo(f"  {k + ':':<{width + 1}} {v}")
+        echo("")
+        echo("stage order:")
+        for phase, names in stage_order.items():
+            echo(f"  {phase}: {' -> '.join(names) or '-'}")
+        if graph:
+            echo("")
+            echo("stage graph (stage <- stages it depends on):")
+            for line in low.plan.describe().splitlines():
+                echo(f"  {line}")
+        echo("")
+        echo(f"autotune configs for {arch} ({target.name}), shared memory limit {_size(limit)} per block:")
+        echo(f"  {'block_p':>7} {'num_warps':>9} {'num_stages':>10} {'smem estimate':>14} {'of limit':>8}")
+        for c in low.configs:
+            echo(f"  {c.block_p:>7} {c.num_warps:>9} {c.num_stages:>10} {_size(c.smem_estimate):>14} "
+                 f"{100 * c.smem_estimate / limit:>7.0f}%")
+        echo("")
+        echo("GPU targets:")
+        for name, f in fits.items():
+            if f["fits"]:
+                echo(f"  {name:<7} fits: {f['configs']} configs, smallest estimate {_size(f['smallest_smem_estimate'])}"
+                     f" of {_size(f['smem_limit'])}  ({f['target']})")
+            else:
+                echo(f"  {name:<7} does not fit: {f['reason']}")
+        if report is not None:
+            echo("")
+            _print_aot(report, arch, low.configs, limit)
+    if report is not None and report.get("error"):
+        if as_json:
+            typer.echo(f"AOT report failed: {report['error'].splitlines()[0]}", err=True)
+        raise typer.Exit(1)
+
+
+_AOT_COLUMNS = ["block_p", "num_warps", "num_stages", "shared", "estimate", "registers", "spills", "spill_stores",
+                "spill_loads", "stack_frame", "seconds", "compile_s"]
+
+
+def _print_aot(report: dict, arch: str, configs, limit: int) -> None:
+    echo = typer.echo
+    if not report.get("available"):
+        echo(f"AOT report unavailable: {report.get('reason')}")
+        return
+    if "error" in report:
+        typer.echo("AOT report failed: " + report["error"].replace("\n", "\n  "), err=True)
+        return
+    rows = report.get("configs") or []
+    echo(f"compiled for {arch}, per autotune config (shared memory as allocated vs the estimate above):")
+    if not rows:
+        echo("  (no configs compiled)")
+        return
+    est = {(c.block_p, c.num_warps, c.num_stages): c.smem_estimate for c in configs}
+    table = []
+    for r in rows:
+        r = dict(r)
+        key = (r.get("block_p"), r.get("num_warps"), r.get("num_stages"))
+        if key in est:
+            r["estimate"] = est[key]
+        table.append(r)
+    skip = {"spec", "arch", "name"}
+    cols = [c for c in _AOT_COLUMNS if any(c in r for r in table)]
+    cols += [c for c in table[0] if c not in cols and c not in skip]
+
+    def cell(col: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if col in ("shared", "estimate") and isinstance(value, int):
+            return _size(value)
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    widths = {c: max(len(c), *(len(cell(c, r.get(c))) for r in table)) for c in cols}
+    echo("  " + " ".join(f"{c:>{widths[c]}}" for c in cols))
+    for r in table:
+        line = "  " + " ".join(f"{cell(c, r.get(c)):>{widths[c]}}" for c in cols)
+        shared = r.get("shared")
+        if isinstance(shared, int) and shared > limit:
+            line += f"  over the {_size(limit)} limit"
+        echo(line)
+
+
+# ---------------------------------------------------------------------------------------------------------- test
+
+
+@app.command()
+def test(
+    spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) whose generated kernel to test.",
+                                             metavar="SPEC")],
+    examples: Annotated[int, typer.Option(min=1, help="Hypothesis examples per property test "
+                                                      "(sets MAMBA3_GEN_EXAMPLES).")] = 20,
+    gpu: Annotated[bool, typer.Option("--gpu/--cpu", help="--cpu (default): run the kernel on the CPU through the "
+                                                          "Triton interpreter (TRITON_INTERPRET=1, fp32). --gpu: run "
+                                                          "the tests marked gpu on a CUDA device.")] = False,
+) -> None:
+    """Run the property tests of SPEC's generated forward against the float64 references.
+
+    Runs `python -m pytest tests/test_forward.py -q -m "not gpu"` (or `-m gpu` with --gpu) from the repository
+    root with MAMBA3_GEN_SPEC set to SPEC, streams pytest's output, and exits with pytest's exit code
+    (5 means no test was collected). GPU tests skip with a reason when no CUDA device is visible.
+    """
+    _load(spec_path)
+    root = _repo_root()
+    test_file = root / "tests" / "test_forward.py"
+    if not test_file.is_file():
+        typer.echo(f"{_shown(test_file)} not found: the property tests ship with the repository checkout; "
+                   "run from a clone of mamba3-gen installed with `pip install -e \".[test]\"`", err=True)
+        raise typer.Exit(1)
+    env = dict(os.environ)
+    env["MAMBA3_GEN_SPEC"] = str(Path(spec_path).resolve())
+    env["MAMBA3_GEN_EXAMPLES"] = str(examples)
+    if gpu:
+        env.pop("TRITON_INTERPRET", None)
+        marker = "gpu"
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo("note: no CUDA device is visible here, so the gpu tests will be skipped (each with its reason)",
+                       err=True)
+    else:
+        env["TRITON_INTERPRET"] = "1"
+        marker = "not gpu"
+    cmd = [sys.executable, "-m", "pytest", "tests/test_forward.py", "-q", "-m", marker]
+    where = "GPU" if gpu else "CPU, TRITON_INTERPRET=1"
+    typer.echo(f"testing {spec_path} ({where}, {examples} examples per property): "
+               f"python -m pytest tests/test_forward.py -q -m \"{marker}\"")
+    try:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, encoding="utf-8", errors="replace", bufsize=1)
+    except OSError as e:
+        typer.echo(f"cannot start pytest: {e}", err=True)
+        raise typer.Exit(1) from None
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            typer.echo(line, nl=False)
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    if code == 5:
+        typer.echo("pytest collected no tests (exit code 5)" + (": is any test marked gpu?" if gpu else ""), err=True)
+    raise typer.Exit(code)
+
+
+# -------------------------------------------------------------------------------------------------------- schema
+
+
+@app.command()
+def schema(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the schema to this file instead of "
+                                                                    "stdout.", dir_okay=False)] = None,
+) -> None:
+    """Print the JSON Schema of spec files (for editor completion and validation of YAML specs).
+
+    Every field with its type, default, allowed values and meaning; keys as written in YAML.
+    """
+    from mamba3_gen.spec.loader import json_schema
+
+    text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise _fail([f"--out: cannot write {out}: {e.strerror or e}; try a path in an existing, writable "
+                     "directory"]) from None
+    typer.echo(f"wrote {_shown(out)} ({_size(len(text.encode()))})")
+
+
+# --------------------------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) whose generated forward to time.",
+                                             metavar="SPEC")],
+    batch: Annotated[int, typer.Option(min=1, help="Batch size B.")] = 8,
+    seqlen: Annotated[int, typer.Option(min=1, help="Sequence length L (tokens).")] = 4096,
+    heads: Annotated[int, typer.Option(min=1, help="Number of heads H (a multiple of the spec's ngroups).")] = 32,
+) -> None:
+    """Time SPEC's generated forward on the GPU (needs CUDA; exits 1 without one).
+
+    Runs benchmarks/bench_forward.py's main(spec_path, batch, seqlen, heads) from the repository checkout.
+    """
+    spec = _load(spec_path)
+    if heads % spec.dims.ngroups:
+        raise _fail([f"--heads: {heads} is not a multiple of dims.ngroups={spec.dims.ngroups}; "
+                     f"try --heads {max(1, heads // spec.dims.ngroups) * spec.dims.ngroups}"])
+    import torch
+
+    if not torch.cuda.is_available():
+        typer.echo("bench needs a CUDA GPU, and none is visible here (torch.cuda.is_available() is False); "
+                   "run it on a machine with an NVIDIA GPU, or use `mamba3-gen test SPEC` to run the kernel on the "
+                   "CPU", err=True)
+        raise typer.Exit(1)
+    root = _repo_root()
+    if not (root / "benchmarks" / "bench_forward.py").is_file():
+        typer.echo(f"{_shown(root / 'benchmarks' / 'bench_forward.py')} not found: the benchmark ships with the "
+                   "repository checkout", err=True)
+        raise typer.Exit(1)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import importlib
+
+        bench_forward = importlib.import_module("benchmarks.bench_forward")
+    except ImportError as e:
+        typer.echo(f"cannot import benchmarks.bench_forward: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"benchmarking {spec_path} on {torch.cuda.get_device_name()}: B={batch}, L={seqlen}, H={heads}")
+    result = bench_forward.main(str(Path(spec_path).resolve()), batch, seqlen, heads)
+    raise typer.Exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+def main() -> None:  # pragma: no cover - `python -m mamba3_gen.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
