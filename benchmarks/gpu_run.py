@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", ROOT / "gpu_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def main():
             r = bench(ROOT / "specs" / f"{name}.yaml", B, L, H, ceilings=ceil)
             results["bench"].append(r)
             print(json.dumps(r), flush=True)
-    (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"gpu_results{args.tag}.json").write_text(json.dumps(results, indent=1))
     lines = ["| spec | dtype | B L H | out rel | ssm rel | k rel | angle max rad |", "|---|---|---|---|---|---|---|"]
     for r in results["accuracy"]:
         lines.append(f"| {r['spec']} | {r['dtype']} | {r['B']} {r['L']} {r['H']} | {r['out_rel']:.2e} | "
@@ -119,7 +120,7 @@ def main():
         lines.append(f"| {r['spec']} | {r['ms']:.3f} | {r.get('floor_bytes_ms', 0):.3f} | "
                      f"{r.get('floor_flops_ms', 0):.3f} | {r['config']} |")
     table = "\n".join(lines)
-    (out_dir / "gpu_results.md").write_text(table + "\n")
+    (out_dir / f"gpu_results{args.tag}.md").write_text(table + "\n")
     print(table)
 
 

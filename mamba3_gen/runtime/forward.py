@@ -17,8 +17,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def autotune_configs(configs: list) -> list:
-    """The configs a generated kernel autotunes over; the CPU interpreter has no timer, so it gets the first."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """The configs a generated kernel autotunes over: all of them, or only the first (the default) when the CPU
+    interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MAMBA3_GEN_AUTOTUNE", "").lower() == "off":
         return configs[:1]
     return configs
 
