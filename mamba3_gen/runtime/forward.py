@@ -16,10 +16,14 @@ from mamba3_gen.runtime.state import Mamba3State
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Generated kernels are decorated at import; TRITON_INTERPRET=1 then runs them on the CPU (triton.jit reads it too).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def autotune_configs(configs: list) -> list:
     """The configs a generated kernel autotunes over: all of them, or only the first (the default) when the CPU
     interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MAMBA3_GEN_AUTOTUNE", "").lower() == "off":
+    if INTERPRETING or os.environ.get("MAMBA3_GEN_AUTOTUNE", "").lower() == "off":
         return configs[:1]
     return configs
 

@@ -19,6 +19,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     smem_estimate: int
+    maxnreg: int | None = None  # register cap per thread (None: the compiler's choice)
 
 
 def smem_estimate(low, block_p: int, num_stages: int) -> int:
@@ -33,15 +34,16 @@ def smem_estimate(low, block_p: int, num_stages: int) -> int:
 def choose_configs(low) -> list[KernelConfig]:
     d = low.dims
     bp_full = d["BP"]
+    bp_half = bp_full // 2 if bp_full >= 32 else bp_full
+    # Measured on an H100 at B8 L4096 H32 (benchmarks/gpu_run.py): the full P block wins (a P split recomputes
+    # Q Kᵀ); 8 warps for SISO, 4 for MIMO R4. The 128-register cap lets two programs share an SM (more spills).
+    # bf16 operands with 4 warps gave wrong results (Triton 3.6, H100), so bf16 keeps 8 warps.
+    shapes = [(bp_full, 8, None), (bp_full, 4, None), (bp_full, 8, 128), (bp_half, 8, None)]
+    if low.spec.dtypes.compute == "bf16":
+        shapes = [sh for sh in shapes if sh[1] == 8]
     candidates = []
-    # Measured on an H100 (benchmarks/gpu_run.py): the half-P block with 8 warps won for every shipped spec; the
-    # full-P block and 4 warps stay as candidates for other shapes. Every candidate costs a compile at first call.
-    for block_p in (bp_full // 2, bp_full):
-        if block_p < 16 and block_p != bp_full:
-            continue
-        for num_warps in (8, 4):
-            for num_stages in (1,):  # the chunk loop carries the state: deeper pipelining only added smem (AOT + H100 runs)
-                candidates.append(KernelConfig(block_p, num_warps, num_stages, smem_estimate(low, block_p, num_stages)))
+    for block_p, num_warps, maxnreg in dict.fromkeys(shapes):
+        candidates.append(KernelConfig(block_p, num_warps, 1, smem_estimate(low, block_p, 1), maxnreg))
     limit = low.target.smem_per_block
     fitting = [c for c in candidates if c.smem_estimate <= limit]
     if not fitting:
