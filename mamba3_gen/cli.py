@@ -331,7 +331,7 @@ def check(
         "dims": dims | {"G": d.ngroups},
         "lambda_source": low.lowered.lam_source,
         "trap_input": spec.has_trap_input,
-        "carries_prev_token": low.lowered.has_shift,
+        "carries_prev_token": spec.carries_prev_token,
     }
     configs = [{"block_p": c.block_p, "num_warps": c.num_warps, "num_stages": c.num_stages,
                 "smem_estimate": c.smem_estimate, "smem_limit": limit} for c in low.configs]
@@ -388,7 +388,7 @@ def check(
                "constant": f"constant λ = {spec.discretization.lambda_value}",
                "none": "none (exp_euler is the λ = 1 rule)"}[low.lowered.lam_source]
         echo(f"  λ: {lam}")
-        echo(f"  carries the previous token (k̂, v) in the state: {'yes' if low.lowered.has_shift else 'no'}")
+        echo(f"  carries the previous token (k̂, v) in the state: {'yes' if spec.carries_prev_token else 'no'}")
         echo("")
         echo("discretization, lowered by sympy:")
         desc = low.lowered.describe()

@@ -157,5 +157,6 @@ class Spec(_Strict):
 
     @property
     def carries_prev_token(self) -> bool:
-        """Whether the state carries the previous token's k̂ and v (rules with a lagged input term)."""
+        """Whether the state carries the previous token's k̂ and v: rules with a lagged input term. Decided by the
+        rule, not by λ, so a constant λ = 1 (whose lagged weight is 0) keeps the same state layout as any other λ."""
         return self.discretization.rule != "exp_euler"

@@ -70,7 +70,7 @@ class Lowering:
         return {
             "name": s.name, "spec_hash": spec_hash(s), "generator": __version__, **self.dims,
             "G": s.dims.ngroups, "has_trap": self.lowered.lam_source == "data", "lambda": self.lowered.lam_source,
-            "carries_prev_token": self.lowered.has_shift, "d_skip": s.options.d_skip, "z_gate": s.options.z_gate,
+            "carries_prev_token": s.carries_prev_token, "d_skip": s.options.d_skip, "z_gate": s.options.z_gate,
             "initial_states": s.options.initial_states, "final_states": s.options.final_states,
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "arch": self.target.arch,
