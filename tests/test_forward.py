@@ -128,20 +128,6 @@ def pinned(kernels: KernelCache, spec, config_index: int):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# known generator bugs: the random specs steer clear of them, and test_known_bug_* (strict xfail) pin each one, so
-# that a fix shows up as XPASS (a failure under strict): then delete its line here and its xfail mark.
-# ------------------------------------------------------------------------------------------------------------------
-def known_bug(spec):
-    d = spec.discretization
-    if d.rule == "exp_trapezoidal" and d.lambda_ == "constant":
-        if d.lambda_value == 0.0 and spec.dims.mimo_rank > 1:
-            return "constant λ = 0 with R > 1: γ lowers to the literal 0 and _rows(0) does not compile"
-        if d.lambda_value == 1.0:
-            return "constant λ = 1: the op drops the k/v state that Spec.carries_prev_token and the references keep"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # strategies
 # ------------------------------------------------------------------------------------------------------------------
 def _interpretable(spec):
@@ -179,7 +165,6 @@ def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
         init=draw(st.booleans()) if init is None else init,
         varlen=draw(st.booleans()) if varlen is None else varlen,
     )
-    assume(known_bug(spec) is None)
     final_states = draw(st.booleans()) if final is None else final
     compute = draw(st.sampled_from(["tf32", "fp32"] + (["bf16"] if gpu else [])))
     return respec(spec, options={"final_states": final_states}, dtypes={"compute": compute})
@@ -358,24 +343,12 @@ def test_shipped_spec(spec_path, interp_kernels):
 
 @interpreter_only
 @not_in_spec_mode
-@pytest.mark.xfail(strict=True, reason="known bug: constant λ = 0 with R > 1 lowers γ to the literal 0, and "
-                   "_rows(0) indexes an int (fails in the interpreter and in triton.compile)")
-def test_known_bug_constant_lambda_zero_mimo(interp_kernels):
-    spec = make_spec(lam="constant", lam_value=0.0, N=16, P=8, R=2, chunk=4, rotation="halved")
-    kw = make_inputs(spec, 1, 9, 2, seed=1)
-    assert known_bug(spec) is not None
-    assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
-
-
-@interpreter_only
-@not_in_spec_mode
-@pytest.mark.xfail(strict=True, reason="known bug: for constant λ = 1 the op's state has no k/v (META "
-                   "carries_prev_token = lowered.has_shift = False) while Spec.carries_prev_token, make_inputs and "
-                   "the references carry them, so their states are refused and the final states differ")
-def test_known_bug_constant_lambda_one_state(interp_kernels):
-    spec = make_spec(lam="constant", lam_value=1.0, N=16, P=8, R=1, chunk=4, init=True)
-    kw = make_inputs(spec, 1, 9, 2, seed=1, with_initial_states=True)
-    assert known_bug(spec) is not None
+@pytest.mark.parametrize("lam_value,R,init", [(0.0, 2, True), (0.0, 1, True), (1.0, 1, True), (1.0, 4, True)])
+def test_constant_lambda_edges(lam_value, R, init, interp_kernels):
+    """Constant λ = 0 (γ = 0: the weights are constants, not tensors) and λ = 1 (no lagged term, yet the state keeps
+    the previous token's k/v as the references and Spec.carries_prev_token say), with states passed in and out."""
+    spec = make_spec(lam="constant", lam_value=lam_value, N=16, P=8, R=R, chunk=4, init=init, rotation="halved")
+    kw = make_inputs(spec, 2, 9, 2, seed=1, with_initial_states=init)
     assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
 
 
