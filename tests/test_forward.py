@@ -122,7 +122,8 @@ def pinned(kernels: KernelCache, spec, config_index: int):
     cfgs = lower(spec, kernels.arch).configs
     c = cfgs[config_index % len(cfgs)]
     module.mamba3_fwd_kernel.configs = [
-        triton.Config({"BLOCK_P": c.block_p}, num_warps=c.num_warps, num_stages=c.num_stages)
+        triton.Config({"BLOCK_P": c.block_p}, num_warps=c.num_warps, num_stages=c.num_stages,
+                      maxnreg=getattr(c, "maxnreg", None))
     ]
     return module
 

@@ -5,7 +5,8 @@ subprocess (``python -m mamba3_gen.backends.triton.aot SPEC ARCH``, TRITON_INTER
 that every compile is real), lowers the kernel through Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin)
 for each autotune config, and reports per config:
 
-    block_p, num_warps, num_stages      the autotune config
+    block_p, num_warps, num_stages, maxnreg
+                                        the autotune config (maxnreg: register cap, None when uncapped)
     shared                              bytes of shared memory (Triton's compiled metadata)
     registers, spill_stores, spill_loads, stack_frame
                                         from the bundled ptxas -v on the kernel's PTX
@@ -184,20 +185,23 @@ def _report_in_process(spec_path: str, arch: str, max_configs: int | None = None
             block_p = int(cfg.kwargs["BLOCK_P"])
             signature, constexprs, attrs = kernel_signature(spec, list(fn.arg_names), block_p)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            maxnreg = getattr(cfg, "maxnreg", None)
+            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            if maxnreg:
+                options["maxnreg"] = int(maxnreg)  # a register cap, as the autotuner passes it to the JIT
             t0 = time.perf_counter()
             try:
-                compiled = triton.compile(src, target=gpu,
-                                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                compiled = triton.compile(src, target=gpu, options=options)
             except Exception as e:  # the compiler's message is the useful part
                 raise AOTCompileError(
                     f"spec {spec.name!r} does not compile for {arch} (BLOCK_P={block_p}, num_warps={cfg.num_warps}, "
-                    f"num_stages={cfg.num_stages}): {type(e).__name__}:\n{_first_lines(e)}"
+                    f"num_stages={cfg.num_stages}, maxnreg={maxnreg}): {type(e).__name__}:\n{_first_lines(e)}"
                 ) from None
             seconds = time.perf_counter() - t0
             stats = ptxas_stats(compiled.asm["ptx"], target.capability)
             rows.append({
                 "spec": spec.name, "arch": arch, "block_p": block_p, "num_warps": cfg.num_warps,
-                "num_stages": cfg.num_stages, "shared": int(compiled.metadata.shared),
+                "num_stages": cfg.num_stages, "maxnreg": maxnreg, "shared": int(compiled.metadata.shared),
                 "registers": stats["registers"], "spill_stores": stats["spill_stores"],
                 "spill_loads": stats["spill_loads"], "stack_frame": stats["stack_frame"],
                 "compile_s": round(seconds, 3),
