@@ -249,14 +249,6 @@ def _resolved(model, prefix: str = "", parent_default: bool = False) -> list[tup
     return rows
 
 
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def _aot(spec_path: str, arch: str, configs, progress) -> dict:
     """Run the AOT compile report; {'available': bool, 'reason'|'configs': ...}."""
     from mamba3_gen.backends.device import get_target
@@ -298,7 +290,7 @@ def check(
     from mamba3_gen.backends.device import TARGETS
     from mamba3_gen.backends.triton.build import BuildError, lower
     from mamba3_gen.graph.dataflow import PHASES
-    from mamba3_gen.spec.loader import spec_hash
+    from mamba3_gen.spec.loader import spec_hash, yaml_value
 
     _check_arch(arch)
     spec, low = _lower(spec_path, arch)
@@ -371,7 +363,7 @@ def check(
         for key, value, dflt, section in _resolved(spec):
             indent = "  " * (key.count(".") + 1)
             leaf = key.rsplit(".", 1)[-1]
-            text = "" if section else " " + _yaml_scalar(value)
+            text = "" if section else " " + yaml_value(value)
             echo(f"{indent}{leaf}:{text}{'  *' if dflt else ''}")
         echo("")
         echo("derived:")

@@ -1,8 +1,8 @@
 """Helpers shared by the kernel tests: building generated modules for throw-away specs, running them in the common
 calling convention, and comparing their results with the float64 oracles.
 
-The spec builder, golden-case table and SSD formula of the reference tests are reused from tests/test_reference.py
-(imported, not copied), so the kernels are checked against exactly the cases the references were checked on.
+The spec builder, golden cases and SSD formula come from tests/cases.py, shared with the reference tests, so the
+kernels are checked against exactly the cases the references were checked on.
 """
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from mamba3_gen.reference import max_abs, rel_err
 from mamba3_gen.runtime.state import Mamba3State
 from mamba3_gen.spec.loader import load_spec, spec_hash
 from mamba3_gen.spec.model import Spec
-from tests.test_reference import (  # noqa: F401  (re-exported for the kernel tests)
+from tests.cases import (  # noqa: F401  (re-exported for the kernel tests)
     GOLDEN,
     GOLDEN_DIR,
     GOLDEN_TOL,
     _TIME_DIM,
     angle_diff,
+    golden_case,
+    golden_errors,
     make_spec,
+    pack_batch,
     ssd_head,
     state_slice,
     time_slice,
@@ -171,20 +174,6 @@ def compare(got: tuple, ref: tuple, tol: Tol, what: str = "") -> list[str]:
 def assert_matches(got: tuple, ref: tuple, tol: Tol, what: str = "") -> None:
     problems = compare(got, ref, tol, what)
     assert not problems, "\n".join(problems)
-
-
-def pack_batch(kw: dict) -> dict:
-    """Repack a (B, L) batch as one varlen sequence (B = 1, cu_seqlens), keeping the per-row initial states."""
-    B, L = kw["v"].shape[:2]
-    packed = {}
-    for key, val in kw.items():
-        if key in _TIME_DIM:
-            d = _TIME_DIM[key]
-            packed[key] = torch.cat([val.narrow(0, b, 1) for b in range(B)], dim=d)
-        else:
-            packed[key] = val
-    packed["cu_seqlens"] = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=kw["v"].device)
-    return packed
 
 
 def split_varlen(kw: dict) -> list[dict]:

@@ -35,7 +35,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is imported
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 from hypothesis import assume, given, settings  # noqa: E402
@@ -43,19 +42,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 from mamba3_gen.backends.triton.build import lower  # noqa: E402
 from mamba3_gen.reference import make_inputs, naive_recurrence  # noqa: E402
-from mamba3_gen.runtime.state import Mamba3State  # noqa: E402
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
 from tests.helpers import (  # noqa: E402
     GOLDEN,
-    GOLDEN_DIR,
     GOLDEN_TOL,
     SHIPPED_SPECS,
     KernelCache,
     Tol,
-    angle_diff,
     assert_matches,
     env_examples,
     env_spec,
+    golden_case,
+    golden_errors,
     make_spec,
     respec,
     run_op,
@@ -288,30 +286,10 @@ def test_euler_real_is_ssd(chunk, init, G, interp_kernels):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden(name, interp_kernels):
     """The kernel reproduces the official references' golden vectors (float32 data) to 1e-5 relative."""
-    from mamba3_gen.reference import rel_err
-
-    path = GOLDEN_DIR / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden file {path} is absent (expected the shared/ folder beside the repo)")
-    g = {key: torch.from_numpy(np.asarray(val)).float() for key, val in np.load(path).items()}
-    spec = respec(make_spec(**GOLDEN[name]), dtypes={"compute": "fp32"})
-    init = None
-    if "Init_SSM" in g:
-        init = Mamba3State(g["Init_Angle"], g["Init_SSM"], g["Init_K"], g["Init_V"])
-    kw = dict(q=g["Q"], k=g["K"], v=g["V"], adt=g["ADT"], dt=g["DT"], trap=g["Trap"], q_bias=g["Q_bias"],
-              k_bias=g["K_bias"], angles=g["Angles"], D=g["D"], z=g["Z"], initial_states=init)
-    if spec.dims.mimo_rank > 1:
-        kw.update(mimo_v=g["MIMO_V"], mimo_z=g["MIMO_Z"], mimo_o=g["MIMO_Out"])
+    spec, kw, g = golden_case(name, torch.float32)
+    spec = respec(spec, dtypes={"compute": "fp32"})
     out, st_ = run_op(interp_kernels(spec), spec, kw, final=True)
-    errs = {"Out": rel_err(out, g["Out"])}
-    if spec.dims.mimo_rank > 1:
-        errs["Final_SSM"] = rel_err(st_.ssm.transpose(-1, -2), g["Final_SSM"])  # golden MIMO H is (B, H, N, P)
-        errs["Final_K"] = rel_err(st_.k, g["Final_K"])
-    else:
-        errs["Final_SSM"] = rel_err(st_.ssm, g["Final_SSM"])
-        errs["Final_K"] = rel_err(st_.k, g["Final_K"])
-        errs["Final_V"] = rel_err(st_.v, g["Final_V"])
-        errs["Final_Angle"] = angle_diff(st_.angle, g["Final_Angle"]) / g["Final_Angle"].abs().max().item()
+    errs = golden_errors(spec, out, st_, g)
     bad = {key: val for key, val in errs.items() if not val <= GOLDEN_TOL}
     assert not bad, f"{name}: {bad}"
 

@@ -13,21 +13,27 @@ Tolerances:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba3_gen.reference import chunked_reference, make_inputs, max_abs, naive_recurrence, rel_err, to_float64
-from mamba3_gen.runtime.state import Mamba3State
-from mamba3_gen.spec.model import Spec
+from tests.cases import (
+    _TIME_DIM,
+    GOLDEN,
+    GOLDEN_TOL,
+    angle_diff,
+    golden_case,
+    golden_errors,
+    make_spec,
+    pack_batch,
+    ssd_head,
+    state_slice,
+    time_slice,
+)
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_TOL = 1e-5  # float32 golden data, see module docstring
 TOL = 1e-10  # float64 vs float64, see module docstring
 REFS = [naive_recurrence, chunked_reference]
 
@@ -35,32 +41,11 @@ REFS = [naive_recurrence, chunked_reference]
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------------
-def make_spec(rule="exp_trapezoidal", lam="data", lam_value=None, kind="complex", rope=0.5, rotation="pairwise",
-              N=16, P=8, R=1, G=1, chunk=16, d_skip=True, z_gate=True, init=False, varlen=False) -> Spec:
-    disc = {"rule": rule}
-    if rule == "exp_trapezoidal":
-        disc["lambda"] = lam
-        if lam == "constant":
-            disc["lambda_value"] = lam_value
-    return Spec.model_validate({
-        "name": "ref_test",
-        "discretization": disc,
-        "state": {"kind": kind, "rope_fraction": rope, "rotation": rotation},
-        "dims": {"d_state": N, "headdim": P, "mimo_rank": R, "ngroups": G, "chunk_size": chunk},
-        "options": {"d_skip": d_skip, "z_gate": z_gate, "initial_states": init, "varlen": varlen},
-    })
-
-
 def rel_close(a, b, tol=TOL, floor=1e-8):
     """‖a − b‖ ≤ tol·max(‖b‖, floor): relative, with a floor so all-zero results (e.g. λ = 0, L = 1) compare."""
     a = a.double()
     b = b.double()
     return torch.linalg.vector_norm(a - b).item() <= tol * max(torch.linalg.vector_norm(b).item(), floor)
-
-
-def angle_diff(a, b):
-    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
-    return d.abs().max().item() if d.numel() else 0.0
 
 
 def assert_same(res_a, res_b, tol=TOL, what=""):
@@ -79,57 +64,15 @@ def assert_same(res_a, res_b, tol=TOL, what=""):
         assert angle_diff(sa.angle, sb.angle) <= tol, f"{what} angle: {angle_diff(sa.angle, sb.angle):.3e}"
 
 
-_TIME_DIM = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
-
-
-def time_slice(kw: dict, start: int, end: int) -> dict:
-    return {key: (val.narrow(_TIME_DIM[key], start, end - start) if key in _TIME_DIM else val)
-            for key, val in kw.items()}
-
-
-def state_slice(s: Mamba3State | None, i: int) -> Mamba3State | None:
-    if s is None:
-        return None
-    return Mamba3State(*[None if x is None else x[i:i + 1] for x in s])
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # golden vectors from the official references
 # ------------------------------------------------------------------------------------------------------------------
-GOLDEN = {
-    "siso_zero": dict(rotation="pairwise", rope=0.5, N=16, P=8, R=1, G=2, chunk=16),
-    "siso_init": dict(rotation="pairwise", rope=0.5, N=16, P=8, R=1, G=2, chunk=16, init=True),
-    "mimo_r4_div4": dict(rotation="halved", rope=0.5, N=32, P=16, R=4, G=1, chunk=8),
-    "mimo_r4_div2": dict(rotation="halved", rope=1.0, N=32, P=16, R=4, G=1, chunk=8),
-}
-
-
 @pytest.mark.parametrize("ref", REFS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden(name, ref):
-    path = GOLDEN_DIR / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden file {path} is absent (expected the shared/ folder beside the repo)")
-    g = {key: torch.from_numpy(np.asarray(val)).double() for key, val in np.load(path).items()}
-    spec = make_spec(**GOLDEN[name])
-    init = None
-    if "Init_SSM" in g:
-        init = Mamba3State(g["Init_Angle"], g["Init_SSM"], g["Init_K"], g["Init_V"])
-    kw = dict(q=g["Q"], k=g["K"], v=g["V"], adt=g["ADT"], dt=g["DT"], trap=g["Trap"], q_bias=g["Q_bias"],
-              k_bias=g["K_bias"], angles=g["Angles"], D=g["D"], z=g["Z"], initial_states=init)
-    if spec.dims.mimo_rank > 1:
-        kw.update(mimo_v=g["MIMO_V"], mimo_z=g["MIMO_Z"], mimo_o=g["MIMO_Out"])
+    spec, kw, g = golden_case(name, torch.float64)
     out, st_ = ref(spec, **kw)
-    errs = {"Out": rel_err(out, g["Out"])}
-    if spec.dims.mimo_rank > 1:
-        errs["Final_SSM"] = rel_err(st_.ssm.transpose(-1, -2), g["Final_SSM"])  # golden MIMO H is (B, H, N, P)
-        errs["Final_K"] = rel_err(st_.k, g["Final_K"])  # (B, R, H, N), our layout for R > 1
-    else:
-        errs["Final_SSM"] = rel_err(st_.ssm, g["Final_SSM"])
-        errs["Final_K"] = rel_err(st_.k, g["Final_K"])
-        errs["Final_V"] = rel_err(st_.v, g["Final_V"])
-        errs["Final_Angle"] = angle_diff(st_.angle, g["Final_Angle"]) / g["Final_Angle"].abs().max().item()
-    bad = {key: val for key, val in errs.items() if not val <= GOLDEN_TOL}
+    bad = {key: val for key, val in golden_errors(spec, out, st_, g).items() if not val <= GOLDEN_TOL}
     assert not bad, f"{name}: {bad}"
 
 
@@ -205,15 +148,7 @@ def test_varlen_equals_separate(case):
     """Packed sequences (B = 1, cu_seqlens) equal each sequence run on its own; the two refs cross-checked."""
     spec, kw = case
     B, L = kw["v"].shape[:2]
-    # Repack the batch as one varlen sequence: concatenate along time.
-    packed = {}
-    for key, val in kw.items():
-        if key in _TIME_DIM:
-            d = _TIME_DIM[key]
-            packed[key] = torch.cat([val.narrow(0, b, 1) for b in range(B)], dim=d)
-        else:
-            packed[key] = val
-    packed["cu_seqlens"] = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+    packed = pack_batch(kw)  # the batch as one varlen sequence
     for ref, other in ((naive_recurrence, chunked_reference), (chunked_reference, naive_recurrence)):
         out, s = ref(spec, **packed)
         for b in range(B):
@@ -242,31 +177,6 @@ def test_varlen_short_sequences():
 # ------------------------------------------------------------------------------------------------------------------
 # exp_euler + real state = a Mamba-2 SSD head
 # ------------------------------------------------------------------------------------------------------------------
-def ssd_head(kw, H, G, init_ssm):
-    """Quadratic ("attention") form of SSD, written independently of both references:
-    y_t = Σ_{s≤t} exp(Σ_{r=s+1..t} a_r)·Δ_s·(q̃_t·k̃_s)·v_s + exp(Σ_{r≤t} a_r)·H_init q̃_t + D v_t, then ⊙ silu(z);
-    H_final = Σ_s exp(Σ_{r=s+1..L-1} a_r)·Δ_s·v_s k̃_sᵀ + exp(Σ_r a_r)·H_init."""
-    kw = to_float64(kw)
-    heads = torch.arange(H) // (H // G)
-    q = kw["q"][:, :, heads] + kw["q_bias"]  # (B, L, H, N)
-    k = kw["k"][:, :, heads] + kw["k_bias"]
-    v = kw["v"]
-    a, dt = kw["adt"], kw["dt"]  # (B, H, L)
-    cum = torch.cumsum(a, dim=-1)
-    L = v.shape[1]
-    seg = cum[..., :, None] - cum[..., None, :]  # (B, H, t, s): Σ_{r=s+1..t} a_r
-    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
-    W = torch.exp(seg.masked_fill(~causal, float("-inf"))) * dt[..., None, :]  # (B, H, t, s)
-    scores = torch.einsum("bthn,bshn->bhts", q, k) * W
-    y = torch.einsum("bhts,bshp->bthp", scores, v)
-    y = y + torch.exp(cum).transpose(1, 2)[..., None] * torch.einsum("bhpn,bthn->bthp", init_ssm, q)
-    y = y + kw["D"][:, None] * v
-    y = y * F.silu(kw["z"])
-    w_end = torch.exp(cum[..., -1:] - cum) * dt  # (B, H, s)
-    H_fin = torch.einsum("bhs,bshp,bshn->bhpn", w_end, v, k) + torch.exp(cum[..., -1])[..., None, None] * init_ssm
-    return y, H_fin
-
-
 @pytest.mark.parametrize("chunk", [1, 4, 16])
 @pytest.mark.parametrize("init", [False, True])
 def test_euler_real_is_ssd(chunk, init):

@@ -52,7 +52,7 @@ def _rotate_complex(spec: Spec, x: torch.Tensor, theta: torch.Tensor) -> torch.T
 
 
 def _chunked_core(spec: Spec, c: SimpleNamespace):
-    B, L, H, R, N, P = c.B, c.L, c.H, c.R, c.N, c.P
+    B, L, H, P = c.B, c.L, c.H, c.P
     Cs = spec.dims.chunk_size
     dt = c.dt.transpose(1, 2)  # (B, L, H)
     lam = c.lam.transpose(1, 2)

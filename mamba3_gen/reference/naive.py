@@ -46,7 +46,7 @@ def _rotate(x: torch.Tensor, theta: torch.Tensor, first: torch.Tensor, second: t
 
 
 def _naive_core(spec: Spec, c: SimpleNamespace):
-    B, L, H, R, N, P = c.B, c.L, c.H, c.R, c.N, c.P
+    B, L, H, P = c.B, c.L, c.H, c.P
     first, second = rotation_pairs(spec)
     theta = None if c.init_angle is None else c.init_angle.clone()  # (B, H, S)
     Hs = c.init_ssm.clone()  # (B, H, P, N)

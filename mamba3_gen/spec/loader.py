@@ -296,23 +296,23 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
     field = _dotted(loc)
     key = str(loc[-1]) if loc else "spec"
     default = _default(loc)
-    example = _yaml_value(default) if default is not None else None
+    example = yaml_value(default) if default is not None else None
 
     if kind == "extra_forbidden":
         msg = f"unknown key '{key}'; try {_suggest_key(loc)}"
     elif kind == "invalid_key":
-        msg = f"key {_yaml_value(value)} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
+        msg = f"key {yaml_value(value)} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
     elif kind == "missing":
         line, _ = _find_line(doc, loc[:-1])
         hint = "my_layer" if key == "name" else (example or "...")
         msg = f"missing required key '{key}'; try adding '{key}: {hint}'"
     elif kind == "literal_error":
         allowed = _allowed(loc)
-        shown = ", ".join(_yaml_value(a) for a in allowed) or err.get("ctx", {}).get("expected", "?")
+        shown = ", ".join(yaml_value(a) for a in allowed) or err.get("ctx", {}).get("expected", "?")
         if key == "lambda" and isinstance(value, (int, float)) and not isinstance(value, bool):
             fix = f"lambda: constant with lambda_value: {value}"
         else:
-            fix = f"{key}: {_yaml_value(_closest(value, allowed, default))}"
+            fix = f"{key}: {yaml_value(_closest(value, allowed, default))}"
         msg = f"{_describe(value)} is not allowed (allowed: {shown}); try {fix}"
     elif kind in ("model_type", "dict_type", "model_attributes_type"):
         model = _model_at(loc)
@@ -320,7 +320,7 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
         if first:
             fname, finfo = first
             fkey = finfo.alias or fname
-            fdef = _yaml_value(finfo.get_default(call_default_factory=True))
+            fdef = yaml_value(finfo.get_default(call_default_factory=True))
             sample = f"indented lines such as '{fkey}: {fdef}' under '{key}:'"
         else:
             sample = f"indented 'key: value' lines under '{key}:'"
@@ -415,7 +415,8 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
+    """A scalar as it is written in YAML (null, true/false, numbers, bare strings)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
