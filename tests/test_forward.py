@@ -145,7 +145,7 @@ def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
     lam_value = None
     if rule == "trap_const":
         lam_value = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)))
-    R = draw(st.sampled_from([1, 2, 4]))
+    R = draw(st.sampled_from([1, 2, 4, 8]))
     if gpu:
         N = draw(st.sampled_from([32, 64, 128]))
         P = draw(st.sampled_from([32, 48, 64]))  # 48 pads to a 64-wide tile
@@ -153,7 +153,7 @@ def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
     else:
         N = draw(st.sampled_from([16, 32]))
         P = draw(st.sampled_from([8, 16, 24]))  # 24 pads to a 32-wide tile
-        chunk = draw(st.sampled_from([4, 8, 16]))
+        chunk = draw(st.sampled_from([c for c in (4, 8, 16) if c * R <= 64]))
     spec = make_spec(
         rule="exp_euler" if rule == "euler" else "exp_trapezoidal",
         lam="constant" if rule == "trap_const" else "data", lam_value=lam_value,
