@@ -294,6 +294,23 @@ def test_golden(name, interp_kernels):
     assert not bad, f"{name}: {bad}"
 
 
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("layout", ["shared_by_heads", "head_major"])
+def test_angles_layouts(layout, interp_kernels):
+    """Angles shared by all heads (a stride-0 expand, as the layer produces them) or in another memory order are
+    read through their strides and give the same result as the oracle."""
+    spec = make_spec(N=16, P=8, R=2, chunk=4, rotation="halved", init=True)
+    kw = make_inputs(spec, 2, 11, 3, seed=4, with_initial_states=True)
+    if layout == "shared_by_heads":
+        kw["angles"] = kw["angles"][:, :, :1].expand(-1, -1, 3, -1)
+        assert kw["angles"].stride(2) == 0
+    else:
+        kw["angles"] = kw["angles"].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        assert not kw["angles"].is_contiguous()
+    assert_matches(run_op(interp_kernels(spec), spec, kw, final=True), naive_recurrence(spec, **kw), CPU_TOL)
+
+
 def _shipped_ids():
     return [p.stem for p in SHIPPED_SPECS]
 

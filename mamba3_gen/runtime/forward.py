@@ -48,7 +48,7 @@ class ForwardOp:
 
     # -- checks ---------------------------------------------------------------------------------------------------
     @staticmethod
-    def _expect(name: str, t, shape: tuple, device=None, dtypes=_FLOATS):
+    def _expect(name: str, t, shape: tuple, device=None, dtypes=_FLOATS, contiguous=True):
         if t is None:
             raise ValueError(f"{name} is required by this spec; expected a tensor of shape {shape}")
         if not isinstance(t, torch.Tensor):
@@ -59,7 +59,7 @@ class ForwardOp:
             raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
         if device is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}; expected {device} like v")
-        return t.contiguous()
+        return t.contiguous() if contiguous else t
 
     def _absent(self, name: str, t, why: str):
         if t is not None:
@@ -95,9 +95,15 @@ class ForwardOp:
         q_bias = self._expect("q_bias", q_bias, bias_shape, dev).float()
         k_bias = self._expect("k_bias", k_bias, bias_shape, dev).float()
         if S:
-            angles = self._expect("angles", angles, (B, L, H, S), dev)
+            # Angles are often shared by all heads (a (B, L, 1, S) tensor expanded over H): the kernel takes their
+            # strides, so that stride-0 view is read as it is instead of being copied H times.
+            angles = self._expect("angles", angles, (B, L, H, S), dev, contiguous=False)
+            if angles.stride(3) != 1:
+                angles = angles.contiguous()
+            angle_strides = angles.stride()[:3]
         else:
             self._absent("angles", angles, "has a real state (no rotation)")
+            angle_strides = (0, 0, 0)
         if m["d_skip"]:
             D = self._expect("D", D, (H,), dev).float()
         else:
@@ -150,7 +156,7 @@ class ForwardOp:
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init.angle, init.ssm, init.k, init.v, fin.angle, fin.ssm, fin.k, fin.v, cu_seqlens,
-            L, H, G, HAS_INIT=has_init, STORE_FINAL=final is not None, IS_VARLEN=is_varlen,
+            L, H, G, *angle_strides, HAS_INIT=has_init, STORE_FINAL=final is not None, IS_VARLEN=is_varlen,
         )
         return (out, final) if return_final_states else out
 
