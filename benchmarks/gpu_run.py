@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mamba3_gen  # noqa: E402
+from benchmarks import official  # noqa: E402
 from benchmarks.bench_forward import bench, measure_ceilings  # noqa: E402
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err  # noqa: E402
 from mamba3_gen.runtime.state import Mamba3State  # noqa: E402
@@ -47,7 +48,18 @@ def circ_err(a, b) -> float:
     return d.abs().max().item()
 
 
-def accuracy(spec_path, B, L, H, seed=0, with_init=False) -> list[dict]:
+def _state_errors(row: dict, state: Mamba3State, ref_state: Mamba3State) -> dict:
+    for f in Mamba3State._fields:
+        a, b = getattr(state, f), getattr(ref_state, f)
+        if a is None or b is None:
+            continue
+        row[f"{f}_rel"] = rel_err(a, b)
+        if f == "angle":
+            row["angle_max_rad"] = circ_err(a, b)
+    return row
+
+
+def accuracy(spec_path, B, L, H, seed=0, with_init=False, official_fn=None) -> list[dict]:
     spec = load_spec(str(spec_path))
     mod = mamba3_gen.load(spec_path)
     inputs = make_inputs(spec, B, L, H, dtype=torch.float32, device="cuda", seed=seed, with_initial_states=with_init)
@@ -65,16 +77,33 @@ def accuracy(spec_path, B, L, H, seed=0, with_init=False) -> list[dict]:
         row = {"spec": spec.name, "B": B, "L": L, "H": H, "dtype": str(dtype).replace("torch.", ""),
                "init_states": with_init, "out_rel": rel_err(out, ref), "ref_seconds": round(t_ref, 1),
                "nan": bool(torch.isnan(out).any())}
-        for f in Mamba3State._fields:
-            a, b = getattr(state, f), getattr(ref_state, f)
-            if a is None or b is None:
-                continue
-            row[f"{f}_rel"] = rel_err(a, b)
-            if f == "angle":
-                row["angle_max_rad"] = circ_err(a, b)
-        rows.append(row)
+        rows.append(_state_errors(row, state, ref_state))
+        print(json.dumps(row), flush=True)
+    if official_fn is not None:  # the official Triton SISO on the same (bf16) inputs
+        with torch.no_grad():
+            out, *state = official.siso_forward(official_fn, _cast(inputs, torch.bfloat16), return_final_states=True)
+        torch.cuda.synchronize()
+        row = {"spec": spec.name, "provider": "official", "B": B, "L": L, "H": H, "dtype": "bfloat16",
+               "init_states": with_init, "out_rel": rel_err(out, ref), "nan": bool(torch.isnan(out).any())}
+        rows.append(_state_errors(row, Mamba3State(*state), ref_state))
         print(json.dumps(row), flush=True)
     return rows
+
+
+def bench_official(spec_path, B, L, H, official_fn) -> dict:
+    """The official SISO forward timed on the inputs `bench` uses (same seed, bf16, no states)."""
+    import triton
+
+    spec = load_spec(str(spec_path))
+    inputs = make_inputs(spec, B, L, H, dtype=torch.bfloat16, device="cuda", seed=0)
+    for key in ("adt", "dt", "trap", "angles"):
+        inputs[key] = inputs[key].float()
+    with torch.no_grad():
+        fn = lambda: official.siso_forward(official_fn, inputs)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return {"spec": spec.name, "provider": "official", "B": B, "L": L, "H": H, "ms": ms, "config": None}
 
 
 def main():
@@ -93,6 +122,7 @@ def main():
     print(json.dumps(info), flush=True)
     results = {"info": info, "accuracy": [], "bench": []}
     B, L, H = (2, 256, 4) if args.quick else (8, 4096, 32)
+    official_siso = official.load_siso()
     if not args.skip_accuracy:
         for name in SPECS:
             spec = load_spec(str(ROOT / "specs" / f"{name}.yaml"))
@@ -100,7 +130,8 @@ def main():
             results["accuracy"] += accuracy(path, B, L, H, with_init=spec.options.initial_states)
         # the official kernels' figures were measured at B2 L2048 H8 (SISO) and with MIMO R4 C16
         for name in ("siso_trap_complex", "mimo_r4"):
-            results["accuracy"] += accuracy(ROOT / "specs" / f"{name}.yaml", 2, 2048, 8, seed=1)
+            results["accuracy"] += accuracy(ROOT / "specs" / f"{name}.yaml", 2, 2048, 8, seed=1,
+                                            official_fn=official_siso if name.startswith("siso") else None)
     if not args.skip_bench:
         ceil = measure_ceilings()
         results["ceilings"] = ceil
@@ -109,15 +140,22 @@ def main():
             r = bench(ROOT / "specs" / f"{name}.yaml", B, L, H, ceilings=ceil)
             results["bench"].append(r)
             print(json.dumps(r), flush=True)
+            if name == "siso_trap_complex" and official_siso is not None:  # side by side, same process
+                o = bench_official(ROOT / "specs" / f"{name}.yaml", B, L, H, official_siso)
+                o["ours_over_official"] = r["ms"] / o["ms"]
+                results["bench"].append(o)
+                print(json.dumps(o), flush=True)
     (out_dir / f"gpu_results{args.tag}.json").write_text(json.dumps(results, indent=1))
-    lines = ["| spec | dtype | B L H | out rel | ssm rel | k rel | angle max rad |", "|---|---|---|---|---|---|---|"]
+    lines = ["| spec | provider | dtype | B L H | out rel | ssm rel | k rel | angle max rad |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["accuracy"]:
-        lines.append(f"| {r['spec']} | {r['dtype']} | {r['B']} {r['L']} {r['H']} | {r['out_rel']:.2e} | "
+        lines.append(f"| {r['spec']} | {r.get('provider', 'ours')} | {r['dtype']} | {r['B']} {r['L']} {r['H']} | "
+                     f"{r['out_rel']:.2e} | "
                      f"{r.get('ssm_rel', float('nan')):.2e} | {r.get('k_rel', float('nan')):.2e} | "
                      f"{r.get('angle_max_rad', float('nan')):.2e} |")
-    lines += ["", "| spec | ms (bf16) | floor bytes ms | floor flops ms | config |", "|---|---|---|---|---|"]
+    lines += ["", "| spec | provider | ms (bf16) | floor bytes ms | floor flops ms | config |", "|---|---|---|---|---|---|"]
     for r in results["bench"]:
-        lines.append(f"| {r['spec']} | {r['ms']:.3f} | {r.get('floor_bytes_ms', 0):.3f} | "
+        lines.append(f"| {r['spec']} | {r.get('provider', 'ours')} | {r['ms']:.3f} | {r.get('floor_bytes_ms', 0):.3f} | "
                      f"{r.get('floor_flops_ms', 0):.3f} | {r['config']} |")
     table = "\n".join(lines)
     (out_dir / f"gpu_results{args.tag}.md").write_text(table + "\n")
