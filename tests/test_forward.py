@@ -311,6 +311,27 @@ def test_angles_layouts(layout, interp_kernels):
     assert_matches(run_op(interp_kernels(spec), spec, kw, final=True), naive_recurrence(spec, **kw), CPU_TOL)
 
 
+@interpreter_only
+@not_in_spec_mode
+def test_torch_compile_fullgraph(interp_kernels):
+    """The forward is a registered torch.library op: torch.compile captures it in one graph (no graph break) and
+    the compiled call returns what the eager one does."""
+    spec = make_spec(N=16, P=8, R=2, chunk=4, rotation="halved", init=True)
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 2, 9, 2, seed=6, with_initial_states=True)
+
+    def forward(kw):
+        out, state = module.mamba3_forward(**kw, return_final_states=True)
+        return out * 2.0, state
+
+    torch._dynamo.reset()
+    out, state = torch.compile(forward, fullgraph=True, backend="aot_eager")(kw)
+    ref_out, ref_state = forward(kw)
+    assert torch.equal(out, ref_out)
+    for field in ("angle", "ssm", "k", "v"):
+        assert torch.equal(getattr(state, field), getattr(ref_state, field)), field
+
+
 def _shipped_ids():
     return [p.stem for p in SHIPPED_SPECS]
 

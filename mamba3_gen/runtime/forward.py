@@ -14,6 +14,13 @@ import triton
 from mamba3_gen.runtime.state import Mamba3State
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_REGISTERED: dict = {}  # op name -> registered custom op (one per spec and target, shared by its loaded modules)
+_OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor adt, Tensor dt, Tensor? trap, Tensor q_bias, Tensor k_bias, "
+    "Tensor? angles, Tensor? D, Tensor? z, Tensor? mimo_v, Tensor? mimo_z, Tensor? mimo_o, Tensor? init_angle, "
+    "Tensor? init_ssm, Tensor? init_k, Tensor? init_v, Tensor? cu_seqlens, bool return_final_states) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 # Generated kernels are decorated at import; TRITON_INTERPRET=1 then runs them on the CPU (triton.jit reads it too).
@@ -41,6 +48,7 @@ class ForwardOp:
     def __init__(self, meta: dict, kernel):
         self.meta = meta
         self.kernel = kernel
+        self.op = self._register()
         self.__doc__ = f"Mamba-3 forward for spec {meta['name']!r}.\n\n" + (ForwardOp.__doc__ or "")
 
     def __repr__(self):
@@ -100,10 +108,8 @@ class ForwardOp:
             angles = self._expect("angles", angles, (B, L, H, S), dev, contiguous=False)
             if angles.stride(3) != 1:
                 angles = angles.contiguous()
-            angle_strides = angles.stride()[:3]
         else:
             self._absent("angles", angles, "has a real state (no rotation)")
-            angle_strides = (0, 0, 0)
         if m["d_skip"]:
             D = self._expect("D", D, (H,), dev).float()
         else:
@@ -131,9 +137,8 @@ class ForwardOp:
                 raise ValueError(f"varlen packs sequences along L: batch must be 1, got B={B}")
             cu_seqlens = self._expect("cu_seqlens", cu_seqlens, (cu_seqlens.shape[0],), dev, (torch.int32, torch.int64))
             NS = cu_seqlens.shape[0] - 1
-            cpu = cu_seqlens.cpu()
-            if NS < 1 or int(cpu[0]) != 0 or int(cpu[-1]) != L or bool((cpu[1:] <= cpu[:-1]).any()):
-                raise ValueError(f"cu_seqlens must start at 0, end at L={L} and strictly increase (no empty sequence)")
+            if NS < 1:
+                raise ValueError("cu_seqlens must hold at least two offsets (one sequence)")
         else:
             NS = B
 
@@ -145,20 +150,69 @@ class ForwardOp:
         if return_final_states and not m["final_states"]:
             raise ValueError(f"return_final_states=True but spec {m['name']!r} has options.final_states: false")
 
-        out = torch.empty((B, L, H, P), device=dev, dtype=v.dtype)
-        final = self._empty_state(NS, H, dev) if return_final_states else None
         init = initial_states if has_init else Mamba3State(None, None, None, None)
-        fin = final if final is not None else Mamba3State(None, None, None, None)
+        out, *final = self.op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                              *init, cu_seqlens, return_final_states)
+        if not return_final_states:
+            return out
+        shapes = self.state_shapes(NS, H)
+        return out, Mamba3State(*[t if shapes[f] is not None else None for f, t in zip(Mamba3State._fields, final)])
+
+    # -- the registered op: launch (eager) and output shapes (tracing) ---------------------------------------------
+    def _outputs(self, v, NS: int, return_final_states: bool):
+        B, L, H, P = v.shape
+        out = torch.empty((B, L, H, P), device=v.device, dtype=v.dtype)
+        shapes = self.state_shapes(NS, H) if return_final_states else dict.fromkeys(Mamba3State._fields)
+        # absent state fields are empty tensors: a registered op returns a fixed tuple of tensors
+        states = [torch.empty(s if s is not None else (0,), device=v.device, dtype=torch.float32)
+                  for s in shapes.values()]
+        return out, states
+
+    def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+        B, L, H, P = v.shape
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        if cu_seqlens is not None:
+            cpu = cu_seqlens.cpu()
+            if int(cpu[0]) != 0 or int(cpu[-1]) != L or bool((cpu[1:] <= cpu[:-1]).any()):
+                raise ValueError(f"cu_seqlens must start at 0, end at L={L} and strictly increase (no empty sequence)")
+        out, states = self._outputs(v, NS, return_final_states)
+        fin = [t if t.numel() else None for t in states]
+        angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
 
         def grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]))
 
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
-            init.angle, init.ssm, init.k, init.v, fin.angle, fin.ssm, fin.k, fin.v, cu_seqlens,
-            L, H, G, *angle_strides, HAS_INIT=has_init, STORE_FINAL=final is not None, IS_VARLEN=is_varlen,
+            init_angle, init_ssm, init_k, init_v, *fin, cu_seqlens,
+            L, H, self.meta["G"], *angle_strides, HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states,
+            IS_VARLEN=cu_seqlens is not None,
         )
-        return (out, final) if return_final_states else out
+        return (out, *states)
+
+    def _register(self):
+        """A torch.library custom op per spec, so the forward is one opaque node under torch.compile(fullgraph=True)."""
+        m = self.meta
+        name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m['arch']}"
+        if name in _REGISTERED:
+            return _REGISTERED[name]
+
+        @torch.library.custom_op(name, mutates_args=(), schema=_OP_SCHEMA)
+        def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+               init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+            return self._launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states)
+
+        @op.register_fake
+        def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+              init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+            NS = v.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            out, states = self._outputs(v, NS, return_final_states)
+            return (out, *states)
+
+        _REGISTERED[name] = op
+        return op
 
     # -- states ---------------------------------------------------------------------------------------------------
     def state_shapes(self, NS: int, H: int) -> dict:
