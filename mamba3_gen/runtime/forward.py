@@ -1,4 +1,5 @@
-"""Host side of a generated forward: checks the tensors against the spec, allocates, launches.
+"""Host side of a generated forward: checks the tensors against the spec, allocates, launches; registers the
+launch as a torch.library custom op (one per spec) so torch.compile sees one opaque node.
 
 The generated module holds the Triton kernel and a META dict of the spec's constants; this class is shared by all
 generated modules so that shape checks and launch plumbing are written once.
