@@ -45,15 +45,22 @@ def work(spec, B, L, H, inputs: dict) -> dict:
     return {"bytes": nbytes, "flops": flops}
 
 
+def bench_inputs(spec, B, L, H, dtype=torch.bfloat16) -> dict:
+    """The timed inputs (seed 0, on the GPU): Q, K, V, Z in `dtype`; A·Δ, Δ, trap, angles in fp32 as the official
+    wrappers take them."""
+    inputs = make_inputs(spec, B, L, H, dtype=dtype, device="cuda", seed=0)
+    for key in ("adt", "dt", "trap", "angles"):
+        if key in inputs:
+            inputs[key] = inputs[key].float()
+    return inputs
+
+
 def bench(spec_path, B=8, L=4096, H=32, dtype=torch.bfloat16, ceilings=None, with_states=False) -> dict:
     import triton
 
     spec = load_spec(str(spec_path))
     mod = mamba3_gen.load(spec_path)
-    inputs = make_inputs(spec, B, L, H, dtype=dtype, device="cuda", seed=0)
-    for key in ("adt", "dt", "trap", "angles"):  # the official wrappers take these in fp32
-        if key in inputs:
-            inputs[key] = inputs[key].float()
+    inputs = bench_inputs(spec, B, L, H, dtype)
     fn = lambda: mod.mamba3_forward(**inputs, return_final_states=with_states)  # noqa: E731
     fn()
     torch.cuda.synchronize()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import mamba3_gen  # noqa: E402
 from benchmarks import official  # noqa: E402
-from benchmarks.bench_forward import bench, measure_ceilings  # noqa: E402
+from benchmarks.bench_forward import bench, bench_inputs, measure_ceilings  # noqa: E402
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err  # noqa: E402
 from mamba3_gen.runtime.state import Mamba3State  # noqa: E402
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
@@ -94,16 +94,13 @@ def bench_official(spec_path, B, L, H, official_fn) -> dict:
     """The official SISO forward timed on the inputs `bench` uses (same seed, bf16, no states)."""
     import triton
 
-    spec = load_spec(str(spec_path))
-    inputs = make_inputs(spec, B, L, H, dtype=torch.bfloat16, device="cuda", seed=0)
-    for key in ("adt", "dt", "trap", "angles"):
-        inputs[key] = inputs[key].float()
+    inputs = bench_inputs(load_spec(str(spec_path)), B, L, H)
     with torch.no_grad():
         fn = lambda: official.siso_forward(official_fn, inputs)  # noqa: E731
         fn()
         torch.cuda.synchronize()
         ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-    return {"spec": spec.name, "provider": "official", "B": B, "L": L, "H": H, "ms": ms, "config": None}
+    return {"spec": Path(spec_path).stem, "provider": "official", "B": B, "L": L, "H": H, "ms": ms, "config": None}
 
 
 def main():

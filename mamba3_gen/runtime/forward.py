@@ -226,11 +226,6 @@ class ForwardOp:
             "v": (NS, H, m["P"]) if m["carries_prev_token"] else None,
         }
 
-    def _empty_state(self, NS, H, dev) -> Mamba3State:
-        shapes = self.state_shapes(NS, H)
-        return Mamba3State(**{f: None if s is None else torch.empty(s, device=dev, dtype=torch.float32)
-                              for f, s in shapes.items()})
-
     def _check_state(self, name, st, NS, H, dev) -> Mamba3State:
         if not isinstance(st, Mamba3State):
             if isinstance(st, (tuple, list)) and len(st) == 4:
