@@ -1,7 +1,15 @@
-"""Hypothesis profiles: "ci" (deterministic, modest example counts) when the CI env var is set, "dev" otherwise."""
+"""Hypothesis profiles ("ci": deterministic, modest example counts, when the CI env var is set; "dev" otherwise) and
+the session-wide kernel caches. On a machine without CUDA the kernels run in the Triton interpreter: TRITON_INTERPRET
+is set here, before any test module imports a generated kernel (triton.jit reads it when a kernel is decorated)."""
 import os
 
-from hypothesis import HealthCheck, settings
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -17,3 +25,18 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(scope="session")
+def interp_kernels(tmp_path_factory):
+    from tests.helpers import KernelCache
+
+    return KernelCache(tmp_path_factory.mktemp("kernels_interpreter"), "interpreter")
+
+
+@pytest.fixture(scope="session")
+def gpu_kernels(tmp_path_factory):
+    from tests.helpers import KernelCache
+    from tests.strategies import gpu_arch
+
+    return KernelCache(tmp_path_factory.mktemp("kernels_gpu"), gpu_arch())

@@ -28,30 +28,19 @@ element), fp32 inputs ≤ 2e-3 relative (the dots run on tf32 operands, 11-bit m
 """
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is imported
-
-import pytest  # noqa: E402
-import triton  # noqa: E402
-from hypothesis import assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mamba3_gen.backends.triton.build import lower  # noqa: E402
-from mamba3_gen.reference import make_inputs, naive_recurrence  # noqa: E402
-from mamba3_gen.spec.loader import load_spec  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from mamba3_gen.reference import make_inputs, naive_recurrence
+from mamba3_gen.spec.loader import load_spec
+from tests.helpers import (
     GOLDEN,
     GOLDEN_TOL,
     SHIPPED_SPECS,
     KernelCache,
-    Tol,
     assert_matches,
-    env_examples,
-    env_spec,
     golden_case,
     golden_errors,
     make_spec,
@@ -62,156 +51,22 @@ from tests.helpers import (  # noqa: E402
     state_slice,
     time_slice,
 )
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-ENV_SPEC = env_spec()
-EXAMPLES = env_examples()
-
-CPU_TOL = Tol(rel=1e-4, atol=1e-5)  # see the module docstring
-GPU_TOL = {torch.float32: Tol(rel=2e-3, atol=1e-4), torch.bfloat16: Tol(rel=1e-2, atol=1e-3)}
-LOW_PRECISION = ("q", "k", "v", "z")  # what the official wrappers take in bf16; the rest stays fp32
-
-interpreter_only = pytest.mark.skipif(
-    not INTERPRET,
-    reason="CUDA is present, so Triton compiles for the GPU: the interpreter tests run on CPU-only machines "
-    "(or with TRITON_INTERPRET=1); the tests marked gpu cover this device",
+from tests.strategies import (
+    CPU_TOL,
+    GPU_TOL,
+    _DTYPES,
+    _gpu_spec_ok,
+    _interpretable,
+    draw_inputs,
+    examples,
+    gpu_only,
+    input_kwargs,
+    interpreter_only,
+    not_in_spec_mode,
+    pinned,
+    requires_option,
+    specs,
 )
-gpu_only = pytest.mark.skipif(
-    not HAS_CUDA or INTERPRET,
-    reason="no CUDA device" if not HAS_CUDA else "TRITON_INTERPRET=1 is set: kernels would not be compiled",
-)
-not_in_spec_mode = pytest.mark.skipif(
-    ENV_SPEC is not None, reason="MAMBA3_GEN_SPEC is set: only the property tests of that spec run"
-)
-
-
-def examples(default: int):
-    """max_examples: MAMBA3_GEN_EXAMPLES if set, else `default` (sized so that the file stays near a minute on two
-    CPU cores; the active hypothesis profile still decides derandomization and the deadline)."""
-    return settings(max_examples=EXAMPLES or default)
-
-
-def requires_option(option: str):
-    """Skip a property test that needs `option` when MAMBA3_GEN_SPEC names a spec without it."""
-    off = ENV_SPEC is not None and not getattr(ENV_SPEC.options, option)
-    return pytest.mark.skipif(off, reason=f"MAMBA3_GEN_SPEC's spec has options.{option}: false")
-
-
-@pytest.fixture(scope="session")
-def interp_kernels(tmp_path_factory):
-    return KernelCache(tmp_path_factory.mktemp("kernels_interpreter"), "interpreter")
-
-
-def _gpu_arch() -> str:
-    major, minor = torch.cuda.get_device_capability()
-    return {(8, 0): "sm_80", (8, 9): "sm_89", (12, 0): "sm_120"}.get((major, minor), "sm_90a")
-
-
-@pytest.fixture(scope="session")
-def gpu_kernels(tmp_path_factory):
-    return KernelCache(tmp_path_factory.mktemp("kernels_gpu"), _gpu_arch())
-
-
-def pinned(kernels: KernelCache, spec, config_index: int):
-    """The spec's module with its autotuner pinned to one of the configs the build chose (drawn by the test, so
-    that BLOCK_P < P, i.e. several programs per head, is exercised too; a single config also skips benchmarking)."""
-    module = kernels(spec)
-    cfgs = lower(spec, kernels.arch).configs
-    c = cfgs[config_index % len(cfgs)]
-    module.mamba3_fwd_kernel.configs = [
-        triton.Config({"BLOCK_P": c.block_p}, num_warps=c.num_warps, num_stages=c.num_stages,
-                      maxnreg=getattr(c, "maxnreg", None))
-    ]
-    return module
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# strategies
-# ------------------------------------------------------------------------------------------------------------------
-def _interpretable(spec):
-    """The interpreter runs bf16 dots on raw bits: test a bf16-compute spec with fp32 dot operands instead."""
-    if INTERPRET and spec.dtypes.compute == "bf16":
-        return respec(spec, dtypes={"compute": "fp32"})
-    return spec
-
-
-@st.composite
-def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
-    """A spec: MAMBA3_GEN_SPEC's if set, else a random one. init/varlen/final force those options when not None."""
-    if ENV_SPEC is not None:
-        return ENV_SPEC if gpu else _interpretable(ENV_SPEC)
-    rule = draw(st.sampled_from(["euler", "trap_data", "trap_const"]))
-    lam_value = None
-    if rule == "trap_const":
-        lam_value = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)))
-    R = draw(st.sampled_from([1, 2, 4, 8]))
-    if gpu:
-        N = draw(st.sampled_from([32, 64, 128]))
-        P = draw(st.sampled_from([32, 48, 64]))  # 48 pads to a 64-wide tile
-        chunk = draw(st.sampled_from([c for c in (8, 16, 32, 64) if 16 <= c * R <= 64]))
-    else:
-        N = draw(st.sampled_from([16, 32]))
-        P = draw(st.sampled_from([8, 16, 24]))  # 24 pads to a 32-wide tile
-        chunk = draw(st.sampled_from([c for c in (4, 8, 16) if c * R <= 64]))
-    spec = make_spec(
-        rule="exp_euler" if rule == "euler" else "exp_trapezoidal",
-        lam="constant" if rule == "trap_const" else "data", lam_value=lam_value,
-        kind=draw(st.sampled_from(["real", "complex"])), rope=draw(st.sampled_from([0.5, 1.0])),
-        rotation=draw(st.sampled_from(["pairwise", "halved"])),
-        N=N, P=P, R=R, G=draw(st.sampled_from([1, 2])), chunk=chunk,
-        d_skip=draw(st.booleans()), z_gate=draw(st.booleans()),
-        init=draw(st.booleans()) if init is None else init,
-        varlen=draw(st.booleans()) if varlen is None else varlen,
-    )
-    final_states = draw(st.booleans()) if final is None else final
-    compute = draw(st.sampled_from(["tf32", "fp32"] + (["bf16"] if gpu else [])))
-    return respec(spec, options={"final_states": final_states}, dtypes={"compute": compute})
-
-
-def _lengths(draw, C: int, gpu: bool):
-    short = st.integers(1, max(1, C - 1))  # shorter than a chunk
-    longer = st.integers(1, (5 if gpu else 2) * C + 3)
-    return draw(st.lists(st.one_of(short, longer), min_size=1, max_size=3))
-
-
-@st.composite
-def input_kwargs(draw, spec, *, gpu=False, varlen=None, init=None):
-    """make_inputs keyword arguments: sizes (L = 1, L off the chunk grid, several chunks), Δ in [1e-4, 1],
-    A·Δ down to −20, λ over all of [0, 1], with or without initial states, packed or batched."""
-    C, G = spec.dims.chunk_size, spec.dims.ngroups
-    H = G * draw(st.sampled_from([1, 2]))
-    use_varlen = spec.options.varlen and (draw(st.booleans()) if varlen is None else varlen)
-    use_init = spec.options.initial_states and (draw(st.booleans()) if init is None else init)
-    kw = dict(
-        H=H, seed=draw(st.integers(0, 2**31 - 1)), with_initial_states=use_init,
-        dt_range=(1e-4, 1.0),
-        lam_logit_range=draw(st.sampled_from([(-30.0, 30.0), (-4.0, 4.0)])),  # all of [0, 1] / the middle
-    )
-    if draw(st.booleans()):
-        kw["adt_range"] = (-20.0, 0.0)  # A·Δ down to −20 independently of Δ
-    else:
-        kw["a_range"] = (-20.0, -1e-3)  # A·Δ = A·Δ, down to −20 with Δ = 1
-    if use_varlen:
-        kw.update(B=1, nseq_lengths=_lengths(draw, C, gpu))
-        kw["L"] = sum(kw["nseq_lengths"])
-    else:
-        kw["B"] = draw(st.sampled_from([1, 2]))
-        most = (6 if gpu else 3) * C + 3
-        kw["L"] = draw(st.one_of(st.just(1), st.integers(2, most), st.sampled_from([C, 2 * C])))
-    return kw
-
-
-def draw_inputs(spec, size: dict, dtype=torch.float32, device="cpu") -> dict:
-    size = dict(size)
-    B, L, H = size.pop("B"), size.pop("L"), size.pop("H")
-    kw = make_inputs(spec, B, L, H, dtype=torch.float32, device=device, **size)
-    if dtype != torch.float32:
-        for key in LOW_PRECISION:
-            if key in kw:
-                kw[key] = kw[key].to(dtype)
-    return kw
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # interpreter (CPU) property tests
@@ -454,18 +309,6 @@ class TestBadInputs:
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: the same properties, compiled, in bf16 and fp32 at moderate sizes
 # ------------------------------------------------------------------------------------------------------------------
-_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-
-
-def _gpu_spec_ok(spec, dtype) -> None:
-    """fp32 inputs are held to tf32 accuracy, which bf16 dot operands cannot meet: such pairs are not drawn (a
-    MAMBA3_GEN_SPEC spec with bf16 operands is tested with bf16 inputs only)."""
-    if dtype == torch.float32 and spec.dtypes.compute == "bf16":
-        if ENV_SPEC is not None:
-            pytest.skip("the spec's dots take bf16 operands: it is tested with bf16 inputs only")
-        assume(False)
-
-
 @pytest.mark.gpu
 @gpu_only
 @_DTYPES

@@ -29,16 +29,21 @@ class LoweringError(ValueError):
     pass
 
 
-def triton_expr(expr: sp.Expr) -> str:
-    """Print a sympy expression as Triton source (fp32 tensors, tl.exp); deterministic text."""
-    return _TritonPrinter().doprint(expr)
+def triton_expr(expr: sp.Expr, exp: str = "tl.exp") -> str:
+    """Print a sympy expression as kernel source (fp32 values; ``exp`` names the backend's exponential, e.g.
+    ``tl.exp`` for Triton); deterministic text."""
+    return _KernelPrinter(exp).doprint(expr)
 
 
-class _TritonPrinter(sp.printing.str.StrPrinter):
+class _KernelPrinter(sp.printing.str.StrPrinter):
+    def __init__(self, exp: str = "tl.exp"):
+        super().__init__()
+        self._exp = exp
+
     def _print_Function(self, e):
         if isinstance(e, sp.exp):
-            return f"tl.exp({self._print(e.args[0])})"
-        raise LoweringError(f"function {e.func} has no Triton lowering")
+            return f"{self._exp}({self._print(e.args[0])})"
+        raise LoweringError(f"function {e.func} has no kernel lowering")
 
     def _print_Rational(self, e):
         return repr(float(e))
@@ -63,6 +68,7 @@ class Lowered:
     rule: Rule
     lam_source: str  # "data", "constant" or "none"
     gamma: sp.Expr  # diagonal weight c_0(t), over dt, lam, adt
+    beta: sp.Expr  # weight c_1(t) of the previous token in step t (0 for lag-free rules): the decode step's lagged term
     shift: sp.Expr  # lag-1 part of the key scale, over dt_next, lam_next, adt_next (0 for lag-free rules)
     init_shift: sp.Expr  # weight of the carried previous token in the initial state, over dt0, lam0, adt0
     derivatives: dict[str, sp.Expr] = field(default_factory=dict)
@@ -77,6 +83,11 @@ class Lowered:
             "shift": triton_expr(self.shift),
             "init_shift": triton_expr(self.init_shift),
         }
+
+    def step_code(self, exp: str = "tl.exp") -> dict[str, str]:
+        """The decode step H_t = alpha·H_{t-1} + beta·v_{t-1}k̂_{t-1}ᵀ + gamma·v_t k̂_tᵀ, over the kernel's scalars
+        ``dt``, ``adt`` (A·Δ) and ``lam``, printed with the backend's exponential."""
+        return {"alpha": f"{exp}(adt)", "beta": triton_expr(self.beta, exp), "gamma": triton_expr(self.gamma, exp)}
 
     def describe(self) -> dict[str, str]:
         out = {
@@ -108,6 +119,7 @@ def lower_discretization(spec: Spec) -> Lowered:
         lam_source = "data"
 
     gamma = sp.simplify(coeffs[0])
+    beta = sp.simplify(coeffs[1]) if rule.lags else sp.Integer(0)
     if rule.lags == 0:
         shift = sp.Integer(0)
     else:
@@ -122,4 +134,4 @@ def lower_discretization(spec: Spec) -> Lowered:
     for sym in (dt_next, lam_next):
         if shift.has(sym):
             derivatives[f"{sym} shift"] = sp.simplify(sp.diff(shift, sym))
-    return Lowered(rule, lam_source, gamma, shift, init_shift, derivatives)
+    return Lowered(rule, lam_source, gamma, beta, shift, init_shift, derivatives)

@@ -55,7 +55,8 @@ def make_inputs(
     - dt = Δ: log-uniform in `dt_range`, (B, H, L). adt = A·Δ with A ~ U(a_range) per (b, h, t) (A < 0, data
       dependent as in the layer); if `adt_range` is given, A·Δ is drawn uniformly from it instead (e.g. (-20, 0)).
     - trap: pre-sigmoid logits ~ U(lam_logit_range), (B, H, L); the default (-8, 8) makes λ = σ(trap) cover
-      [3e-4, 1 - 3e-4]. Only when spec.has_trap_input.
+      [3e-4, 1 - 3e-4]. Only when spec.has_trap_input. Both are encoded as spec.inputs says: with decay 'a' the
+      adt entry holds A (= A·Δ / Δ), with trap 'lambda' the trap entry holds λ = σ(logit).
     - q_bias, k_bias: randn (H, N) / (H, R, N). angles: angle_scale·randn (B, L, H, S), complex state only.
     - D: randn (H,) if spec.options.d_skip; z if spec.options.z_gate.
     - mimo_v, mimo_o: 1 + 0.5·randn (H, R, P) (mimo_o divided by R), mimo_z likewise when z is present; R > 1 only.
@@ -105,10 +106,12 @@ def make_inputs(
     else:
         A = uniform(a_range[0], a_range[1], B, H, L)
         adt = A * dt
-    out["adt"] = adt.clamp(max=0.0)
+    adt = adt.clamp(max=0.0)
+    out["adt"] = adt / dt if spec.inputs.decay == "a" else adt  # encoded as the spec's inputs section says
     out["dt"] = dt
     if spec.has_trap_input:
-        out["trap"] = uniform(lam_logit_range[0], lam_logit_range[1], B, H, L)
+        trap = uniform(lam_logit_range[0], lam_logit_range[1], B, H, L)
+        out["trap"] = torch.sigmoid(trap) if spec.inputs.trap == "lambda" else trap
     out["q_bias"] = randn(*bias_shape)
     out["k_bias"] = randn(*bias_shape)
     if spec.is_complex:
@@ -187,6 +190,8 @@ def canonicalize(
     N, P, R, G = d.d_state, d.headdim, d.mimo_rank, d.ngroups
     S = spec.num_angles
     q, k, v, adt, dt = map(_f64, (q, k, v, adt, dt))
+    if spec.inputs.decay == "a":  # the decay input is A alone
+        adt = adt * dt
     if R == 1:
         _check(q.dim() == 4 and k.dim() == 4, f"SISO q, k must be (B, L, G, N); got {tuple(q.shape)}, {tuple(k.shape)}")
         q, k = q.unsqueeze(2), k.unsqueeze(2)
@@ -240,7 +245,7 @@ def canonicalize(
         _check(trap is not None, "this spec reads trap (B, H, L): exp_trapezoidal with data-dependent λ")
         trap = _f64(trap)
         _check(trap.shape == (B, H, L), "trap must be (B, H, L)")
-        lam = torch.sigmoid(trap)
+        lam = torch.sigmoid(trap) if spec.inputs.trap == "logit" else trap  # inputs.trap: logit or λ itself
 
     if spec.is_complex:
         _check(angles is not None, f"a complex state needs angles (B, L, H, S={S})")

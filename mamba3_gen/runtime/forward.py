@@ -12,9 +12,11 @@ from typing import Optional
 import torch
 import triton
 
-from mamba3_gen.runtime.state import Mamba3State
+from mamba3_gen.runtime.checks import check_layer_inputs, check_state, expect
+from mamba3_gen.runtime.state import Mamba3State, state_layout
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# The layer inputs in the order the kernels and the registered ops take them.
+_LAYER_INPUTS = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v", "mimo_z", "mimo_o")
 _REGISTERED: dict = {}  # op name -> registered custom op (one per spec and target, shared by its loaded modules)
 _OP_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor adt, Tensor dt, Tensor? trap, Tensor q_bias, Tensor k_bias, "
@@ -55,30 +57,11 @@ class ForwardOp:
     def __repr__(self):
         return f"<mamba3 forward {self.meta['name']} sha256={self.meta['spec_hash'][:12]}>"
 
-    # -- checks ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _expect(name: str, t, shape: tuple, device=None, dtypes=_FLOATS, contiguous=True):
-        if t is None:
-            raise ValueError(f"{name} is required by this spec; expected a tensor of shape {shape}")
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
-        if device is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}; expected {device} like v")
-        return t.contiguous() if contiguous else t
-
-    def _absent(self, name: str, t, why: str):
-        if t is not None:
-            raise ValueError(f"{name} was given but spec {self.meta['name']!r} {why}; drop it or change the spec")
-
     def __call__(self, q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None,
                  mimo_v=None, mimo_z=None, mimo_o=None, initial_states: Optional[Mamba3State] = None,
                  return_final_states: bool = False, cu_seqlens=None):
         m = self.meta
-        N, P, R, G, S = m["N"], m["P"], m["R"], m["G"], m["S"]
+        P, G = m["P"], m["G"]
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             raise ValueError(f"v must be a tensor of shape (B, L, H, P={P}), got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
@@ -88,47 +71,8 @@ class ForwardOp:
             raise ValueError("v has no tokens (L == 0)")
         if H % G:
             raise ValueError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
-        v = self._expect("v", v, (B, L, H, P), dev)
-        qk_shape = (B, L, G, N) if R == 1 else (B, L, R, G, N)
-        q = self._expect("q", q, qk_shape, dev)
-        k = self._expect("k", k, qk_shape, dev)
-        adt = self._expect("adt", adt, (B, H, L), dev)
-        dt = self._expect("dt", dt, (B, H, L), dev)
-        if m["has_trap"]:
-            trap = self._expect("trap", trap, (B, H, L), dev)
-        else:
-            self._absent("trap", trap, f"takes λ from its rule ({m['lambda']})")
-        bias_shape = (H, N) if R == 1 else (H, R, N)
-        q_bias = torch.zeros(bias_shape, device=dev) if q_bias is None else q_bias
-        k_bias = torch.zeros(bias_shape, device=dev) if k_bias is None else k_bias
-        q_bias = self._expect("q_bias", q_bias, bias_shape, dev).float()
-        k_bias = self._expect("k_bias", k_bias, bias_shape, dev).float()
-        if S:
-            # Angles are often shared by all heads (a (B, L, 1, S) tensor expanded over H): the kernel takes their
-            # strides, so that stride-0 view is read as it is instead of being copied H times.
-            angles = self._expect("angles", angles, (B, L, H, S), dev, contiguous=False)
-            if angles.stride(3) != 1:
-                angles = angles.contiguous()
-        else:
-            self._absent("angles", angles, "has a real state (no rotation)")
-        if m["d_skip"]:
-            D = self._expect("D", D, (H,), dev).float()
-        else:
-            self._absent("D", D, "has no D skip (options.d_skip: false)")
-        if m["z_gate"]:
-            z = self._expect("z", z, (B, L, H, P), dev)
-        else:
-            self._absent("z", z, "has no z gate (options.z_gate: false)")
-        if R > 1:
-            mimo_v = self._expect("mimo_v", mimo_v, (H, R, P), dev).float()
-            mimo_o = self._expect("mimo_o", mimo_o, (H, R, P), dev).float()
-            if m["z_gate"]:
-                mimo_z = self._expect("mimo_z", mimo_z, (H, R, P), dev).float()
-            else:
-                self._absent("mimo_z", mimo_z, "has no z gate")
-        else:
-            for name, t in (("mimo_v", mimo_v), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
-                self._absent(name, t, "is SISO (mimo_rank 1)")
+        x = check_layer_inputs(m, (B, L), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
+                               mimo_v, mimo_z, mimo_o)
 
         is_varlen = cu_seqlens is not None
         if is_varlen:
@@ -136,7 +80,7 @@ class ForwardOp:
                 raise ValueError(f"cu_seqlens was given but spec {m['name']!r} has options.varlen: false")
             if B != 1:
                 raise ValueError(f"varlen packs sequences along L: batch must be 1, got B={B}")
-            cu_seqlens = self._expect("cu_seqlens", cu_seqlens, (cu_seqlens.shape[0],), dev, (torch.int32, torch.int64))
+            cu_seqlens = expect("cu_seqlens", cu_seqlens, (cu_seqlens.shape[0],), dev, (torch.int32, torch.int64))
             NS = cu_seqlens.shape[0] - 1
             if NS < 1:
                 raise ValueError("cu_seqlens must hold at least two offsets (one sequence)")
@@ -147,26 +91,25 @@ class ForwardOp:
         if has_init:
             if not m["initial_states"]:
                 raise ValueError(f"initial_states were given but spec {m['name']!r} has options.initial_states: false")
-            initial_states = self._check_state("initial_states", initial_states, NS, H, dev)
+            initial_states = check_state(m, "initial_states", initial_states, NS, H, dev, exact_dtype=False)
         if return_final_states and not m["final_states"]:
             raise ValueError(f"return_final_states=True but spec {m['name']!r} has options.final_states: false")
 
         init = initial_states if has_init else Mamba3State(None, None, None, None)
-        out, *final = self.op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                              *init, cu_seqlens, return_final_states)
+        out, *final = self.op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
             return out
-        shapes = self.state_shapes(NS, H)
-        return out, Mamba3State(*[t if shapes[f] is not None else None for f, t in zip(Mamba3State._fields, final)])
+        layout = state_layout(m, NS, H)
+        return out, Mamba3State(*[t if layout[f] is not None else None for f, t in zip(Mamba3State._fields, final)])
 
     # -- the registered op: launch (eager) and output shapes (tracing) ---------------------------------------------
     def _outputs(self, v, NS: int, return_final_states: bool):
         B, L, H, P = v.shape
         out = torch.empty((B, L, H, P), device=v.device, dtype=v.dtype)
-        shapes = self.state_shapes(NS, H) if return_final_states else dict.fromkeys(Mamba3State._fields)
+        layout = state_layout(self.meta, NS, H) if return_final_states else dict.fromkeys(Mamba3State._fields)
         # absent state fields are empty tensors: a registered op returns a fixed tuple of tensors
-        states = [torch.empty(s if s is not None else (0,), device=v.device, dtype=torch.float32)
-                  for s in shapes.values()]
+        states = [torch.empty(f[0], device=v.device, dtype=f[1]) if f is not None
+                  else torch.empty((0,), device=v.device, dtype=torch.float32) for f in layout.values()]
         return out, states
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
@@ -214,32 +157,3 @@ class ForwardOp:
 
         _REGISTERED[name] = op
         return op
-
-    # -- states ---------------------------------------------------------------------------------------------------
-    def state_shapes(self, NS: int, H: int) -> dict:
-        m = self.meta
-        k_shape = (NS, H, m["N"]) if m["R"] == 1 else (NS, m["R"], H, m["N"])
-        return {
-            "angle": (NS, H, m["S"]) if m["S"] else None,
-            "ssm": (NS, H, m["P"], m["N"]),
-            "k": k_shape if m["carries_prev_token"] else None,
-            "v": (NS, H, m["P"]) if m["carries_prev_token"] else None,
-        }
-
-    def _check_state(self, name, st, NS, H, dev) -> Mamba3State:
-        if not isinstance(st, Mamba3State):
-            if isinstance(st, (tuple, list)) and len(st) == 4:
-                st = Mamba3State(*st)
-            else:
-                raise ValueError(f"{name} must be a Mamba3State(angle, ssm, k, v) (or a 4-tuple), got {type(st).__name__}")
-        fields = {}
-        for f, shape in self.state_shapes(NS, H).items():
-            t = getattr(st, f)
-            if shape is None:  # not part of this spec's state (a real state has no angle, exp_euler no k/v)
-                if t is not None:
-                    raise ValueError(f"{name}.{f} was given but spec {self.meta['name']!r} carries no {f}; "
-                                     "is this state from another spec?")
-                fields[f] = None
-                continue
-            fields[f] = self._expect(f"{name}.{f}", t, shape, dev).float()
-        return Mamba3State(**fields)

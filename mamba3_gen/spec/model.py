@@ -106,7 +106,26 @@ class DTypes(_Strict):
         description="operand precision of the tensor-core products (accumulation is always fp32): "
         "fp32 (exact, slowest), tf32 (default), bf16 (fastest, least accurate).",
     )
-    state: Literal["fp32"] = Field("fp32", description="dtype of the carried SSM state; fp32 only for now.")
+    state: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the carried state H, k̂ and v (initial/final states of the forward, the decode state); "
+        "Θ is always fp32. Arithmetic is fp32 either way: bf16 halves the decode's state traffic.",
+    )
+
+
+class Inputs(_Strict):
+    """How two per-token inputs are encoded: the official kernels disagree, so the spec says which one it takes."""
+
+    trap: Literal["logit", "lambda"] = Field(
+        "logit",
+        description="logit: the trap input is the pre-sigmoid logit, λ = σ(trap) (official prefill and Triton step); "
+        "lambda: it is λ itself, in [0, 1] (official CuTe step). Read only with discretization.lambda: data.",
+    )
+    decay: Literal["a_dt", "a"] = Field(
+        "a_dt",
+        description="a_dt: the decay input is A·Δ (official prefill and Triton step); a: it is A alone and the kernel "
+        "multiplies it by Δ (official CuTe step).",
+    )
 
 
 class Options(_Strict):
@@ -123,6 +142,7 @@ class Spec(_Strict):
     state: State = State()
     dims: Dims = Dims()
     dtypes: DTypes = DTypes()
+    inputs: Inputs = Inputs()
     options: Options = Options()
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from pathlib import Path
 import jinja2
 
 from mamba3_gen.backends.device import DEFAULT_TARGET, Target, get_target
-from mamba3_gen.backends.triton.resources import KernelConfig, choose_configs
+from mamba3_gen.backends.triton.resources import KernelConfig, StepConfig, choose_configs, choose_step_config
 from mamba3_gen.graph.dataflow import KernelPlan, plan_kernel
 from mamba3_gen.lower.lowering import Lowered, lower_discretization
 from mamba3_gen.spec.loader import load_spec, spec_hash
@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_DIR = REPO_ROOT / "templates" / "triton"
 GENERATED_DIR = REPO_ROOT / "generated"
 KERNEL_NAME = "mamba3_fwd_kernel"
+STEP_KERNEL_NAME = "mamba3_step_kernel"
 
 
 class BuildError(ValueError):
@@ -55,12 +56,13 @@ class Lowering:
     plan: KernelPlan
     target: Target
     configs: list[KernelConfig]
+    step_config: StepConfig | None = None
 
     @property
     def dims(self) -> dict:
         d = self.spec.dims
         return {
-            "N": d.d_state, "N2": d.d_state // 2, "BN2": max(16, _next_pow2(d.d_state // 2)),
+            "N": d.d_state, "N2": d.d_state // 2, "BN2": max(16, _next_pow2(d.d_state // 2)), "BN": _next_pow2(d.d_state),
             "P": d.headdim, "BP": max(16, _next_pow2(d.headdim)), "R": d.mimo_rank, "C": d.chunk_size,
             "S": self.spec.num_angles,
         }
@@ -73,6 +75,7 @@ class Lowering:
             "carries_prev_token": s.carries_prev_token, "d_skip": s.options.d_skip, "z_gate": s.options.z_gate,
             "initial_states": s.options.initial_states, "final_states": s.options.final_states,
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
+            "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
             "arch": self.target.arch,
         }
 
@@ -91,6 +94,7 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
                          f"tensor-core dot on {target.name}; try chunk_size={-(-target.min_dot_k // d.mimo_rank)}")
     low = Lowering(spec, lowered, plan, target, [])
     low.configs = choose_configs(low)
+    low.step_config = choose_step_config(low)
     return low
 
 
@@ -117,13 +121,18 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
     ctx = dict(spec=low.spec, lowered=low.lowered, code=low.lowered.code(), plan=low.plan, header=header,
                meta=low.meta(), configs=low.configs, kernel_name=KERNEL_NAME, **low.dims)
     fwd = env.get_template("fwd.py.jinja").render(**ctx)
+    step = env.get_template("step.py.jinja").render(
+        **{**ctx, "kernel_name": STEP_KERNEL_NAME, "step": low.lowered.step_code(), "step_config": low.step_config,
+           "d_skip": low.spec.options.d_skip, "z_gate": low.spec.options.z_gate})
     init = (f"# {header['generated_by']}\n# spec: {low.spec.name}  sha256: {header['spec_hash']}\n"
             f"# generator: mamba3-gen {__version__}\n"
-            f'"""Generated Mamba-3 op for spec `{low.spec.name}`: ``mamba3_forward(...)``."""\n'
-            "from .fwd import META, mamba3_forward, " + KERNEL_NAME + "\n\n"
-            f'__all__ = ["META", "mamba3_forward", "{KERNEL_NAME}"]\n')
+            f'"""Generated Mamba-3 ops for spec `{low.spec.name}`: ``mamba3_forward(...)`` (chunked prefill) and '
+            '``mamba3_step(...)`` (decode, one token)."""\n'
+            f"from .fwd import META, mamba3_forward, {KERNEL_NAME}\n"
+            f"from .step import mamba3_step, {STEP_KERNEL_NAME}\n\n"
+            f'__all__ = ["META", "mamba3_forward", "mamba3_step", "{KERNEL_NAME}", "{STEP_KERNEL_NAME}"]\n')
     spec_json = json.dumps(low.spec.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
-    return {"__init__.py": init, "fwd.py": fwd, "spec.json": spec_json}
+    return {"__init__.py": init, "fwd.py": fwd, "step.py": step, "spec.json": spec_json}
 
 
 def build(spec_path: str | Path, out_dir: str | Path | None = None, arch: str = DEFAULT_TARGET,

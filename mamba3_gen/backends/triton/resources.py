@@ -57,3 +57,23 @@ def choose_configs(low) -> list[KernelConfig]:
             f"{low.target.name} allows {limit // 1024} KiB; {hint}, or a smaller chunk_size"
         )
     return fitting
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Launch shape of the decode step: one program per (batch row, head) walks H in passes of block_p rows."""
+
+    block_p: int
+    num_warps: int
+
+
+STEP_TILE_ELEMENTS = 8192  # fp32 values of H held per pass: 32 per thread with 8 warps, no spills
+
+
+def choose_step_config(low) -> StepConfig:
+    d = low.dims
+    block_p = max(1, min(d["BP"], STEP_TILE_ELEMENTS // d["BN"]))
+    tile = block_p * d["BN"]
+    # one warp per 1024 values of H (32 lanes x 32 registers) keeps every load a 16-byte vector and no spills
+    num_warps = max(1, min(8, tile // 1024))
+    return StepConfig(block_p, num_warps)

@@ -1,0 +1,111 @@
+"""Input checks shared by the prefill forward and the decode step: every mistake is a ValueError that names the
+tensor and the shape (or dtype, or device) the spec expects, before any kernel sees it."""
+from __future__ import annotations
+
+import torch
+
+from mamba3_gen.runtime.state import Mamba3State, state_layout
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def expect(name: str, t, shape: tuple, device=None, dtypes=FLOATS, contiguous=True):
+    if t is None:
+        raise ValueError(f"{name} is required by this spec; expected a tensor of shape {tuple(shape)}")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}; expected {device} like v")
+    return t.contiguous() if contiguous else t
+
+
+def absent(meta: dict, name: str, t, why: str):
+    if t is not None:
+        raise ValueError(f"{name} was given but spec {meta['name']!r} {why}; drop it or change the spec")
+
+
+def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
+                       mimo_v, mimo_z, mimo_o) -> dict:
+    """Check one call's layer inputs; ``lead`` is (B, L) for the forward and (B,) for one decode step.
+
+    Token tensors are lead + their own dims (q, k: G, N or R, G, N; v, z: H, P; angles: H, S); the per-step
+    scalars adt, dt, trap are (B, H) + the token dims after B, i.e. (B, H, L) or (B, H). Returns them normalized
+    (contiguous, biases and projections fp32, zero biases filled in)."""
+    N, P, R, G, S = meta["N"], meta["P"], meta["R"], meta["G"], meta["S"]
+    B, tail = lead[0], tuple(lead[1:])
+    out = {"v": expect("v", v, lead + (H, P), dev)}
+    qk_shape = lead + ((G, N) if R == 1 else (R, G, N))
+    out["q"] = expect("q", q, qk_shape, dev)
+    out["k"] = expect("k", k, qk_shape, dev)
+    step_shape = (B, H) + tail
+    out["adt"] = expect("adt", adt, step_shape, dev)
+    out["dt"] = expect("dt", dt, step_shape, dev)
+    if meta["has_trap"]:
+        out["trap"] = expect("trap", trap, step_shape, dev)
+    else:
+        absent(meta, "trap", trap, f"takes λ from its rule ({meta['lambda']})")
+        out["trap"] = None
+    bias_shape = (H, N) if R == 1 else (H, R, N)
+    for name, t in (("q_bias", q_bias), ("k_bias", k_bias)):
+        t = torch.zeros(bias_shape, device=dev) if t is None else t
+        out[name] = expect(name, t, bias_shape, dev).float()
+    if S:
+        # Angles are often shared by all heads (a (..., 1, S) tensor expanded over H): kernels take their strides,
+        # so that stride-0 view is read as it is instead of being copied H times.
+        angles = expect("angles", angles, lead + (H, S), dev, contiguous=False)
+        out["angles"] = angles if angles.stride(-1) == 1 else angles.contiguous()
+    else:
+        absent(meta, "angles", angles, "has a real state (no rotation)")
+        out["angles"] = None
+    if meta["d_skip"]:
+        out["D"] = expect("D", D, (H,), dev).float()
+    else:
+        absent(meta, "D", D, "has no D skip (options.d_skip: false)")
+        out["D"] = None
+    if meta["z_gate"]:
+        out["z"] = expect("z", z, lead + (H, P), dev)
+    else:
+        absent(meta, "z", z, "has no z gate (options.z_gate: false)")
+        out["z"] = None
+    out.update(mimo_v=None, mimo_z=None, mimo_o=None)
+    if R > 1:
+        out["mimo_v"] = expect("mimo_v", mimo_v, (H, R, P), dev).float()
+        out["mimo_o"] = expect("mimo_o", mimo_o, (H, R, P), dev).float()
+        if meta["z_gate"]:
+            out["mimo_z"] = expect("mimo_z", mimo_z, (H, R, P), dev).float()
+        else:
+            absent(meta, "mimo_z", mimo_z, "has no z gate")
+    else:
+        for name, t in (("mimo_v", mimo_v), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
+            absent(meta, name, t, "is SISO (mimo_rank 1)")
+    return out
+
+
+def check_state(meta: dict, name: str, st, NS: int, H: int, dev, exact_dtype: bool) -> Mamba3State:
+    """A state of this spec's layout (state.py). ``exact_dtype``: the state is updated in place, so its dtypes must
+    be the spec's; otherwise any float dtype is read."""
+    if not isinstance(st, Mamba3State):
+        if isinstance(st, (tuple, list)) and len(st) == 4:
+            st = Mamba3State(*st)
+        else:
+            raise ValueError(f"{name} must be a Mamba3State(angle, ssm, k, v) (or a 4-tuple), got {type(st).__name__}")
+    fields = {}
+    for f, layout in state_layout(meta, NS, H).items():
+        t = getattr(st, f)
+        if layout is None:  # not part of this spec's state (a real state has no angle, exp_euler no k/v)
+            if t is not None:
+                raise ValueError(f"{name}.{f} was given but spec {meta['name']!r} carries no {f}; "
+                                 "is this state from another spec?")
+            fields[f] = None
+            continue
+        shape, dtype = layout
+        dtypes = (dtype,) if exact_dtype else FLOATS
+        t = expect(f"{name}.{f}", t, shape, dev, dtypes, contiguous=not exact_dtype)
+        if exact_dtype and not t.is_contiguous():
+            raise ValueError(f"{name}.{f} is not contiguous; a state updated in place must be (use .contiguous())")
+        fields[f] = t
+    return Mamba3State(**fields)

@@ -1,0 +1,226 @@
+"""The decode step: step == forward, and both == the float64 recurrence.
+
+For random specs and inputs, the forward over L1 + L2 tokens equals the forward over L1 tokens followed by L2 decode
+steps from its final states (L1 = 0 starts from step.zero_state), output by output and state by state; every step
+also matches the naive float64 recurrence. In place and out of place steps alternate. CPU: the Triton interpreter in
+fp32. GPU (marked gpu): the Triton step and the CuTe DSL step, bf16 and fp32 inputs, fp32 and bf16 state.
+
+Tolerances. CPU, fp32: CPU_TOL (1e-4 relative, justified in tests/test_forward.py; a step is one token of the same
+fp32 arithmetic, observed ~1e-7). GPU: the forward's GPU_TOL for the output and an fp32 state. A bf16 state is
+rounded to bf16 (8-bit mantissa, unit roundoff 2^-9 ≈ 2e-3) once per step it is stored: over the ≤ 8 stores here the
+error stays below 8·2e-3 in the worst case and ~√8·1e-3 ≈ 3e-3 typically, so 2e-2 relative; Θ stays fp32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mamba3_gen.reference import make_inputs, naive_recurrence
+from mamba3_gen.runtime.state import Mamba3State
+from tests.helpers import SHIPPED_SPECS, Tol, assert_matches, make_spec, respec, time_slice
+from tests.cases import _TIME_DIM
+from tests.strategies import (
+    CPU_TOL,
+    GPU_TOL,
+    _DTYPES,
+    _gpu_spec_ok,
+    _interpretable,
+    draw_inputs,
+    examples,
+    gpu_only,
+    interpreter_only,
+    not_in_spec_mode,
+    specs,
+)
+from mamba3_gen.spec.loader import load_spec
+
+BF16_STATE_TOL = Tol(rel=2e-2, atol=2e-3)  # see the module docstring
+
+
+def token(kw: dict, t: int) -> dict:
+    """The inputs of token t of a (B, L) batch: one decode step's arguments."""
+    return {key: (val.select(_TIME_DIM[key], t) if key in _TIME_DIM else val) for key, val in kw.items()
+            if key not in ("initial_states", "cu_seqlens")}
+
+
+def prefill_then_steps(module, kw: dict, L1: int, backend: str = "triton", inplace_from: int = 0):
+    """Forward over the first L1 tokens (none: a zero state), then one step per remaining token. Returns the outputs
+    (B, L, H, P) and the final state; steps t >= L1 + inplace_from alternate in place / out of place."""
+    B, L, H, _ = kw["v"].shape
+    if L1:
+        out1, state = module.mamba3_forward(**time_slice(kw, 0, L1), return_final_states=True)
+        outs = [out1]
+    else:
+        state = module.mamba3_step.zero_state(B, H, kw["v"].device)
+        outs = []
+    for i, t in enumerate(range(L1, L)):
+        inplace = i >= inplace_from and i % 2 == 0
+        y, new = module.mamba3_step(**token(kw, t), state=state, inplace=inplace, backend=backend)
+        if inplace:
+            assert new is state and all(a is b for a, b in zip(new, state)), "in place must return the same tensors"
+        state = new
+        outs.append(y.unsqueeze(1))
+    return torch.cat(outs, dim=1), state
+
+
+def _step_spec(spec, final=True):
+    """Step tests need the forward's final states."""
+    return respec(spec, options={"final_states": final, "varlen": False})
+
+
+@st.composite
+def split(draw, gpu=False):
+    L1 = draw(st.sampled_from([0, 1, 2, 5]) if not gpu else st.sampled_from([0, 1, 17, 40]))
+    L2 = draw(st.integers(1, 4))
+    return L1, L2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU: the Triton interpreter, fp32
+# ------------------------------------------------------------------------------------------------------------------
+@interpreter_only
+@examples(25)
+@given(spec=specs(varlen=False, init=False, final=True), data=st.data())
+def test_step_equals_forward(spec, data, interp_kernels):
+    spec = _step_spec(spec)
+    L1, L2 = data.draw(split(), label="L1, L2")
+    B = data.draw(st.sampled_from([1, 3]), label="B")
+    H = spec.dims.ngroups * data.draw(st.sampled_from([1, 2]), label="heads per group")
+    module = interp_kernels(spec)
+    kw = draw_inputs(spec, dict(B=B, L=L1 + L2, H=H, seed=data.draw(st.integers(0, 2**31 - 1)),
+                                dt_range=(1e-4, 1.0), adt_range=(-20.0, 0.0), lam_logit_range=(-30.0, 30.0)))
+    got = prefill_then_steps(module, kw, L1)
+    fwd = module.mamba3_forward(**kw, return_final_states=True)
+    assert_matches(got, fwd, CPU_TOL, what=f"prefill {L1} + {L2} steps vs forward")
+    assert_matches(got, naive_recurrence(spec, **kw), CPU_TOL, what="vs float64 recurrence")
+
+
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.stem for p in SHIPPED_SPECS])
+def test_shipped_step(spec_path, interp_kernels):
+    """Each shipped spec's step (fp32 inputs at small sizes: N and P as shipped, B=2, H=2)."""
+    spec = _step_spec(_interpretable(load_spec(spec_path)))
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 2, 3, 2 * spec.dims.ngroups, seed=3)
+    got = prefill_then_steps(module, kw, 2)
+    assert_matches(got, naive_recurrence(spec, **kw), CPU_TOL)
+
+
+@interpreter_only
+@not_in_spec_mode
+def test_step_angles_shared_by_heads(interp_kernels):
+    """A stride-0 head dim of the angles (one set for all heads, as the layer passes them) reads like a copy."""
+    spec = make_spec(R=2, rotation="halved", chunk=8)
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 2, 1, 4, seed=5)
+    kw["angles"] = kw["angles"][:, :, :1].expand(-1, -1, 4, -1)
+    state = module.mamba3_step.zero_state(2, 4)
+    got = module.mamba3_step(**token(kw, 0), state=state)
+    ref = module.mamba3_step(**{**token(kw, 0), "angles": kw["angles"][:, 0].contiguous()}, state=state)
+    assert_matches(got, ref, Tol(rel=0.0, atol=0.0))
+
+
+@pytest.fixture(scope="module")
+def step_module(interp_kernels):
+    return interp_kernels(make_spec(R=2, rotation="halved", chunk=8))
+
+
+@not_in_spec_mode
+class TestStepBadInputs:
+    """Every bad input is a ValueError naming the tensor and what was expected (checked before any launch)."""
+
+    B, H = 2, 2
+
+    def _args(self, module):
+        spec = make_spec(R=2, rotation="halved", chunk=8)
+        kw = token(make_inputs(spec, self.B, 1, self.H, seed=0), 0)
+        return kw, module.mamba3_step.zero_state(self.B, self.H)
+
+    def test_wrong_shape(self, step_module):
+        kw, state = self._args(step_module)
+        with pytest.raises(ValueError, match=r"q has shape \(2, 1, 16\); expected \(2, 2, 1, 16\)"):
+            step_module.mamba3_step(**{**kw, "q": kw["q"][:, 0]}, state=state)
+        with pytest.raises(ValueError, match=r"adt has shape \(2, 2, 1\); expected \(2, 2\)"):
+            step_module.mamba3_step(**{**kw, "adt": kw["adt"][..., None]}, state=state)
+
+    def test_prefill_shaped_v(self, step_module):
+        kw, state = self._args(step_module)
+        with pytest.raises(ValueError, match=r"v must be a tensor of shape \(B, H, P=8\) \(one token\)"):
+            step_module.mamba3_step(**{**kw, "v": kw["v"][:, None]}, state=state)
+
+    def test_missing_state(self, step_module):
+        kw, _ = self._args(step_module)
+        with pytest.raises(ValueError, match="state is required"):
+            step_module.mamba3_step(**kw, state=None)
+
+    def test_state_of_another_batch(self, step_module):
+        kw, _ = self._args(step_module)
+        other = step_module.mamba3_step.zero_state(3, self.H)
+        with pytest.raises(ValueError, match=r"state.angle has shape \(3, 2, 4\); expected \(2, 2, 4\)"):
+            step_module.mamba3_step(**kw, state=other)
+
+    def test_state_of_another_spec(self, step_module, interp_kernels):
+        kw, _ = self._args(step_module)
+        euler = interp_kernels(make_spec(rule="exp_euler", R=2, rotation="halved", chunk=8))
+        with pytest.raises(ValueError, match=r"state.k is required by this spec; expected a tensor of shape"):
+            step_module.mamba3_step(**kw, state=euler.mamba3_step.zero_state(self.B, self.H))
+        with pytest.raises(ValueError, match=r"state.k was given but spec 'ref_test' carries no k"):
+            euler.mamba3_step(**{**kw, "trap": None}, state=step_module.mamba3_step.zero_state(self.B, self.H))
+
+    def test_in_place_needs_the_state_dtype(self, step_module):
+        kw, state = self._args(step_module)
+        half = Mamba3State(state.angle, state.ssm.bfloat16(), state.k, state.v)
+        with pytest.raises(ValueError, match=r"state.ssm has dtype torch.bfloat16; expected one of \['torch.float32'\]"):
+            step_module.mamba3_step(**kw, state=half, inplace=True)
+        step_module.mamba3_step(**kw, state=half)  # out of place: any float state is read
+
+    def test_wrong_dtype_and_backend(self, step_module):
+        kw, state = self._args(step_module)
+        with pytest.raises(ValueError, match=r"dt has dtype torch.int64"):
+            step_module.mamba3_step(**{**kw, "dt": kw["dt"].long()}, state=state)
+        with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'cute'\)"):
+            step_module.mamba3_step(**kw, state=state, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU: both backends, bf16 and fp32 inputs, fp32 and bf16 state
+# ------------------------------------------------------------------------------------------------------------------
+def _cute_available() -> bool:
+    try:
+        import cutlass  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = pytest.mark.parametrize("backend", [
+    "triton",
+    pytest.param("cute", marks=pytest.mark.skipif(not _cute_available(),
+                                                  reason="nvidia-cutlass-dsl is not installed")),
+])
+
+
+@pytest.mark.gpu
+@gpu_only
+@BACKENDS
+@_DTYPES
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@examples(6)
+@given(spec=specs(gpu=True, varlen=False, init=False, final=True), data=st.data())
+def test_gpu_step_equals_forward(backend, dtype, state_dtype, spec, data, gpu_kernels):
+    _gpu_spec_ok(spec, dtype)
+    spec = respec(_step_spec(spec), dtypes={"state": state_dtype})
+    L1, L2 = data.draw(split(gpu=True), label="L1, L2")
+    H = spec.dims.ngroups * 2
+    module = gpu_kernels(spec)
+    kw = draw_inputs(spec, dict(B=3, L=L1 + L2, H=H, seed=data.draw(st.integers(0, 2**31 - 1))),
+                     dtype=dtype, device="cuda")
+    got = prefill_then_steps(module, kw, L1, backend=backend)
+    torch.cuda.synchronize()
+    tol = GPU_TOL[dtype] if state_dtype == "fp32" else BF16_STATE_TOL
+    fwd = module.mamba3_forward(**kw, return_final_states=True)
+    assert_matches(got, fwd, tol, what=f"{backend}: prefill {L1} + {L2} steps vs forward")
+    assert_matches(got, naive_recurrence(spec, **kw), tol, what=f"{backend}: vs float64 recurrence")
