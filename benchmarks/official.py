@@ -36,3 +36,23 @@ def siso_forward(fn, kw: dict, chunk_size: int = 64, return_final_states: bool =
     return fn(kw["q"], kw["k"], kw["v"], kw["adt"], kw["dt"], kw["trap"], kw["q_bias"], kw["k_bias"], kw["angles"],
               D=kw.get("D"), Z=kw.get("z"), Input_States=init, chunk_size=chunk_size,
               return_final_states=return_final_states, cu_seqlens=kw.get("cu_seqlens"))
+
+
+def load_siso_step():
+    """The official Triton `mamba3_siso_step`, or None with the reason printed."""
+    if (OFFICIAL_DIR / "mamba_ssm").is_dir() and str(OFFICIAL_DIR) not in sys.path:
+        sys.path.insert(0, str(OFFICIAL_DIR))
+    try:
+        from mamba_ssm.ops.triton.mamba3.mamba3_siso_step import mamba3_siso_step
+    except Exception as e:
+        print(f"official SISO step unavailable ({type(e).__name__}: {e}); skipping its rows", file=sys.stderr)
+        return None
+    return mamba3_siso_step
+
+
+def siso_step_fn(fn, inputs: dict, state):
+    """A no-argument callable running the official SISO step on one token's inputs (our names) and a state."""
+    init = (state.angle, state.ssm, state.k, state.v)
+    return lambda: fn(inputs["q"], inputs["k"], inputs["v"], inputs["adt"], inputs["dt"], inputs["trap"],
+                      inputs["q_bias"], inputs["k_bias"], inputs["angles"], D=inputs.get("D"), Z=inputs.get("z"),
+                      Input_States=init)

@@ -65,7 +65,7 @@ def test_build_writes_then_unchanged(tmp_path):
     second = invoke("build", SPEC, "--out", out)
     assert second.exit_code == 0, second.output
     states = [ln.split()[0] for ln in second.stdout.splitlines() if ln.startswith("  ")]
-    assert states == ["unchanged"] * 3
+    assert states == ["unchanged"] * 5  # __init__.py, fwd.py, step.py, spec.json, step_cute.py
 
 
 def test_build_dry_run_into_new_dir_writes_nothing(tmp_path):

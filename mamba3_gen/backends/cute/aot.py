@@ -11,8 +11,8 @@ stream, in the spec's input and state dtypes. It reports:
     threads, tiling                        CTA size and the state tiling (VEC, TC, NCH, RPP, NPASS)
     ptx_bytes                              size of the PTX
     vector_loads, vector_stores            16-byte global loads/stores in the PTX (ld/st.global.v4 / .v8.b16...)
-    registers, spill_stores, spill_loads   from ``ptxas -v`` on the PTX (Triton's bundled ptxas, when present;
-                                           None otherwise)
+    registers, frame_bytes                 from the cubin's .nv.info (frame_bytes > 0 means local memory:
+                                           spills or a stack array)
 
 The subprocess keeps the MLIR context, the DSL's caches and any Triton interpreter state of the caller apart.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -81,26 +82,38 @@ def fake_args(module, input_dtype: str | None = None, state_dtype: str | None = 
     return args
 
 
-def _ptxas(ptx: str, arch: str) -> dict:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
+def cubin_stats(cubin: bytes) -> dict:
+    """Registers and frame (stack) bytes of the kernel in a cubin, read from its ELF ``.nv.info`` section
+    (EIATTR_REGCOUNT 0x2f, EIATTR_FRAME_SIZE 0x11; entries: format 0x04, attribute, u16 size, payload of
+    (u32 symbol index, u32 value)). The DSL's PTX is newer than Triton's bundled ptxas, so this reads what the
+    DSL's own ptxas produced. The kernel is the only function of the cubin; values of other symbols are ignored."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    stroff = secs[shstrndx][4]
 
-        capability = int(re.sub(r"\D", "", arch.split("_", 1)[1]))
-        ptxas = get_ptxas(capability).path
-    except Exception:  # no Triton / no bundled ptxas: skip the register report
-        return {"registers": None, "spill_stores": None, "spill_loads": None}
-    with tempfile.TemporaryDirectory(prefix="mamba3_cute_ptxas_") as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(d) / "k.cubin")],
-                              capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if proc.returncode != 0 or regs is None:
-        raise CuteAOTError("ptxas failed on the CuTe step's PTX:\n" + _first_lines(log))
-    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)) if spill else 0,
-            "spill_loads": int(spill.group(2)) if spill else 0}
+    def name(off):
+        return cubin[stroff + off:cubin.index(b"\0", stroff + off)].decode()
+
+    regs, frame = {}, {}
+    for sec in secs:
+        if name(sec[0]) != ".nv.info":
+            continue
+        o, end = sec[4], sec[4] + sec[5]
+        while o + 4 <= end:
+            fmt, attr = cubin[o], cubin[o + 1]
+            if fmt == 0x04:  # EIFMT_SVAL: u16 size + payload
+                size, = struct.unpack_from("<H", cubin, o + 2)
+                if attr in (0x2F, 0x11) and size == 8:
+                    sym, val = struct.unpack_from("<II", cubin, o + 4)
+                    (regs if attr == 0x2F else frame)[sym] = val
+                o += 4 + size
+            else:  # EIFMT_HVAL / EIFMT_NVAL: 4 bytes
+                o += 4
+    if not regs:
+        return {"registers": None, "frame_bytes": None}
+    sym = max(regs, key=regs.get)
+    return {"registers": regs[sym], "frame_bytes": frame.get(sym, 0)}
 
 
 def _report_in_process(spec_path: str, arch: str) -> dict:
@@ -120,9 +133,12 @@ def _report_in_process(spec_path: str, arch: str) -> dict:
         import cutlass.cute as cute
 
         args = fake_args(module)
+        dump = Path(d) / "dump"  # --keep-ptx/--keep-cubin also write files: keep them out of the caller's cwd
+        dump.mkdir()
         t0 = time.perf_counter()
         try:
-            compiled = cute.compile(module.mamba3_step_cute, *args, options=f"--gpu-arch {arch} --keep-ptx")
+            compiled = cute.compile(module.mamba3_step_cute, *args,
+                                    options=f"--gpu-arch {arch} --keep-ptx --keep-cubin --dump-dir {dump}")
         except Exception as e:
             raise CuteAOTError(f"spec {spec.name!r}: the CuTe step does not compile for {arch}: "
                                f"{type(e).__name__}: {_first_lines(e)}") from None
@@ -139,8 +155,9 @@ def _report_in_process(spec_path: str, arch: str) -> dict:
         "vector_loads": len(re.findall(r"ld\.global(?:\.nc)?\.v[248]\.", ptx)),
         "vector_stores": len(re.findall(r"st\.global\.v[248]\.", ptx)),
     }
+    cubin = compiled.__cubin__
+    report.update(cubin_stats(cubin) if cubin else {"registers": None, "frame_bytes": None})
     if ptx:
-        report.update(_ptxas(ptx, arch))
         if os.environ.get("MAMBA3_CUTE_KEEP_PTX"):  # debugging: where to write the PTX
             Path(os.environ["MAMBA3_CUTE_KEEP_PTX"]).write_text(ptx)
     return report
@@ -151,7 +168,7 @@ def compile_report(spec_path_or_spec, arch: str = "sm_90a", timeout: float | Non
     ``spec_path_or_spec``: a YAML path or a Spec object. Raises CuteAOTError with the compiler's message."""
     tmp = None
     if isinstance(spec_path_or_spec, (str, os.PathLike)):
-        spec_arg = os.fspath(spec_path_or_spec)
+        spec_arg = os.path.abspath(os.fspath(spec_path_or_spec))  # the subprocess runs in a temporary cwd
     else:  # a Spec object: write it to a temporary YAML file for the subprocess
         import yaml
 
@@ -163,7 +180,8 @@ def compile_report(spec_path_or_spec, arch: str = "sm_90a", timeout: float | Non
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "mamba3_gen.backends.cute.aot", spec_arg, arch]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        with tempfile.TemporaryDirectory(prefix="mamba3_cute_cwd_") as cwd:  # nothing lands in the caller's cwd
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise CuteAOTError(f"CuTe AOT compile of {spec_arg} for {arch} took over {timeout} s") from None
     finally:
