@@ -81,7 +81,7 @@ def time_graph(fn) -> dict:
 
 
 def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, backends=("triton", "cute"),
-               ceilings=None, official_step=None) -> list[dict]:
+               ceilings=None, official_step=None, sweep=None) -> list[dict]:
     spec = load_spec(str(spec_path))
     mod = mamba3_gen.load(spec_path)
     step = mod.mamba3_step
@@ -97,6 +97,15 @@ def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, back
                 **inputs, state=state, inplace=True, backend=backend)))
         if official_step is not None and spec.dims.mimo_rank == 1:
             candidates.append(("official triton", official_step(inputs, step.zero_state(B, H, "cuda"))))
+        for block_p, num_warps in sweep or ():  # other Triton launch shapes, same kernel
+            def shaped(block_p=block_p, num_warps=num_warps, state=step.zero_state(B, H, "cuda")):
+                saved = step.block_p, step.num_warps
+                step.block_p, step.num_warps = block_p, num_warps
+                try:
+                    step(**inputs, state=state, inplace=True)
+                finally:
+                    step.block_p, step.num_warps = saved
+            candidates.append((f"triton bp{block_p} w{num_warps}", shaped))
         for name, fn in candidates:
             row = {"spec": spec.name, "R": spec.dims.mimo_rank, "B": B, "H": H, "backend": name,
                    "state_bytes": sb, "io_bytes": ib}
@@ -139,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--official", action="store_true", help="also time the official Triton SISO step "
                     "(from the ignored .official/ folder; see benchmarks/official.py)")
     ap.add_argument("--json", type=Path, help="write the rows and ceilings here")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS",
+                    help="also time the Triton step with these launch shapes, e.g. 32x4 64x16")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU")
@@ -152,7 +163,7 @@ def main(argv=None):
     rows = []
     for path in args.specs:
         rows += bench_spec(path, args.batch, args.heads, backends=args.backends, ceilings=ceilings,
-                           official_step=official_step)
+                           official_step=official_step, sweep=[tuple(map(int, s.split("x"))) for s in args.sweep])
     print(markdown(rows, ceilings))
     if args.json:
         args.json.write_text(json.dumps({"ceilings": ceilings, "rows": rows,

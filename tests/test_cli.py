@@ -72,7 +72,7 @@ def test_build_dry_run_into_new_dir_writes_nothing(tmp_path):
     out = tmp_path / "nowhere"
     result = invoke("build", SPEC, "--out", out, "-n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("would write") == 4  # the package __init__.py and the three files
+    assert result.stdout.count("would write") == 6  # the package __init__.py and the five files of the spec
     assert not out.exists()
 
 

@@ -136,7 +136,7 @@ def test_json_schema():
     assert schema["$id"].startswith("urn:mamba3-gen:spec")
     assert schema["title"] == "mamba3-gen layer spec"
     assert schema["required"] == ["name"]
-    assert set(schema["properties"]) == {"name", "discretization", "state", "dims", "dtypes", "options"}
+    assert set(schema["properties"]) == {"name", "discretization", "state", "dims", "dtypes", "inputs", "options"}
     disc = schema["$defs"]["Discretization"]["properties"]
     assert "lambda" in disc and "lambda_" not in disc
     dims = schema["$defs"]["Dims"]["properties"]
@@ -195,7 +195,7 @@ def test_yaml_tab_and_duplicate_key():
 def test_top_level_not_a_mapping():
     assert one_problem("# header\n- name: a\n- dims: {}\n") == (
         "specs/x.yaml:2: spec: the top level must be a mapping of sections, got a list; "
-        "try 'key: value' lines: name, discretization, state, dims, dtypes, options"
+        "try 'key: value' lines: name, discretization, state, dims, dtypes, inputs, options"
     )
     assert one_problem("just text\n").startswith("specs/x.yaml:1: spec: the top level must be a mapping of sections, got 'just text';")
     assert one_problem("# only a comment\n") == (

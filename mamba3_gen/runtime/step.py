@@ -29,9 +29,10 @@ class StepOp:
     written over ``state`` (whose dtypes must then be the spec's) and that same object is returned.
     """
 
-    def __init__(self, meta: dict, kernel, num_warps: int, package: Optional[str] = None):
+    def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None):
         self.meta = meta
         self.kernel = kernel
+        self.block_p = block_p  # launch shape: rows of H per pass, warps per program (benchmarks may sweep them)
         self.num_warps = num_warps
         self.package = package  # the generated package, where the CuTe DSL twin (step_cute.py) lives
         self._cute = None
@@ -84,7 +85,7 @@ class StepOp:
         self.kernel[(B, H)](
             x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"], x["q_bias"], x["k_bias"], x["angles"], x["D"],
             x["z"], x["mimo_v"], x["mimo_z"], x["mimo_o"], out, *st_in, *st_out, H, self.meta["G"],
-            *_angle_strides(x["angles"]), IN_PLACE=inplace, num_warps=self.num_warps,
+            *_angle_strides(x["angles"]), IN_PLACE=inplace, BLOCK_P=self.block_p, num_warps=self.num_warps,
         )
 
     def cute(self):
