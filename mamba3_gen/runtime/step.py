@@ -10,6 +10,7 @@ import importlib
 from typing import Optional
 
 import torch
+import triton
 
 from mamba3_gen.runtime.checks import check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout, zero_state
@@ -36,6 +37,7 @@ class StepOp:
         self.num_warps = num_warps
         self.package = package  # the generated package, where the CuTe DSL twin (step_cute.py) lives
         self._cute = None
+        self._counters: dict = {}  # (B·H, device) -> int32 zeros: per-head arrival counters of in-place launches
         self.__doc__ = f"Mamba-3 decode step for spec {meta['name']!r}.\n\n" + (StepOp.__doc__ or "")
 
     def __repr__(self):
@@ -82,10 +84,16 @@ class StepOp:
     def launch(self, x: dict, out, st_in: Mamba3State, st_out: Mamba3State, inplace: bool):
         """The bare Triton launch on checked tensors (what a CUDA graph of the step captures)."""
         B, H, _ = x["v"].shape
-        self.kernel[(B, H)](
+        dev = x["v"].device
+        counters = self._counters.get((B * H, dev))
+        if counters is None:  # zeros once; every launch leaves them zero again
+            counters = self._counters[(B * H, dev)] = torch.zeros(B * H, dtype=torch.int32, device=dev)
+        grid = (B, H, triton.cdiv(self.meta["P"], self.block_p))
+        self.kernel[grid](
             x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"], x["q_bias"], x["k_bias"], x["angles"], x["D"],
             x["z"], x["mimo_v"], x["mimo_z"], x["mimo_o"], out, *st_in, *st_out, H, self.meta["G"],
-            *_angle_strides(x["angles"]), IN_PLACE=inplace, BLOCK_P=self.block_p, num_warps=self.num_warps,
+            *_angle_strides(x["angles"]), counters, IN_PLACE=inplace, BLOCK_P=self.block_p,
+            num_warps=self.num_warps,
         )
 
     def cute(self):

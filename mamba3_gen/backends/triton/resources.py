@@ -67,13 +67,13 @@ class StepConfig:
     num_warps: int
 
 
-STEP_TILE_ELEMENTS = 8192  # fp32 values of H held per pass: 32 per thread with 8 warps, no spills
+STEP_TILE_ELEMENTS = 2048  # values of H per program: small programs, many per SM, to keep HBM busy
 
 
 def choose_step_config(low) -> StepConfig:
     d = low.dims
     block_p = max(1, min(d["BP"], STEP_TILE_ELEMENTS // d["BN"]))
     tile = block_p * d["BN"]
-    # one warp per 1024 values of H (32 lanes x 32 registers) keeps every load a 16-byte vector and no spills
-    num_warps = max(1, min(8, tile // 1024))
+    # one warp per 512 values of H (16 per lane) keeps every load a 16-byte vector and the registers few
+    num_warps = max(1, min(8, tile // 512))
     return StepConfig(block_p, num_warps)
