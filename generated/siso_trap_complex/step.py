@@ -52,8 +52,8 @@ META = {'BN': 128,
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}
-BLOCK_P = 16  # rows of H per program (launch default, resources.choose_step_config)
-NUM_WARPS = 4
+BLOCK_P = 64  # rows of H per program (launch default, resources.choose_step_config)
+NUM_WARPS = 8
 
 
 if INTERPRETING:  # the CPU interpreter has no fast-math intrinsics

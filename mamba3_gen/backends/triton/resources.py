@@ -67,13 +67,14 @@ class StepConfig:
     num_warps: int
 
 
-STEP_TILE_ELEMENTS = 2048  # values of H per program: small programs, many per SM, to keep HBM busy
+STEP_TILE_ELEMENTS = 8192  # values of H per program (32 per lane with 8 warps)
 
 
 def choose_step_config(low) -> StepConfig:
+    # Measured on an H100 (benchmarks/RESULTS.md, decode): one program per head (64 x 128 fp32 of H, 8 warps) beat
+    # 2-8 programs per head (16-32 rows, 2-8 warps) at every batch, by up to 1.5x at R=4 (each block recomputes q̂, k̂).
     d = low.dims
     block_p = max(1, min(d["BP"], STEP_TILE_ELEMENTS // d["BN"]))
     tile = block_p * d["BN"]
-    # one warp per 512 values of H (16 per lane) keeps every load a 16-byte vector and the registers few
-    num_warps = max(1, min(8, tile // 512))
+    num_warps = max(1, min(8, tile // 1024))  # one warp per 1024 values of H: 16-byte vector loads, no spills
     return StepConfig(block_p, num_warps)
