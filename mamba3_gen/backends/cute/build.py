@@ -7,12 +7,12 @@ dims the kernel does not tile, naming the spec field. Rendering is pure: byte-fo
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import pprint
 from pathlib import Path
 
 import jinja2
+
+from mamba3_gen.backends.templating import template_env, templates_hash
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_DIR = REPO_ROOT / "templates" / "cute"
@@ -25,12 +25,7 @@ CUTE_DTYPES = {"fp32": "Float32", "bf16": "BFloat16"}
 
 
 def template_hash() -> str:
-    """sha256 over the CuTe templates (relative path + bytes), for the generated file's header."""
-    h = hashlib.sha256()
-    for p in sorted(TEMPLATE_DIR.rglob("*.jinja")):
-        h.update(p.relative_to(TEMPLATE_DIR).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return templates_hash(TEMPLATE_DIR)
 
 
 def _pow2(x: int) -> bool:
@@ -110,15 +105,7 @@ SCALAR_ARGS = ("B", "H", "angles_sb", "angles_sh")
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["pyrepr"] = lambda obj: pprint.pformat(obj, width=110, sort_dicts=True)
-    return env
+    return template_env(TEMPLATE_DIR)
 
 
 def render_step(low, header: dict) -> str:

@@ -5,16 +5,16 @@ the spec hash, the generator version and a hash of the templates.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
-import pprint
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+
+from mamba3_gen.backends.templating import template_env, templates_hash
 
 from mamba3_gen.backends.device import DEFAULT_TARGET, Target, get_target
 from mamba3_gen.backends.triton.resources import KernelConfig, StepConfig, choose_configs, choose_step_config
@@ -40,11 +40,7 @@ def _next_pow2(x: int) -> int:
 
 
 def template_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted(TEMPLATE_DIR.rglob("*.jinja")):
-        h.update(p.relative_to(TEMPLATE_DIR).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return templates_hash(TEMPLATE_DIR)
 
 
 @dataclass
@@ -112,15 +108,7 @@ def _cute_support(low: Lowering) -> str | None:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["pyrepr"] = lambda obj: pprint.pformat(obj, width=110, sort_dicts=True)
-    return env
+    return template_env(TEMPLATE_DIR)
 
 
 def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
