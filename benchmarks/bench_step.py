@@ -97,15 +97,16 @@ def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, back
                 **inputs, state=state, inplace=True, backend=backend)))
         if official_step is not None and spec.dims.mimo_rank == 1:
             candidates.append(("official triton", official_step(inputs, step.zero_state(B, H, "cuda"))))
-        for block_p, num_warps in sweep or ():  # other Triton launch shapes, same kernel
-            def shaped(block_p=block_p, num_warps=num_warps, state=step.zero_state(B, H, "cuda")):
+        for block_p, num_warps, inplace in sweep or ():  # other Triton launch shapes and modes, same kernel
+            def shaped(block_p=block_p, num_warps=num_warps, inplace=inplace, state=step.zero_state(B, H, "cuda")):
                 saved = step.block_p, step.num_warps
                 step.block_p, step.num_warps = block_p, num_warps
                 try:
-                    step(**inputs, state=state, inplace=True)
+                    step(**inputs, state=state, inplace=inplace)
                 finally:
                     step.block_p, step.num_warps = saved
-            candidates.append((f"triton bp{block_p} w{num_warps}", shaped))
+            mode = "" if inplace else " out-of-place"
+            candidates.append((f"triton bp{block_p} w{num_warps}{mode}", shaped))
         for name, fn in candidates:
             row = {"spec": spec.name, "R": spec.dims.mimo_rank, "B": B, "H": H, "backend": name,
                    "state_bytes": sb, "io_bytes": ib}
@@ -139,6 +140,12 @@ def markdown(rows: list[dict], ceilings: dict) -> str:
     return "\n".join(lines)
 
 
+def _shape(text: str) -> tuple:
+    inplace = not text.endswith("o")
+    block_p, num_warps = map(int, text.rstrip("o").split("x"))
+    return block_p, num_warps, inplace
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+")
@@ -148,8 +155,9 @@ def main(argv=None):
     ap.add_argument("--official", action="store_true", help="also time the official Triton SISO step "
                     "(from the ignored .official/ folder; see benchmarks/official.py)")
     ap.add_argument("--json", type=Path, help="write the rows and ceilings here")
-    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS",
-                    help="also time the Triton step with these launch shapes, e.g. 32x4 64x16")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS[o]",
+                    help="also time the Triton step with these launch shapes, e.g. 32x4 64x16; a trailing 'o' "
+                    "times it out of place (new state tensors) instead of in place, e.g. 64x8o")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU")
@@ -163,7 +171,7 @@ def main(argv=None):
     rows = []
     for path in args.specs:
         rows += bench_spec(path, args.batch, args.heads, backends=args.backends, ceilings=ceilings,
-                           official_step=official_step, sweep=[tuple(map(int, s.split("x"))) for s in args.sweep])
+                           official_step=official_step, sweep=[_shape(s) for s in args.sweep])
     print(markdown(rows, ceilings))
     if args.json:
         args.json.write_text(json.dumps({"ceilings": ceilings, "rows": rows,
