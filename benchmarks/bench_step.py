@@ -29,14 +29,18 @@ from mamba3_gen.spec.loader import load_spec  # noqa: E402
 STEP_TIME_DIM = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
 
 
+FP32_INPUTS = ("adt", "dt", "trap", "angles", "q_bias", "k_bias", "D", "mimo_v", "mimo_z", "mimo_o")
+
+
 def step_inputs(spec, B: int, H: int, dtype=torch.bfloat16, seed: int = 0) -> dict:
-    """One token's inputs on the GPU: Q, K, V, Z in `dtype`; A·Δ, Δ, trap, angles fp32 (the official convention)."""
+    """One token's inputs on the GPU: Q, K, V, Z in `dtype`; A·Δ, Δ, trap, angles and the layer's parameters
+    (biases, D, MIMO projections) in fp32, as the layer keeps them and the official kernels take them."""
     kw = make_inputs(spec, B, 1, H, dtype=dtype, device="cuda", seed=seed)
     out = {}
     for key, val in kw.items():
         if key in STEP_TIME_DIM:
             val = val.select(STEP_TIME_DIM[key], 0).contiguous()
-        if key in ("adt", "dt", "trap", "angles"):
+        if key in FP32_INPUTS:
             val = val.float()
         out[key] = val
     return out
@@ -97,15 +101,16 @@ def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, back
                 **inputs, state=state, inplace=True, backend=backend)))
         if official_step is not None and spec.dims.mimo_rank == 1:
             candidates.append(("official triton", official_step(inputs, step.zero_state(B, H, "cuda"))))
-        for block_p, num_warps, inplace in sweep or ():  # other Triton launch shapes and modes, same kernel
-            def shaped(block_p=block_p, num_warps=num_warps, inplace=inplace, state=step.zero_state(B, H, "cuda")):
-                saved = step.block_p, step.num_warps
-                step.block_p, step.num_warps = block_p, num_warps
+        for block_p, num_warps, maxnreg, inplace in sweep or ():  # other Triton launch shapes and modes
+            def shaped(block_p=block_p, num_warps=num_warps, maxnreg=maxnreg, inplace=inplace,
+                       state=step.zero_state(B, H, "cuda")):
+                saved = step.block_p, step.num_warps, step.maxnreg
+                step.block_p, step.num_warps, step.maxnreg = block_p, num_warps, maxnreg
                 try:
                     step(**inputs, state=state, inplace=inplace)
                 finally:
-                    step.block_p, step.num_warps = saved
-            mode = "" if inplace else " out-of-place"
+                    step.block_p, step.num_warps, step.maxnreg = saved
+            mode = (f" r{maxnreg}" if maxnreg else "") + ("" if inplace else " out-of-place")
             candidates.append((f"triton bp{block_p} w{num_warps}{mode}", shaped))
         for name, fn in candidates:
             row = {"spec": spec.name, "R": spec.dims.mimo_rank, "B": B, "H": H, "backend": name,
@@ -141,9 +146,15 @@ def markdown(rows: list[dict], ceilings: dict) -> str:
 
 
 def _shape(text: str) -> tuple:
+    """'64x8' (rows x warps), '64x8r80' (at most 80 registers a thread), '64x8o' (out of place)."""
     inplace = not text.endswith("o")
-    block_p, num_warps = map(int, text.rstrip("o").split("x"))
-    return block_p, num_warps, inplace
+    text = text.rstrip("o")
+    maxnreg = None
+    if "r" in text:
+        text, maxnreg = text.split("r")
+        maxnreg = int(maxnreg)
+    block_p, num_warps = map(int, text.split("x"))
+    return block_p, num_warps, maxnreg, inplace
 
 
 def main(argv=None):
@@ -155,9 +166,9 @@ def main(argv=None):
     ap.add_argument("--official", action="store_true", help="also time the official Triton SISO step "
                     "(from the ignored .official/ folder; see benchmarks/official.py)")
     ap.add_argument("--json", type=Path, help="write the rows and ceilings here")
-    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS[o]",
-                    help="also time the Triton step with these launch shapes, e.g. 32x4 64x16; a trailing 'o' "
-                    "times it out of place (new state tensors) instead of in place, e.g. 64x8o")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS[rN][o]",
+                    help="also time the Triton step with these launch shapes, e.g. 32x4 64x16; 'rN' caps registers "
+                    "at N a thread (e.g. 64x8r80); a trailing 'o' times it out of place, e.g. 64x8o")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU")

@@ -30,11 +30,14 @@ class StepOp:
     written over ``state`` (whose dtypes must then be the spec's) and that same object is returned.
     """
 
-    def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None):
+    def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None,
+                 maxnreg: Optional[int] = None):
         self.meta = meta
         self.kernel = kernel
-        self.block_p = block_p  # launch shape: rows of H per pass, warps per program (benchmarks may sweep them)
+        # launch shape (benchmarks sweep it): rows of H per program, warps per program, register cap per thread
+        self.block_p = block_p
         self.num_warps = num_warps
+        self.maxnreg = maxnreg
         self.package = package  # the generated package, where the CuTe DSL twin (step_cute.py) lives
         self._cute = None
         self._counters: dict = {}  # (B·H, device) -> int32 zeros: per-head arrival counters of in-place launches
@@ -93,7 +96,7 @@ class StepOp:
             x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"], x["q_bias"], x["k_bias"], x["angles"], x["D"],
             x["z"], x["mimo_v"], x["mimo_z"], x["mimo_o"], out, *st_in, *st_out, H, self.meta["G"],
             *_angle_strides(x["angles"]), counters, IN_PLACE=inplace, BLOCK_P=self.block_p,
-            num_warps=self.num_warps,
+            num_warps=self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {}),
         )
 
     def cute(self):
