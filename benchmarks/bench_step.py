@@ -101,16 +101,20 @@ def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, back
                 **inputs, state=state, inplace=True, backend=backend)))
         if official_step is not None and spec.dims.mimo_rank == 1:
             candidates.append(("official triton", official_step(inputs, step.zero_state(B, H, "cuda"))))
-        for block_p, num_warps, maxnreg, inplace in sweep or ():  # other Triton launch shapes and modes
-            def shaped(block_p=block_p, num_warps=num_warps, maxnreg=maxnreg, inplace=inplace,
+        for block_p, num_warps, maxnreg, flags, inplace in sweep or ():  # other Triton launch shapes and modes
+            def shaped(block_p=block_p, num_warps=num_warps, maxnreg=maxnreg, flags=flags, inplace=inplace,
                        state=step.zero_state(B, H, "cuda")):
-                saved = step.block_p, step.num_warps, step.maxnreg
-                step.block_p, step.num_warps, step.maxnreg = block_p, num_warps, maxnreg
+                knobs = ("block_p", "num_warps", "maxnreg", "head_major", "stream")
+                saved = [getattr(step, k) for k in knobs]
+                for k, val in zip(knobs, (block_p, num_warps, maxnreg, "h" in flags, "s" in flags)):
+                    setattr(step, k, val)
                 try:
                     step(**inputs, state=state, inplace=inplace)
                 finally:
-                    step.block_p, step.num_warps, step.maxnreg = saved
-            mode = (f" r{maxnreg}" if maxnreg else "") + ("" if inplace else " out-of-place")
+                    for k, val in zip(knobs, saved):
+                        setattr(step, k, val)
+            mode = (f" r{maxnreg}" if maxnreg else "") + (" head-major" if "h" in flags else "") \
+                + (" streaming" if "s" in flags else "") + ("" if inplace else " out-of-place")
             candidates.append((f"triton bp{block_p} w{num_warps}{mode}", shaped))
         for name, fn in candidates:
             row = {"spec": spec.name, "R": spec.dims.mimo_rank, "B": B, "H": H, "backend": name,
@@ -146,15 +150,20 @@ def markdown(rows: list[dict], ceilings: dict) -> str:
 
 
 def _shape(text: str) -> tuple:
-    """'64x8' (rows x warps), '64x8r80' (at most 80 registers a thread), '64x8o' (out of place)."""
+    """'64x8' (rows x warps), '64x8r80' (at most 80 registers a thread), '64x8o' (out of place); after the
+    shape, 'h' launches the grid head-major and 's' streams H past the caches, e.g. '64x8hs'."""
     inplace = not text.endswith("o")
     text = text.rstrip("o")
+    flags = ""
+    while text[-1] in "hs":
+        flags += text[-1]
+        text = text[:-1]
     maxnreg = None
     if "r" in text:
         text, maxnreg = text.split("r")
         maxnreg = int(maxnreg)
     block_p, num_warps = map(int, text.split("x"))
-    return block_p, num_warps, maxnreg, inplace
+    return block_p, num_warps, maxnreg, flags, inplace
 
 
 def main(argv=None):
@@ -166,9 +175,10 @@ def main(argv=None):
     ap.add_argument("--official", action="store_true", help="also time the official Triton SISO step "
                     "(from the ignored .official/ folder; see benchmarks/official.py)")
     ap.add_argument("--json", type=Path, help="write the rows and ceilings here")
-    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS[rN][o]",
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="BLOCK_PxWARPS[rN][h][s][o]",
                     help="also time the Triton step with these launch shapes, e.g. 32x4 64x16; 'rN' caps registers "
-                    "at N a thread (e.g. 64x8r80); a trailing 'o' times it out of place, e.g. 64x8o")
+                    "at N a thread (e.g. 64x8r80); then 'h' (head-major grid), 's' (streaming H loads/stores); a "
+                    "trailing 'o' times it out of place, e.g. 64x8o")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_step needs a CUDA GPU")

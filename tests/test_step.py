@@ -46,18 +46,22 @@ def token(kw: dict, t: int) -> dict:
 
 
 def prefill_then_steps(module, kw: dict, L1: int, backend: str = "triton", inplace_from: int = 0,
-                       block_p: int | None = None):
+                       block_p: int | None = None, **knobs):
     """Forward over the first L1 tokens (none: a zero state), then one step per remaining token. Returns the outputs
     (B, L, H, P) and the final state; steps t >= L1 + inplace_from alternate in place / out of place. ``block_p``:
     the Triton step's rows per program (None: the built default), so that several P blocks per head, which share
-    Θ and k̂ in place through the arrival counter, are exercised too."""
-    saved = module.mamba3_step.block_p
-    if block_p is not None:
-        module.mamba3_step.block_p = block_p
+    Θ and k̂ in place through the arrival counter, are exercised too; ``knobs``: other launch settings of the
+    Triton step (head_major, stream), each a different kernel specialization."""
+    step = module.mamba3_step
+    knobs = dict(knobs, block_p=block_p or step.block_p)
+    saved = {k: getattr(step, k) for k in knobs}
+    for k, val in knobs.items():
+        setattr(step, k, val)
     try:
         return _prefill_then_steps(module, kw, L1, backend, inplace_from)
     finally:
-        module.mamba3_step.block_p = saved
+        for k, val in saved.items():
+            setattr(step, k, val)
 
 
 def _prefill_then_steps(module, kw, L1, backend, inplace_from):
@@ -105,7 +109,8 @@ def test_step_equals_forward(spec, data, interp_kernels):
     kw = draw_inputs(spec, dict(B=B, L=L1 + L2, H=H, seed=data.draw(st.integers(0, 2**31 - 1)),
                                 dt_range=(1e-4, 1.0), adt_range=(-20.0, 0.0), lam_logit_range=(-30.0, 30.0)))
     block_p = data.draw(st.sampled_from([None, 2, 8]), label="block_p")
-    got = prefill_then_steps(module, kw, L1, block_p=block_p)
+    head_major = data.draw(st.booleans(), label="head_major")
+    got = prefill_then_steps(module, kw, L1, block_p=block_p, head_major=head_major)
     fwd = module.mamba3_forward(**kw, return_final_states=True)
     assert_matches(got, fwd, CPU_TOL, what=f"prefill {L1} + {L2} steps vs forward")
     assert_matches(got, naive_recurrence(spec, **kw), CPU_TOL, what="vs float64 recurrence")
@@ -232,8 +237,12 @@ def test_gpu_step_equals_forward(backend, dtype, state_dtype, spec, data, gpu_ke
     module = gpu_kernels(spec)
     kw = draw_inputs(spec, dict(B=3, L=L1 + L2, H=H, seed=data.draw(st.integers(0, 2**31 - 1))),
                      dtype=dtype, device="cuda")
-    block_p = data.draw(st.sampled_from([None, 16]), label="block_p") if backend == "triton" else None
-    got = prefill_then_steps(module, kw, L1, backend=backend, block_p=block_p)
+    knobs = {}
+    if backend == "triton":
+        knobs = dict(block_p=data.draw(st.sampled_from([None, 16]), label="block_p"),
+                     head_major=data.draw(st.booleans(), label="head_major"),
+                     stream=data.draw(st.booleans(), label="stream"))
+    got = prefill_then_steps(module, kw, L1, backend=backend, **knobs)
     torch.cuda.synchronize()
     tol = GPU_TOL[dtype] if state_dtype == "fp32" else BF16_STATE_TOL
     fwd = module.mamba3_forward(**kw, return_final_states=True)

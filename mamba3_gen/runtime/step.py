@@ -31,13 +31,15 @@ class StepOp:
     """
 
     def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None,
-                 maxnreg: Optional[int] = None):
+                 maxnreg: Optional[int] = None, head_major: bool = False):
         self.meta = meta
         self.kernel = kernel
         # launch shape (benchmarks sweep it): rows of H per program, warps per program, register cap per thread
         self.block_p = block_p
         self.num_warps = num_warps
         self.maxnreg = maxnreg
+        self.head_major = head_major  # grid (H, B) instead of (B, H)
+        self.stream = False  # evict-first loads and streaming stores of H
         self.package = package  # the generated package, where the CuTe DSL twin (step_cute.py) lives
         self._cute = None
         self._counters: dict = {}  # (B·H, device) -> int32 zeros: per-head arrival counters of in-place launches
@@ -91,11 +93,13 @@ class StepOp:
         counters = self._counters.get((B * H, dev))
         if counters is None:  # zeros once; every launch leaves them zero again
             counters = self._counters[(B * H, dev)] = torch.zeros(B * H, dtype=torch.int32, device=dev)
-        grid = (B, H, triton.cdiv(self.meta["P"], self.block_p))
+        blocks = triton.cdiv(self.meta["P"], self.block_p)
+        grid = (H, B, blocks) if self.head_major else (B, H, blocks)
         self.kernel[grid](
             x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"], x["q_bias"], x["k_bias"], x["angles"], x["D"],
             x["z"], x["mimo_v"], x["mimo_z"], x["mimo_o"], out, *st_in, *st_out, H, self.meta["G"],
             *_angle_strides(x["angles"]), counters, IN_PLACE=inplace, BLOCK_P=self.block_p,
+            HEAD_MAJOR=self.head_major, STREAM=self.stream,
             num_warps=self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {}),
         )
 

@@ -65,6 +65,7 @@ class StepConfig:
 
     block_p: int
     num_warps: int
+    head_major: bool = False  # grid (H, B): neighbouring programs stream neighbouring heads of one batch row
 
 
 STEP_TILE_ELEMENTS = 8192  # values of H per program (32 per lane with 8 warps)
@@ -77,4 +78,5 @@ def choose_step_config(low) -> StepConfig:
     block_p = max(1, min(d["BP"], STEP_TILE_ELEMENTS // d["BN"]))
     tile = block_p * d["BN"]
     num_warps = max(1, min(8, tile // 1024))  # one warp per 1024 values of H: 16-byte vector loads, no spills
-    return StepConfig(block_p, num_warps)
+    # Head-major grid: 94.9 % vs 91.3 % of the copy ceiling at R=1, B=256, but 59 % vs 62 % at R=4 (same run).
+    return StepConfig(block_p, num_warps, head_major=d["R"] == 1)
