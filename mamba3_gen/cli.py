@@ -564,13 +564,19 @@ def schema(
 def bench(
     spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) whose generated forward to time.",
                                              metavar="SPEC")],
-    batch: Annotated[int, typer.Option(min=1, help="Batch size B.")] = 8,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Batch size B [default: 8; with --decode: 1, 16 and "
+                                                 "256].", show_default=False)] = None,
     seqlen: Annotated[int, typer.Option(min=1, help="Sequence length L (tokens).")] = 4096,
     heads: Annotated[int, typer.Option(min=1, help="Number of heads H (a multiple of the spec's ngroups).")] = 32,
+    decode: Annotated[bool, typer.Option("--decode", help="Time the decode step instead (both backends, B = 1, 16, "
+                                         "256 unless --batch is given; --seqlen is ignored) against the copy "
+                                         "ceiling.")] = False,
 ) -> None:
-    """Time SPEC's generated forward on the GPU (needs CUDA; exits 1 without one).
+    """Time SPEC's generated forward (or, with --decode, its decode step) on the GPU (needs CUDA; exits 1 without
+    one).
 
-    Runs benchmarks/bench_forward.py's main(spec_path, batch, seqlen, heads) from the repository checkout.
+    Runs benchmarks/bench_forward.py's main(spec_path, batch, seqlen, heads), or benchmarks/bench_step.py with
+    --decode, from the repository checkout.
     """
     spec = _load(spec_path)
     if heads % spec.dims.ngroups:
@@ -583,9 +589,10 @@ def bench(
                    "run it on a machine with an NVIDIA GPU, or use `mamba3-gen test SPEC` to run the kernel on the "
                    "CPU", err=True)
         raise typer.Exit(1)
+    module_name = "bench_step" if decode else "bench_forward"
     root = _repo_root()
-    if not (root / "benchmarks" / "bench_forward.py").is_file():
-        typer.echo(f"{_shown(root / 'benchmarks' / 'bench_forward.py')} not found: the benchmark ships with the "
+    if not (root / "benchmarks" / f"{module_name}.py").is_file():
+        typer.echo(f"{_shown(root / 'benchmarks' / (module_name + '.py'))} not found: the benchmark ships with the "
                    "repository checkout", err=True)
         raise typer.Exit(1)
     if str(root) not in sys.path:
@@ -593,12 +600,19 @@ def bench(
     try:
         import importlib
 
-        bench_forward = importlib.import_module("benchmarks.bench_forward")
+        bench_module = importlib.import_module(f"benchmarks.{module_name}")
     except ImportError as e:
-        typer.echo(f"cannot import benchmarks.bench_forward: {e}", err=True)
+        typer.echo(f"cannot import benchmarks.{module_name}: {e}", err=True)
         raise typer.Exit(1) from None
+    if decode:
+        batches = [str(batch)] if batch is not None else ["1", "16", "256"]
+        typer.echo(f"benchmarking the decode step of {spec_path} on {torch.cuda.get_device_name()}: "
+                   f"B={','.join(batches)}, H={heads}")
+        bench_module.main([str(Path(spec_path).resolve()), "--batch", *batches, "--heads", str(heads)])
+        raise typer.Exit(0)
+    batch = 8 if batch is None else batch
     typer.echo(f"benchmarking {spec_path} on {torch.cuda.get_device_name()}: B={batch}, L={seqlen}, H={heads}")
-    result = bench_forward.main(str(Path(spec_path).resolve()), batch, seqlen, heads)
+    result = bench_module.main(str(Path(spec_path).resolve()), batch, seqlen, heads)
     raise typer.Exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 
