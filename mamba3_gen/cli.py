@@ -402,6 +402,11 @@ def check(
         for c in low.configs:
             echo(f"  {c.block_p:>7} {c.num_warps:>9} {c.num_stages:>10} {_size(c.smem_estimate):>14} "
                  f"{100 * c.smem_estimate / limit:>7.0f}%")
+        sc = low.step_config
+        echo("")
+        echo(f"decode step: Triton, one program per (batch row, head) over {sc.block_p} rows of H, {sc.num_warps} "
+             f"warps, {'head-major' if sc.head_major else 'batch-major'} grid; CuTe DSL: "
+             f"{'generated' if low.cute_unsupported is None else low.cute_unsupported}")
         echo("")
         echo("GPU targets:")
         for name, f in fits.items():
