@@ -4,7 +4,8 @@
 - Every shipped spec's step compiles ahead of time for sm_90a (mamba3_gen.backends.cute.aot, in a subprocess: the
   DSL's MLIR context and caches never share a process with the Triton interpreter), with whole 16-byte vector
   accesses of the state and no local-memory frame. Marked `aot`; deselect with `-m "not aot"`.
-- Dims the kernel cannot tile give a ValueError naming the spec field.
+- It tiles every state shape the Triton step takes (any even N, any P, both rotations, both state dtypes): rows and
+  column vectors past the state's are padding lanes; a padded shape compiles too.
 Numerics are checked on a GPU (the other tests' `gpu` marker).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 pytest.importorskip("jinja2")
 
-from mamba3_gen.backends.cute.aot import CuteAOTError, compile_report, render_for  # noqa: E402
+from mamba3_gen.backends.cute.aot import compile_report, render_for  # noqa: E402
 from mamba3_gen.backends.cute.build import step_layout  # noqa: E402
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
 
@@ -50,12 +51,21 @@ def test_step_renders_byte_identically(spec_path):
     assert {"META", "CUTE_ARGS", "CUTE_ARG_ROLES", "mamba3_step_cute", "mamba3_step_cute_kernel"} <= names
 
 
-def test_untileable_dims_name_the_field(tmp_path):
-    meta = {"N": 96, "P": 64, "S": 0, "state_dtype": "fp32"}
-    with pytest.raises(ValueError, match="dims.d_state"):
-        step_layout(meta, None)
-    with pytest.raises(ValueError, match="dims.headdim"):
-        step_layout({"N": 64, "P": 6, "S": 0, "state_dtype": "bf16"}, None)
+@pytest.mark.parametrize("state_dtype,elsize", [("fp32", 4), ("bf16", 2)])
+@pytest.mark.parametrize("rotation", [None, "pairwise", "halved"])
+def test_tiles_every_state_shape(rotation, state_dtype, elsize):
+    """As general as the Triton step: every even N and every P gets a tiling of whole warps that covers the state
+    with vectors of at most 16 bytes (halved: vectors within each half)."""
+    for N in range(4, 258, 2):
+        for P in (1, 3, 4, 6, 8, 24, 48, 64, 96, 128):
+            t = step_layout({"N": N, "P": P, "S": N // 4, "state_dtype": state_dtype}, rotation)
+            what = f"N={N} P={P}: {t}"
+            assert t["VEC"] * elsize <= 16 and t["NV"] * t["VEC"] == N, what
+            if rotation == "halved":
+                assert (N // 2) % t["VEC"] == 0, what
+            assert t["TC"] & (t["TC"] - 1) == 0 and t["TC"] <= 32 and t["NCH"] * t["TC"] >= t["NV"], what
+            assert t["NT"] % 32 == 0 and t["NT"] == t["TC"] * t["RPP"] and t["NPASS"] * t["RPP"] >= P, what
+            assert t["PADCOL"] == (t["NCH"] * t["TC"] != t["NV"]) and t["PADDED"] == (t["NPASS"] * t["RPP"] != P), what
 
 
 def _check(r):
@@ -85,9 +95,16 @@ def test_cute_step_aot_bf16_state_fp32_input(tmp_path):
     assert (r["input_dtype"], r["state_dtype"]) == ("fp32", "bf16")
 
 
+PADDED_SPECS = {
+    "cols": "name: padded_cols\nstate: {rotation: halved}\ndims: {d_state: 12, headdim: 24, mimo_rank: 2, "
+            "chunk_size: 8}\n",
+    "rows": "name: padded_rows\ndims: {d_state: 8, headdim: 4, chunk_size: 16}\ndtypes: {state: bf16}\n",
+}
+
+
 @pytest.mark.aot
-def test_cute_step_aot_reports_errors(tmp_path):
-    bad = tmp_path / "odd_n.yaml"
-    bad.write_text("name: odd_n\ndims: {d_state: 96, headdim: 64}\n")
-    with pytest.raises(CuteAOTError, match="dims.d_state"):
-        compile_report(bad, "sm_90a")
+@pytest.mark.parametrize("which", sorted(PADDED_SPECS))
+def test_cute_step_aot_padded_tiles(which, tmp_path):
+    p = tmp_path / f"padded_{which}.yaml"
+    p.write_text(PADDED_SPECS[which])
+    _check(compile_report(p, "sm_90a"))

@@ -248,3 +248,27 @@ def test_gpu_step_equals_forward(backend, dtype, state_dtype, spec, data, gpu_ke
     fwd = module.mamba3_forward(**kw, return_final_states=True)
     assert_matches(got, fwd, tol, what=f"{backend}: prefill {L1} + {L2} steps vs forward")
     assert_matches(got, naive_recurrence(spec, **kw), tol, what=f"{backend}: vs float64 recurrence")
+
+
+PADDED_TILES = [  # state shapes whose CuTe tiling has padding lanes (columns, rows or both)
+    dict(N=12, P=24, R=2, rotation="halved", chunk=8),
+    dict(N=20, P=48, R=4, rotation="pairwise", chunk=4),
+    dict(N=8, P=4, R=1, rotation="pairwise", chunk=16),
+    dict(N=96, P=24, R=1, rotation="halved", chunk=16),
+]
+
+
+@pytest.mark.gpu
+@gpu_only
+@BACKENDS
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dims", PADDED_TILES, ids=lambda d: f"N{d['N']}_P{d['P']}_R{d['R']}_{d['rotation']}")
+def test_gpu_step_odd_state_shapes(backend, state_dtype, dims, gpu_kernels):
+    """Both steps on state shapes off the vector/warp grid (fp32 inputs): prefill 3 tokens, then 3 steps."""
+    spec = respec(_step_spec(make_spec(**dims)), dtypes={"state": state_dtype, "input": "fp32"})
+    module = gpu_kernels(spec)
+    kw = make_inputs(spec, 2, 6, 2, device="cuda", seed=11)
+    got = prefill_then_steps(module, kw, 3, backend=backend)
+    torch.cuda.synchronize()
+    tol = GPU_TOL[torch.float32] if state_dtype == "fp32" else BF16_STATE_TOL
+    assert_matches(got, naive_recurrence(spec, **kw), tol, what=f"{backend} {dims}")

@@ -33,33 +33,22 @@ def _pow2(x: int) -> bool:
 
 
 def step_layout(meta: dict, rotation: str | None) -> dict:
-    """Thread tiling of the state for the step kernel; ValueError (naming the field) for dims it cannot tile."""
+    """Thread tiling of the state for the step kernel. Any even N and any P: rows or column vectors past the
+    state's are padding lanes that compute on a real row/vector and store nothing."""
     N, P, S = meta["N"], meta["P"], meta["S"]
-    vec = VECTOR_BYTES // STATE_BYTES[meta["state_dtype"]]
-    if N % vec:
-        raise ValueError(f"dims.d_state: N={N} must be a multiple of {vec} for the CuTe step "
-                         f"({VECTOR_BYTES}-byte vectors of the {meta['state_dtype']} state)")
+    # The widest vector (at most 16 bytes) that tiles a row, and each half of it for the halved rotation.
+    vec = math.gcd(VECTOR_BYTES // STATE_BYTES[meta["state_dtype"]], N // 2 if rotation == "halved" else N)
     nv = N // vec  # vectors per state row
-    if nv <= WARP:
-        if not _pow2(nv):
-            raise ValueError(f"dims.d_state: N={N} gives {nv} vectors of {vec} per row, not a power of two; the "
-                             f"CuTe step needs N = {vec}·2^k (e.g. {vec * (1 << (nv.bit_length() - 1))}) or a "
-                             f"multiple of {vec * WARP}")
-        tc, nch = nv, 1
-    else:
-        if nv % WARP:
-            raise ValueError(f"dims.d_state: N={N} must be a multiple of {vec * WARP} for the CuTe step (or "
-                             f"{vec}·2^k up to {vec * WARP})")
-        tc, nch = WARP, nv // WARP
-    if rotation == "halved" and (N // 2) % vec:
-        raise ValueError(f"dims.d_state: N={N}: the halved rotation needs N/2 to be a multiple of {vec} in the "
-                         "CuTe step")
+    tc = min(WARP, 1 << (nv - 1).bit_length())  # threads per row: a power of two for the butterfly
+    nch = -(-nv // tc)  # vectors per thread per row; lanes past nv are masked
     rpp = math.gcd(P, MAX_THREADS // tc)  # rows per pass (both powers of two -> the largest that divides P)
+    padded = tc * rpp < WARP
+    if padded:  # too few rows per pass for a whole warp: fill one, the last pass is partial (masked rows)
+        rpp = WARP // tc
     nt = tc * rpp
-    if nt < WARP:
-        raise ValueError(f"dims.headdim: P={P} must be a multiple of {WARP // tc} for the CuTe step "
-                         f"(whole warps over the rows of the state)")
-    return {"VEC": vec, "TC": tc, "NCH": nch, "RPP": rpp, "NT": nt, "NPASS": P // rpp,
+    npass = -(-P // rpp)
+    return {"VEC": vec, "NV": nv, "TC": tc, "NCH": nch, "PADCOL": nch * tc != nv, "RPP": rpp, "NT": nt,
+            "NPASS": npass, "PADDED": padded,
             "S_ITERS": -(-S // nt) if S else 0, "P_ITERS": -(-P // nt)}
 
 
