@@ -404,9 +404,13 @@ def check(
                  f"{100 * c.smem_estimate / limit:>7.0f}%")
         sc = low.step_config
         echo("")
+        from mamba3_gen.backends.cute.build import step_layout
+
+        meta = low.meta()
+        tiling = step_layout(meta, low.spec.state.rotation if meta["S"] else None)
         echo(f"decode step: Triton, one program per (batch row, head) over {sc.block_p} rows of H, {sc.num_warps} "
-             f"warps, {'head-major' if sc.head_major else 'batch-major'} grid; CuTe DSL: "
-             f"{'generated' if low.cute_unsupported is None else low.cute_unsupported}")
+             f"warps, {'head-major' if sc.head_major else 'batch-major'} grid; CuTe DSL, {tiling['NT']} threads per "
+             f"(batch row, head), {tiling['TC']} per row of H in {tiling['VEC']}-wide vectors")
         echo("")
         echo("GPU targets:")
         for name, f in fits.items():

@@ -12,8 +12,6 @@ from typing import Optional
 
 import torch
 
-_VECTOR_ALIGN = 16
-
 
 class CuteStep:
     """Compiled-once launcher of one spec's CuTe step. ``tensors``: {name: tensor or None} with the names of

@@ -108,8 +108,6 @@ class StepOp:
         if self._cute is None:
             if self.package is None:
                 raise ValueError("this step was not loaded from a generated package; no CuTe DSL kernel to use")
-            if self.meta.get("cute_step", "generated") != "generated":
-                raise ValueError(f"spec {self.meta['name']!r} has {self.meta['cute_step']}; use backend='triton'")
             try:
                 module = importlib.import_module(f"{self.package}.step_cute")
             except ImportError as e:

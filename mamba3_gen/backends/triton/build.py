@@ -15,7 +15,6 @@ from pathlib import Path
 import jinja2
 
 from mamba3_gen.backends.templating import template_env, templates_hash
-
 from mamba3_gen.backends.device import DEFAULT_TARGET, Target, get_target
 from mamba3_gen.backends.triton.resources import KernelConfig, StepConfig, choose_configs, choose_step_config
 from mamba3_gen.graph.dataflow import KernelPlan, plan_kernel
@@ -53,7 +52,6 @@ class Lowering:
     target: Target
     configs: list[KernelConfig]
     step_config: StepConfig | None = None
-    cute_unsupported: str | None = None  # why the CuTe step cannot tile this spec, if it cannot
 
     @property
     def dims(self) -> dict:
@@ -73,7 +71,7 @@ class Lowering:
             "initial_states": s.options.initial_states, "final_states": s.options.final_states,
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
-            "arch": self.target.arch, "cute_step": self.cute_unsupported or "generated",
+            "arch": self.target.arch,
         }
 
 
@@ -92,19 +90,7 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
     low = Lowering(spec, lowered, plan, target, [])
     low.configs = choose_configs(low)
     low.step_config = choose_step_config(low)
-    low.cute_unsupported = _cute_support(low)
     return low
-
-
-def _cute_support(low: Lowering) -> str | None:
-    from mamba3_gen.backends.cute.build import step_layout
-
-    meta = low.meta()
-    try:
-        step_layout(meta, low.spec.state.rotation if meta["S"] else None)
-    except ValueError as e:
-        return f"no CuTe step: {e}"
-    return None
 
 
 def _env() -> jinja2.Environment:
@@ -133,21 +119,11 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
             f"from .step import mamba3_step, {STEP_KERNEL_NAME}\n\n"
             f'__all__ = ["META", "mamba3_forward", "mamba3_step", "{KERNEL_NAME}", "{STEP_KERNEL_NAME}"]\n')
     spec_json = json.dumps(low.spec.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
-    files = {"__init__.py": init, "fwd.py": fwd, "step.py": step, "spec.json": spec_json}
-    cute_step = _render_cute_step(low, header)
-    if cute_step is not None:
-        files["step_cute.py"] = cute_step
-    return files
-
-
-def _render_cute_step(low: Lowering, header: dict) -> str | None:
-    """The CuTe DSL twin of the decode step, or None where its thread tiling cannot cover the dims (the reason is
-    in META["cute_step"], and ``mamba3_step(..., backend="cute")`` raises it)."""
+    # the CuTe DSL twin of the decode step (its tiling covers every state shape)
     from mamba3_gen.backends.cute.build import render_step
 
-    if low.cute_unsupported:
-        return None
-    return render_step(low, header)
+    return {"__init__.py": init, "fwd.py": fwd, "step.py": step, "spec.json": spec_json,
+            "step_cute.py": render_step(low, header)}
 
 
 def build(spec_path: str | Path, out_dir: str | Path | None = None, arch: str = DEFAULT_TARGET,
