@@ -23,11 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mamba3_gen  # noqa: E402
 from benchmarks.bench_forward import measure_ceilings  # noqa: E402
 from mamba3_gen.reference import make_inputs  # noqa: E402
+from mamba3_gen.reference.inputs import token_inputs  # noqa: E402
 from mamba3_gen.runtime.state import state_layout  # noqa: E402
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
-
-STEP_TIME_DIM = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
-
 
 FP32_INPUTS = ("adt", "dt", "trap", "angles", "q_bias", "k_bias", "D", "mimo_v", "mimo_z", "mimo_o")
 
@@ -35,15 +33,8 @@ FP32_INPUTS = ("adt", "dt", "trap", "angles", "q_bias", "k_bias", "D", "mimo_v",
 def step_inputs(spec, B: int, H: int, dtype=torch.bfloat16, seed: int = 0) -> dict:
     """One token's inputs on the GPU: Q, K, V, Z in `dtype`; A·Δ, Δ, trap, angles and the layer's parameters
     (biases, D, MIMO projections) in fp32, as the layer keeps them and the official kernels take them."""
-    kw = make_inputs(spec, B, 1, H, dtype=dtype, device="cuda", seed=seed)
-    out = {}
-    for key, val in kw.items():
-        if key in STEP_TIME_DIM:
-            val = val.select(STEP_TIME_DIM[key], 0).contiguous()
-        if key in FP32_INPUTS:
-            val = val.float()
-        out[key] = val
-    return out
+    kw = token_inputs(make_inputs(spec, B, 1, H, dtype=dtype, device="cuda", seed=seed), 0)
+    return {key: (val.float() if key in FP32_INPUTS else val).contiguous() for key, val in kw.items()}
 
 
 def state_bytes(meta: dict, B: int, H: int) -> int:

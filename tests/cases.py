@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba3_gen.reference import rel_err, to_float64
+from mamba3_gen.reference.inputs import TIME_DIM
 from mamba3_gen.runtime.state import Mamba3State
 from mamba3_gen.spec.model import Spec
 
@@ -39,7 +40,7 @@ def angle_diff(a, b):
     return d.abs().max().item() if d.numel() else 0.0
 
 
-_TIME_DIM = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
+_TIME_DIM = TIME_DIM  # the token axis of each per-token input
 
 
 def time_slice(kw: dict, start: int, end: int) -> dict:

@@ -18,9 +18,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba3_gen.reference import make_inputs, naive_recurrence
+from mamba3_gen.reference.inputs import token_inputs as token
 from mamba3_gen.runtime.state import Mamba3State
+from mamba3_gen.spec.loader import load_spec
 from tests.helpers import SHIPPED_SPECS, Tol, assert_matches, make_spec, respec, time_slice
-from tests.cases import _TIME_DIM
 from tests.strategies import (
     CPU_TOL,
     GPU_TOL,
@@ -34,15 +35,8 @@ from tests.strategies import (
     not_in_spec_mode,
     specs,
 )
-from mamba3_gen.spec.loader import load_spec
 
 BF16_STATE_TOL = Tol(rel=2e-2, atol=2e-3)  # see the module docstring
-
-
-def token(kw: dict, t: int) -> dict:
-    """The inputs of token t of a (B, L) batch: one decode step's arguments."""
-    return {key: (val.select(_TIME_DIM[key], t) if key in _TIME_DIM else val) for key, val in kw.items()
-            if key not in ("initial_states", "cu_seqlens")}
 
 
 def prefill_then_steps(module, kw: dict, L1: int, backend: str = "triton", inplace_from: int = 0,

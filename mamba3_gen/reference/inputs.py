@@ -22,7 +22,16 @@ from mamba3_gen.spec.model import Spec
 
 F64 = torch.float64
 
-__all__ = ["make_inputs", "to_float64", "canonicalize", "run_per_sequence"]
+__all__ = ["make_inputs", "to_float64", "canonicalize", "run_per_sequence", "TIME_DIM", "token_inputs"]
+
+# The token (L) axis of each per-token input of the calling convention; the others are per layer or per sequence.
+TIME_DIM = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
+
+
+def token_inputs(kw: dict, t: int) -> dict:
+    """The inputs of token t of a (B, L) batch of forward inputs: one decode step's arguments (views)."""
+    return {key: (val.select(TIME_DIM[key], t) if key in TIME_DIM else val) for key, val in kw.items()
+            if key not in ("initial_states", "cu_seqlens")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
