@@ -10,6 +10,7 @@ SISO); it casts Q, K, V, Trap, Angles, Z to bf16 itself.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,16 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_DIR = ROOT / ".official"
 
 
-def load_siso():
-    """`mamba3_siso_combined`, or None with the reason printed."""
+def _load(module: str, name: str, what: str):
+    """`name` from the official `mamba_ssm.ops.triton.mamba3.<module>`, or None with the reason printed."""
     if (OFFICIAL_DIR / "mamba_ssm").is_dir() and str(OFFICIAL_DIR) not in sys.path:
         sys.path.insert(0, str(OFFICIAL_DIR))
     try:
-        from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+        return getattr(importlib.import_module(f"mamba_ssm.ops.triton.mamba3.{module}"), name)
     except Exception as e:  # absent, or its dependencies are
-        print(f"official SISO kernel unavailable ({type(e).__name__}: {e}); skipping its rows", file=sys.stderr)
+        print(f"official {what} unavailable ({type(e).__name__}: {e}); skipping its rows", file=sys.stderr)
         return None
-    return mamba3_siso_combined
+
+
+def load_siso():
+    """`mamba3_siso_combined`, or None with the reason printed."""
+    return _load("mamba3_siso_combined", "mamba3_siso_combined", "SISO kernel")
 
 
 def siso_forward(fn, kw: dict, chunk_size: int = 64, return_final_states: bool = False):
@@ -40,14 +45,7 @@ def siso_forward(fn, kw: dict, chunk_size: int = 64, return_final_states: bool =
 
 def load_siso_step():
     """The official Triton `mamba3_siso_step`, or None with the reason printed."""
-    if (OFFICIAL_DIR / "mamba_ssm").is_dir() and str(OFFICIAL_DIR) not in sys.path:
-        sys.path.insert(0, str(OFFICIAL_DIR))
-    try:
-        from mamba_ssm.ops.triton.mamba3.mamba3_siso_step import mamba3_siso_step
-    except Exception as e:
-        print(f"official SISO step unavailable ({type(e).__name__}: {e}); skipping its rows", file=sys.stderr)
-        return None
-    return mamba3_siso_step
+    return _load("mamba3_siso_step", "mamba3_siso_step", "SISO step")
 
 
 def siso_step_fn(fn, inputs: dict, state):
