@@ -7,6 +7,7 @@ its progress lines go to stderr.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ USER_ERROR = 2
 
 
 def _repo_root() -> Path:
-    from mamba3_gen.backends.triton.build import REPO_ROOT
+    from mamba3_gen.paths import REPO_ROOT
 
     return REPO_ROOT
 
@@ -105,11 +106,10 @@ def _problem_lines(spec_path: str, err: Exception) -> list[str]:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from mamba3_gen.backends.triton.build import BuildError
+    from mamba3_gen.errors import Mamba3GenError
     from mamba3_gen.lower.lowering import LoweringError
-    from mamba3_gen.spec.loader import SpecError
 
-    return (SpecError, BuildError, LoweringError, ValueError)
+    return (Mamba3GenError, LoweringError, ValueError)
 
 
 def _load(spec_path: str):
@@ -154,8 +154,9 @@ def _main(
     """Compile declarative Mamba-3 SSM layer specs (YAML) into Triton kernels; check, test and benchmark them.
 
     Typical use: `mamba3-gen check specs/mimo_r4.yaml`, then `mamba3-gen build specs/mimo_r4.yaml`, which writes
-    generated/mimo_r4/{__init__.py,fwd.py,spec.json}; in Python, `mamba3_gen.load("specs/mimo_r4.yaml")` builds
-    and imports it. `mamba3-gen COMMAND --help` explains each command.
+    generated/mimo_r4/{__init__.py,fwd.py,step.py,step_cute.py,spec.json}; in Python,
+    `mamba3_gen.load("specs/mimo_r4.yaml")` builds it into the cache (`mamba3-gen cache path`) and imports it.
+    `mamba3-gen COMMAND --help` explains each command.
     """
 
 
@@ -167,58 +168,90 @@ def build(
     specs: Annotated[list[str], typer.Argument(help="One or more spec files (YAML), e.g. specs/mimo_r4.yaml.",
                                                metavar="SPEC...")],
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Directory to write <name>/ packages into (default: the repository's generated/).",
+        "--out", "-o", help="Directory to write <name>/ packages into (default: generated/ of the repository "
+                            "checkout, or ./generated when mamba3-gen is installed from a wheel).",
         file_okay=False)] = None,
     arch: Annotated[str, typer.Option(help="Target GPU architecture whose limits the kernels must fit: "
                                            "sm_90a, sm_80, sm_89, sm_120, or interpreter (CPU).")] = "sm_90a",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n",
                                           help="Validate and render, but write nothing; list what would change.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace a package built from another spec with the "
+                                                              "same name (e.g. after editing the spec).")] = False,
 ) -> None:
-    """Build each SPEC into a Python package <out>/<name>/ (__init__.py, fwd.py, spec.json).
+    """Build each SPEC into a Python package <out>/<name>/ (__init__.py, fwd.py, step.py, step_cute.py, spec.json).
 
     Every file is listed with its state: 'written' (new or changed), 'unchanged' (byte-identical, left alone) or,
     with --dry-run, 'would write'. Builds are reproducible: the same spec, templates and generator version always
-    give the same bytes. A bad spec prints 'file:line: field: problem; try fix' lines and exits with code 2; the
-    other specs are still built.
+    give the same bytes. Files are replaced atomically under a lock of the package, so concurrent builds are safe.
+
+    A package folder belongs to one spec: a build refuses to replace a package whose spec.json holds another spec
+    (--force replaces it), and two SPECs with the same name in one call are both refused. A bad spec, a refused
+    package or a failed write prints 'file:line: field: problem; try fix' lines; the other specs are still built,
+    and the command exits with code 2 at the end.
     """
-    from mamba3_gen.backends.triton.build import GENERATED_DIR
     from mamba3_gen.backends.triton.build import build as build_spec
+    from mamba3_gen.errors import Mamba3GenError
+    from mamba3_gen.files import check_owner, package_states, write_package
+    from mamba3_gen.paths import default_out_dir
 
     _check_arch(arch)
-    root = out if out is not None else GENERATED_DIR
+    root = out if out is not None else default_out_dir()
     if root.exists() and not root.is_dir():
         raise _fail([f"--out: {root} is a file, not a directory; try another --out directory"])
     verb = "checking" if dry_run else "building"
     plural = "spec" if len(specs) == 1 else "specs"
     typer.echo(f"{verb} {len(specs)} {plural} for {arch} into {_shown(root)}/" + (" (dry run)" if dry_run else ""))
+
+    # Two specs with one name would write one folder: refuse both rather than let the last one win.
+    names: dict[str, list[str]] = {}
+    for spec_path in specs:
+        try:
+            names.setdefault(_load_quietly(spec_path).name, []).append(spec_path)
+        except Mamba3GenError:
+            pass  # reported below, when the spec is built
+    clash = {p: (n, ps) for n, ps in names.items() if len(ps) > 1 for p in ps}
+
     failed = 0
+
+    def fail(prefix: str, lines: list[str]) -> None:
+        nonlocal failed
+        failed += 1
+        typer.echo(f"{prefix}: failed")
+        for line in lines:
+            typer.echo(line, err=True)
+
     for i, spec_path in enumerate(specs, 1):
         prefix = f"[{i}/{len(specs)}] {spec_path}"
+        if spec_path in clash:
+            name, paths = clash[spec_path]
+            others = ", ".join(p for p in paths if p != spec_path) or "itself (given twice)"
+            fail(prefix, [f"{spec_path}:{_yaml_line(spec_path, 'name')}: name: '{name}' is also the name of "
+                          f"{others}; both would be written to {_shown(root / name)}/; try giving each spec its own "
+                          "name"])
+            continue
         try:
             target_dir, files = build_spec(spec_path, out_dir=root, arch=arch, write=False)
         except _user_errors() as e:
-            failed += 1
-            typer.echo(f"{prefix}: failed", err=False)
-            for line in _problem_lines(spec_path, e):
-                typer.echo(line, err=True)
+            fail(prefix, _problem_lines(spec_path, e))
             continue
-        states = {}
+        try:
+            check_owner(target_dir, files, force)
+        except Mamba3GenError as e:  # the folder holds another spec's package: point at this spec's name
+            fail(prefix, [f"{spec_path}:{_yaml_line(spec_path, 'name')}: name: {' '.join(str(e).split())}"])
+            continue
+        states: dict[Path, tuple[str, Optional[int]]] = {}
         pkg_init = root / "__init__.py"
         if not pkg_init.exists():
             states[pkg_init] = ("would write" if dry_run else "written", None)
-        for name, text in files.items():
-            p = target_dir / name
-            try:
-                same = p.is_file() and p.read_text(encoding="utf-8") == text
-            except (OSError, UnicodeDecodeError):
-                same = False
-            states[p] = ("unchanged" if same else ("would write" if dry_run else "written"), len(text.encode()))
+        for p, state in package_states(target_dir, files).items():
+            shown = "unchanged" if state == "unchanged" else ("would write" if dry_run else "written")
+            states[p] = (shown, len(files[p.name].encode()))
         if not dry_run and any(s != "unchanged" for s, _ in states.values()):
             try:
-                build_spec(spec_path, out_dir=root, arch=arch, write=True)
-            except OSError as e:
-                raise _fail([f"--out: cannot write {_shown(target_dir)}: {e.strerror or e}; "
-                             "try a writable --out directory"]) from None
+                write_package(root, target_dir.name, files, force=force)
+            except Mamba3GenError as e:  # a failed write (it names the path) or a lock held too long
+                fail(prefix, [" ".join(str(e).split())])
+                continue
         typer.echo(f"{prefix} -> {_shown(target_dir)}/")
         for p, (state, size) in states.items():
             if size is None and p.exists():
@@ -226,6 +259,91 @@ def build(
             typer.echo(f"  {state:<12} {_shown(p):<48} {'-' if size is None else _size(size):>10}")
     if failed:
         typer.echo(f"{failed} of {len(specs)} {plural} failed", err=True)
+        raise typer.Exit(USER_ERROR)
+
+
+def _load_quietly(spec_path: str):
+    """The spec at ``spec_path`` (SpecError when invalid; the caller reports it later)."""
+    from mamba3_gen.spec.loader import load_spec
+
+    return load_spec(spec_path)
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+cache_app = typer.Typer(
+    name="cache",
+    help="Show or clear the build cache of mamba3_gen.load (one folder per spec fingerprint).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("path")
+def cache_path() -> None:
+    """Print the cache folder: $MAMBA3_GEN_CACHE_DIR, or the user cache folder (e.g. ~/.cache/mamba3-gen)."""
+    from mamba3_gen.cache import cache_dir
+
+    typer.echo(str(cache_dir()))
+
+
+@cache_app.command("ls")
+def cache_ls() -> None:
+    """List the cached builds: folder, spec name, arch, size, and whether the build is complete.
+
+    A build is complete when its manifest lists every file with its sha256 and every file matches; an incomplete
+    one is rebuilt by the next load.
+    """
+    from mamba3_gen.cache import cache_dir, entries
+    from mamba3_gen.errors import Mamba3GenError
+
+    try:
+        found = entries()
+    except Mamba3GenError as e:
+        raise _fail([str(e)]) from None
+    typer.echo(f"{cache_dir()}: {len(found)} build{'' if len(found) == 1 else 's'}"
+               + (f", {_size(sum(e.size for e in found))}" if found else ""))
+    for e in found:
+        typer.echo(f"  {e.path.name:<44} {e.name:<28} {e.arch:<12} {_size(e.size):>10}"
+                   f"  {'complete' if e.complete else 'incomplete'}")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Only the builds of these spec names (default: all).",
+                                                         metavar="[NAME]...", show_default=False)] = None,
+) -> None:
+    """Delete cached builds: all of them, or those of the given spec names.
+
+    Each folder is deleted under its lock, so no build is cut in half. A folder that cannot be deleted is reported
+    and the others are still deleted; the command then exits with code 2. Processes that already imported a build
+    keep running it; do not clear a cache that running jobs are loading from.
+    """
+    from mamba3_gen.cache import cache_dir, entries, remove_entry
+    from mamba3_gen.errors import Mamba3GenError
+
+    try:
+        found = entries()
+    except Mamba3GenError as e:
+        raise _fail([str(e)]) from None
+    chosen = [e for e in found if not names or e.name in names]
+    unknown = sorted(set(names or []) - {e.name for e in found})
+    failed, freed = 0, 0
+    for e in chosen:
+        try:
+            remove_entry(e)
+            freed += e.size
+        except Mamba3GenError as err:
+            failed += 1
+            typer.echo(str(err), err=True)
+    typer.echo(f"removed {len(chosen) - failed} build{'' if len(chosen) - failed == 1 else 's'} from {cache_dir()} "
+               f"({_size(freed)})")
+    for name in unknown:
+        typer.echo(f"note: no cached build of spec '{name}' (see `mamba3-gen cache ls`)", err=True)
+    if failed:
+        typer.echo(f"{failed} of {len(chosen)} builds could not be removed", err=True)
         raise typer.Exit(USER_ERROR)
 
 
@@ -491,11 +609,18 @@ def test(
 ) -> None:
     """Run the property tests of SPEC's generated forward against the float64 references.
 
-    Runs `python -m pytest tests/test_forward.py -q -m "not gpu"` (or `-m gpu` with --gpu) from the repository
-    root with MAMBA3_GEN_SPEC set to SPEC, streams pytest's output, and exits with pytest's exit code
-    (5 means no test was collected). GPU tests skip with a reason when no CUDA device is visible.
+    Runs `python -m pytest tests/test_forward.py -q -rs -m "not gpu"` (or `-m gpu` with --gpu) from the repository
+    root with MAMBA3_GEN_SPEC set to SPEC, streams pytest's output (with the reason of every skipped test), and
+    exits with pytest's exit code (5 means no test was collected). GPU tests skip with a reason when no CUDA device
+    is visible. Needs the test extra (pytest, hypothesis): `pip install -e ".[test]"` in the checkout.
     """
     _load(spec_path)
+    missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(f"mamba3-gen test needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                   f"installed in this Python ({sys.executable}); install the test extra: `pip install -e \".[test]\"` "
+                   "in the mamba3-gen checkout (or `pip install pytest hypothesis`)", err=True)
+        raise typer.Exit(1)
     root = _repo_root()
     test_file = root / "tests" / "test_forward.py"
     if not test_file.is_file():
@@ -516,10 +641,11 @@ def test(
     else:
         env["TRITON_INTERPRET"] = "1"
         marker = "not gpu"
-    cmd = [sys.executable, "-m", "pytest", "tests/test_forward.py", "-q", "-m", marker]
+    # -rs: the summary gives each skipped test's reason (a bare "25 skipped" hides why)
+    cmd = [sys.executable, "-m", "pytest", "tests/test_forward.py", "-q", "-rs", "-m", marker]
     where = "GPU" if gpu else "CPU, TRITON_INTERPRET=1"
     typer.echo(f"testing {spec_path} ({where}, {examples} examples per property): "
-               f"python -m pytest tests/test_forward.py -q -m \"{marker}\"")
+               f"python -m pytest tests/test_forward.py -q -rs -m \"{marker}\"")
     try:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, encoding="utf-8", errors="replace", bufsize=1)

@@ -1,9 +1,12 @@
-"""Input checks shared by the prefill forward and the decode step: every mistake is a ValueError that names the
-tensor and the shape (or dtype, or device) the spec expects, before any kernel sees it."""
+"""Input checks shared by the prefill forward and the decode step: every mistake is an InputError (a ValueError)
+that names the tensor and the shape (or dtype, or device) the spec expects, before any kernel sees it."""
 from __future__ import annotations
+
+import os
 
 import torch
 
+from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -11,21 +14,50 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 def expect(name: str, t, shape: tuple, device=None, dtypes=FLOATS, contiguous=True):
     if t is None:
-        raise ValueError(f"{name} is required by this spec; expected a tensor of shape {tuple(shape)}")
+        raise InputError(f"{name} is required by this spec; expected a tensor of shape {tuple(shape)}")
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(t).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+        raise InputError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
     if t.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
+        raise InputError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}; expected {device} like v")
+        raise InputError(f"{name} is on {t.device}; expected {device} like v")
     return t.contiguous() if contiguous else t
 
 
 def absent(meta: dict, name: str, t, why: str):
     if t is not None:
-        raise ValueError(f"{name} was given but spec {meta['name']!r} {why}; drop it or change the spec")
+        raise InputError(f"{name} was given but spec {meta['name']!r} {why}; drop it or change the spec")
+
+
+def check_device(dev: torch.device) -> None:
+    """Raise DeviceError unless the Triton kernels can run on ``dev`` here: a CUDA device, or the CPU with the Triton
+    interpreter on (TRITON_INTERPRET=1 set before mamba3_gen loaded its kernels: triton.jit reads it then)."""
+    if dev.type == "cuda":
+        return
+    from mamba3_gen.runtime import forward  # imported by now (it imports this module); its flag is read at import
+
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and forward.INTERPRETING:
+        return
+    if dev.type != "cpu":
+        raise DeviceError(f"v is on {dev}; the kernels run on a CUDA GPU (or on the CPU in the Triton interpreter); "
+                          "try moving the tensors with .cuda()")
+    when = ("TRITON_INTERPRET=1 was set after mamba3_gen loaded its kernels" if os.environ.get("TRITON_INTERPRET") == "1"
+            else "TRITON_INTERPRET=1 is not set")
+    raise DeviceError(f"v is on the CPU, but Triton runs kernels on the CPU only in its interpreter, and {when}; try "
+                      "starting Python with it (`TRITON_INTERPRET=1 python script.py`; in a notebook set "
+                      "os.environ['TRITON_INTERPRET'] = '1' before importing mamba3_gen, after a restart), or move "
+                      "the tensors to a CUDA GPU with .cuda()")
+
+
+def check_cute_device(dev: torch.device) -> None:
+    """Raise DeviceError unless the CuTe DSL step can run on ``dev``: it needs a CUDA GPU (no interpreter)."""
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return
+    raise DeviceError(f"backend='cute' runs the CuTe DSL kernel, which needs a CUDA GPU, but v is on {dev}; try "
+                      "backend='triton' (which also runs on the CPU under TRITON_INTERPRET=1), or move the tensors "
+                      "to a CUDA GPU with .cuda()")
 
 
 def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
@@ -35,6 +67,7 @@ def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, t
     Token tensors are lead + their own dims (q, k: G, N or R, G, N; v, z: H, P; angles: H, S); the per-step
     scalars adt, dt, trap are (B, H) + the token dims after B, i.e. (B, H, L) or (B, H). Returns them normalized
     (contiguous, biases and projections fp32, zero biases filled in)."""
+    check_device(dev)
     N, P, R, G, S = meta["N"], meta["P"], meta["R"], meta["G"], meta["S"]
     B, tail = lead[0], tuple(lead[1:])
     out = {"v": expect("v", v, lead + (H, P), dev)}
@@ -92,13 +125,13 @@ def check_state(meta: dict, name: str, st, NS: int, H: int, dev, exact_dtype: bo
         if isinstance(st, (tuple, list)) and len(st) == 4:
             st = Mamba3State(*st)
         else:
-            raise ValueError(f"{name} must be a Mamba3State(angle, ssm, k, v) (or a 4-tuple), got {type(st).__name__}")
+            raise InputError(f"{name} must be a Mamba3State(angle, ssm, k, v) (or a 4-tuple), got {type(st).__name__}")
     fields = {}
     for f, layout in state_layout(meta, NS, H).items():
         t = getattr(st, f)
         if layout is None:  # not part of this spec's state (a real state has no angle, exp_euler no k/v)
             if t is not None:
-                raise ValueError(f"{name}.{f} was given but spec {meta['name']!r} carries no {f}; "
+                raise InputError(f"{name}.{f} was given but spec {meta['name']!r} carries no {f}; "
                                  "is this state from another spec?")
             fields[f] = None
             continue
@@ -106,6 +139,6 @@ def check_state(meta: dict, name: str, st, NS: int, H: int, dev, exact_dtype: bo
         dtypes = (dtype,) if exact_dtype else FLOATS
         t = expect(f"{name}.{f}", t, shape, dev, dtypes, contiguous=not exact_dtype)
         if exact_dtype and not t.is_contiguous():
-            raise ValueError(f"{name}.{f} is not contiguous; a state updated in place must be (use .contiguous())")
+            raise InputError(f"{name}.{f} is not contiguous; a state updated in place must be (use .contiguous())")
         fields[f] = t
     return Mamba3State(**fields)

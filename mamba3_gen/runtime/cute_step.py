@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from mamba3_gen.errors import InputError
+
 
 class CuteStep:
     """Compiled-once launcher of one spec's CuTe step. ``tensors``: {name: tensor or None} with the names of
@@ -44,18 +46,18 @@ class CuteStep:
         for name in self.ptr_names:
             t = tensors.get(name)
             if t is None:
-                raise ValueError(f"CuTe step of spec {self.meta['name']!r}: tensor {name!r} is required")
+                raise InputError(f"CuTe step of spec {self.meta['name']!r}: tensor {name!r} is required")
             role, align = self.roles[name]
             addr = t.data_ptr()
             if align and addr % align:
                 if name == "out" or name.endswith(("_in", "_out")):  # written (or maybe aliased): no copy
-                    raise ValueError(f"CuTe step: {name} must be {align}-byte aligned (got address {addr:#x}); "
+                    raise InputError(f"CuTe step: {name} must be {align}-byte aligned (got address {addr:#x}); "
                                      "pass a fresh contiguous tensor (e.g. .clone())")
                 t = t.clone()  # an input view off the 16-byte grid: a fresh allocation is aligned
                 tensors[name] = t  # keep it alive until the launch is queued
                 addr = t.data_ptr()
             if name != "angles" and not t.is_contiguous():
-                raise ValueError(f"CuTe step: {name} must be contiguous")
+                raise InputError(f"CuTe step: {name} must be contiguous")
             ptrs.append(make_ptr(self._dtypes[t.dtype], 0 if for_compile else addr, self._gmem,
                                  assumed_align=align))
         return ptrs
@@ -78,7 +80,7 @@ class CuteStep:
             for name in self.ptr_names:  # element types must match the roles' dtypes
                 t = tensors.get(name)
                 if t is not None and self.roles[name][0] == "fp32" and t.dtype != torch.float32:
-                    raise ValueError(f"CuTe step: {name} must be float32, got {t.dtype}")
+                    raise InputError(f"CuTe step: {name} must be float32, got {t.dtype}")
             args = self._pointers(tensors, for_compile=True)
             args += [cutlass.Int32(1)] * 4 + [make_fake_stream()]
             dev = tensors["v"].device
@@ -95,7 +97,7 @@ class CuteStep:
         from cuda.bindings.driver import CUstream
 
         if G != self.meta["G"]:
-            raise ValueError(f"CuTe step of spec {self.meta['name']!r} is compiled for G={self.meta['G']} groups, "
+            raise InputError(f"CuTe step of spec {self.meta['name']!r} is compiled for G={self.meta['G']} groups, "
                              f"got G={G}")
         v = tensors["v"]
         B = v.shape[0]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import triton
 
+from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import check_layer_inputs, check_state, expect
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 
@@ -63,37 +64,37 @@ class ForwardOp:
         m = self.meta
         P, G = m["P"], m["G"]
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
-            raise ValueError(f"v must be a tensor of shape (B, L, H, P={P}), got "
+            raise InputError(f"v must be a tensor of shape (B, L, H, P={P}), got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         B, L, H, _ = v.shape
         dev = v.device
         if L < 1:
-            raise ValueError("v has no tokens (L == 0)")
+            raise InputError("v has no tokens (L == 0)")
         if H % G:
-            raise ValueError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
+            raise InputError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
         x = check_layer_inputs(m, (B, L), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                                mimo_v, mimo_z, mimo_o)
 
         is_varlen = cu_seqlens is not None
         if is_varlen:
             if not m["varlen"]:
-                raise ValueError(f"cu_seqlens was given but spec {m['name']!r} has options.varlen: false")
+                raise InputError(f"cu_seqlens was given but spec {m['name']!r} has options.varlen: false")
             if B != 1:
-                raise ValueError(f"varlen packs sequences along L: batch must be 1, got B={B}")
+                raise InputError(f"varlen packs sequences along L: batch must be 1, got B={B}")
             cu_seqlens = expect("cu_seqlens", cu_seqlens, (cu_seqlens.shape[0],), dev, (torch.int32, torch.int64))
             NS = cu_seqlens.shape[0] - 1
             if NS < 1:
-                raise ValueError("cu_seqlens must hold at least two offsets (one sequence)")
+                raise InputError("cu_seqlens must hold at least two offsets (one sequence)")
         else:
             NS = B
 
         has_init = initial_states is not None
         if has_init:
             if not m["initial_states"]:
-                raise ValueError(f"initial_states were given but spec {m['name']!r} has options.initial_states: false")
+                raise InputError(f"initial_states were given but spec {m['name']!r} has options.initial_states: false")
             initial_states = check_state(m, "initial_states", initial_states, NS, H, dev, exact_dtype=False)
         if return_final_states and not m["final_states"]:
-            raise ValueError(f"return_final_states=True but spec {m['name']!r} has options.final_states: false")
+            raise InputError(f"return_final_states=True but spec {m['name']!r} has options.final_states: false")
 
         init = initial_states if has_init else Mamba3State(None, None, None, None)
         out, *final = self.op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
@@ -119,7 +120,7 @@ class ForwardOp:
         if cu_seqlens is not None:
             cpu = cu_seqlens.cpu()
             if int(cpu[0]) != 0 or int(cpu[-1]) != L or bool((cpu[1:] <= cpu[:-1]).any()):
-                raise ValueError(f"cu_seqlens must start at 0, end at L={L} and strictly increase (no empty sequence)")
+                raise InputError(f"cu_seqlens must start at 0, end at L={L} and strictly increase (no empty sequence)")
         out, states = self._outputs(v, NS, return_final_states)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)

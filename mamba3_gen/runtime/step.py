@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import triton
 
-from mamba3_gen.runtime.checks import check_layer_inputs, check_state
+from mamba3_gen.errors import InputError
+from mamba3_gen.runtime.checks import check_cute_device, check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout, zero_state
 
 BACKENDS = ("triton", "cute")
@@ -57,18 +58,20 @@ class StepOp:
         m = self.meta
         P, G = m["P"], m["G"]
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(v, torch.Tensor) or v.dim() != 3:
-            raise ValueError(f"v must be a tensor of shape (B, H, P={P}) (one token), got "
+            raise InputError(f"v must be a tensor of shape (B, H, P={P}) (one token), got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         B, H, _ = v.shape
         dev = v.device
+        if backend == "cute":
+            check_cute_device(dev)  # first: the interpreter, which the input checks suggest on the CPU, cannot run it
         if H % G:
-            raise ValueError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
+            raise InputError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
         x = check_layer_inputs(m, (B,), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                                mimo_v, mimo_z, mimo_o)
         if state is None:
-            raise ValueError(f"state is required; start from step.zero_state({B}, {H}, device) or the forward's "
+            raise InputError(f"state is required; start from step.zero_state({B}, {H}, device) or the forward's "
                              "final states")
         st_in = check_state(m, "state", state, B, H, dev, exact_dtype=inplace)
         if inplace:
@@ -107,11 +110,11 @@ class StepOp:
         """The CuTe DSL twin of this step (generated step_cute.py), loaded on first use."""
         if self._cute is None:
             if self.package is None:
-                raise ValueError("this step was not loaded from a generated package; no CuTe DSL kernel to use")
+                raise InputError("this step was not loaded from a generated package; no CuTe DSL kernel to use")
             try:
                 module = importlib.import_module(f"{self.package}.step_cute")
             except ImportError as e:
-                raise ValueError(f"the CuTe DSL step needs nvidia-cutlass-dsl ({e}); install it or use "
+                raise InputError(f"the CuTe DSL step needs nvidia-cutlass-dsl ({e}); install it or use "
                                  "backend='triton'") from e
             from mamba3_gen.runtime.cute_step import CuteStep
 

@@ -20,23 +20,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from mamba3_gen.errors import SpecError
 from mamba3_gen.spec.model import Spec
 from mamba3_gen.version import __version__
 
 __all__ = ["SpecError", "load_spec", "load_spec_text", "spec_hash", "json_schema"]
 
 Loc = tuple[Any, ...]
-
-
-class SpecError(Exception):
-    """One or more problems with a spec, each a ``file:line: field: message; try ...`` line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__(self.problems)  # args = (problems,), so that copies and pickles rebuild the same error
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 # ---------------------------------------------------------------------------------------------------------- public

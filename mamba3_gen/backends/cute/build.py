@@ -13,9 +13,10 @@ from pathlib import Path
 import jinja2
 
 from mamba3_gen.backends.templating import template_env, templates_hash
+from mamba3_gen.paths import templates_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-TEMPLATE_DIR = REPO_ROOT / "templates" / "cute"
+TEMPLATE_DIR = templates_dir("cute")  # the checkout's templates/, or the copy inside an installed wheel
 STEP_TEMPLATE = "step.py.jinja"
 VECTOR_BYTES = 16  # bytes of one vector load/store of the state
 MAX_THREADS = 128  # threads of a CTA (one CTA per (b, h))

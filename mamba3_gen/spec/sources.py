@@ -1,0 +1,85 @@
+"""A spec from wherever a user has it: a file path, YAML text, a dict or a :class:`Spec` (a sweep needs no files).
+
+Errors are :class:`SpecError` lines as the file loader writes them: ``<file>:<line>: <field>: <problem>; try <fix>``
+for files and YAML text (``<string>`` names the text), ``<dict>: <field>: ...`` for dicts and Spec objects, which
+have no lines.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from pydantic import ValidationError
+
+from mamba3_gen.errors import SpecError
+from mamba3_gen.spec.loader import _translate_safely, load_spec, load_spec_text
+from mamba3_gen.spec.model import Spec
+
+__all__ = ["SpecSource", "resolve_spec", "load_spec_dict"]
+
+SpecSource = Union[str, os.PathLike, Mapping, Spec, bytes]
+TEXT_NAME = "<string>"
+DICT_NAME = "<dict>"
+
+
+def load_spec_dict(doc: Mapping, name: str = DICT_NAME) -> Spec:
+    """Validate a spec given as a dict (keys as in YAML, e.g. ``{"name": "x", "dims": {"mimo_rank": 2}}``).
+
+    Raises:
+        SpecError: one ``<dict>: field: problem; try fix`` line per problem.
+    """
+    if not isinstance(doc, Mapping):
+        raise SpecError([f"{name}: spec: expected a mapping of sections, got {type(doc).__name__}; "
+                         "try a dict such as {'name': 'my_layer', 'dims': {'mimo_rank': 2}}"])
+    plain = dict(doc)
+    try:
+        return Spec.model_validate(plain)
+    except ValidationError as e:
+        problems = [_translate_safely(err, plain, name)[1] for err in e.errors()]
+    # the loader writes '<name>:<line>: ...'; a dict has no lines, so the line is dropped
+    lines: list[str] = []
+    for msg in problems:
+        head, sep, rest = msg.partition(": ")
+        msg = f"{head.rsplit(':', 1)[0]}: {rest}" if sep and head.startswith(name + ":") else msg
+        if msg not in lines:
+            lines.append(msg)
+    raise SpecError(lines)
+
+
+def _looks_like_yaml(text: str) -> bool:
+    stripped = text.strip()
+    return "\n" in stripped or stripped.startswith("{") or ": " in stripped
+
+
+def resolve_spec(source: Any) -> tuple[Spec, str]:
+    """(validated Spec, the name to show for it) of a spec given as:
+
+    - a path (``str`` or ``os.PathLike``) to a YAML file;
+    - YAML text (a ``str`` with a newline, or a one-line flow mapping such as ``"{name: x, dims: {mimo_rank: 2}}"``);
+    - a dict, as the YAML would parse;
+    - a :class:`Spec` (validated again, so that fields changed after construction are checked too).
+
+    Raises:
+        SpecError: the spec is invalid or cannot be read; or ``source`` is none of the above.
+    """
+    if isinstance(source, Spec):
+        return load_spec_dict(source.model_dump(mode="json", by_alias=True), "<Spec>"), f"spec {source.name!r}"
+    if isinstance(source, Mapping):
+        return load_spec_dict(source), DICT_NAME
+    if isinstance(source, bytes):
+        try:
+            source = source.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError([f"{TEXT_NAME}:1: file: is not UTF-8 text ({e.reason}); try passing a str"]) from None
+    if isinstance(source, os.PathLike):
+        return load_spec(source), os.fspath(source)
+    if isinstance(source, str):
+        if "\n" not in source and Path(source).is_file():
+            return load_spec(source), source
+        if _looks_like_yaml(source):
+            return load_spec_text(source, TEXT_NAME), TEXT_NAME
+        return load_spec(source), source  # a path that does not exist: the loader says so
+    raise SpecError([f"<spec>: spec: expected a path, YAML text, a dict or a Spec, got {type(source).__name__}; "
+                     "try mamba3_gen.load('specs/mimo_r4.yaml')"])
