@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,11 +73,16 @@ def _yaml_line(spec_path: str, dotted: str) -> int:
     except Exception:  # noqa: BLE001 - only used to point at a line; the spec itself already loaded
         return 1
     line = 1
-    for part in dotted.split("."):
+    for part in re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\]", dotted):  # 'a.b[2]' -> a, b, [2]
         lc = getattr(node, "lc", None)
-        if not isinstance(node, dict) or part not in node or lc is None:
-            break
         try:
+            if part.startswith("[") and isinstance(node, list) and lc is not None:
+                index = int(part[1:-1])
+                line = lc.item(index)[0] + 1
+                node = node[index]
+                continue
+            if not isinstance(node, dict) or part not in node or lc is None:
+                break
             line = lc.key(part)[0] + 1
         except Exception:  # noqa: BLE001
             break
@@ -96,7 +102,7 @@ def _problem_lines(spec_path: str, err: Exception) -> list[str]:
         if not raw:
             continue
         field, sep, rest = raw.partition(": ")
-        if sep and field.replace("_", "a").replace(".", "a").isalnum() and " " not in field:
+        if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*", field):
             msg = rest if "try " in rest else f"{rest}; try changing {field} (see `mamba3-gen schema`)"
             lines.append(f"{spec_path}:{_yaml_line(spec_path, field)}: {field}: {msg}")
         else:
@@ -401,11 +407,13 @@ def check(
     """Validate SPEC and show what the compiler derives from it, without writing anything.
 
     Prints the resolved spec (every field, defaults marked), derived quantities (S rotation angles, chunk rows C·R,
-    kernel dims), the discretization lowered by sympy (diagonal weight, key scale, initial-state correction), the
+    kernel dims), the discretization rule as formulas (log-decay a_t and lag weights c_j(t), presets included) as
+    sympy lowered them (series at removable singularities, derivatives for the backward), the
     stage order, the autotune configs with their shared-memory estimates against the target's per-block limit,
     which GPU targets the spec fits, and (with --aot) what the compiler actually allocated per config.
     """
     from mamba3_gen.backends.device import TARGETS
+    from mamba3_gen.backends.printing import print_prologue, triton_printer
     from mamba3_gen.backends.triton.build import BuildError, lower
     from mamba3_gen.graph.dataflow import PHASES
     from mamba3_gen.spec.loader import spec_hash, yaml_value
@@ -441,7 +449,7 @@ def check(
         "dims": dims | {"G": d.ngroups},
         "lambda_source": low.lowered.lam_source,
         "trap_input": spec.has_trap_input,
-        "carries_prev_token": spec.carries_prev_token,
+        "lags": spec.lags,
     }
     configs = [{"block_p": c.block_p, "num_warps": c.num_warps, "num_stages": c.num_stages,
                 "smem_estimate": c.smem_estimate, "smem_limit": limit} for c in low.configs]
@@ -459,7 +467,7 @@ def check(
             "target": target.name,
             "derived": derived,
             "lowering": low.lowered.describe(),
-            "kernel_code": low.lowered.code(),
+            "kernel_code": dict(print_prologue(low.lowered, triton_printer())),
             "stage_order": stage_order,
             "graph": {
                 "stages": [{"name": s.name, "phase": s.phase, "doc": s.doc,
@@ -496,9 +504,9 @@ def check(
              f"P={dims['P']} (padded to {dims['BP']}), R={dims['R']}, G={d.ngroups}, C={dims['C']}")
         lam = {"data": "per token, λ_t = σ(trap_t) from the trap input",
                "constant": f"constant λ = {spec.discretization.lambda_value}",
-               "none": "none (exp_euler is the λ = 1 rule)"}[low.lowered.lam_source]
+               "none": "none (the rule's formulas do not use lam)"}[low.lowered.lam_source]
         echo(f"  λ: {lam}")
-        echo(f"  carries the previous token (k̂, v) in the state: {'yes' if spec.carries_prev_token else 'no'}")
+        echo(f"  previous tokens (k̂, v) carried in the state: {spec.lags} (the rule's lags)")
         echo("")
         echo("discretization, lowered by sympy:")
         desc = low.lowered.describe()

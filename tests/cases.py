@@ -13,16 +13,23 @@ import torch.nn.functional as F
 from mamba3_gen.reference import rel_err, to_float64
 from mamba3_gen.reference.inputs import TIME_DIM
 from mamba3_gen.runtime.state import Mamba3State
-from mamba3_gen.spec.model import Spec
+from mamba3_gen.spec.model import Discretization, Spec
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 GOLDEN_TOL = 1e-5  # float32 golden data (~1e-7 relative rounding observed); see tests/test_reference.py
 
 
 def make_spec(rule="exp_trapezoidal", lam="data", lam_value=None, kind="complex", rope=0.5, rotation="pairwise",
-              N=16, P=8, R=1, G=1, chunk=16, d_skip=True, z_gate=True, init=False, varlen=False) -> Spec:
+              N=16, P=8, R=1, G=1, chunk=16, d_skip=True, z_gate=True, init=False, varlen=False,
+              weights=None, log_decay=None) -> Spec:
+    """A test spec named "ref_test". rule: a preset, or "custom" with `weights` (and optionally `log_decay`)
+    formulas; the λ settings are written only when the rule's formulas use lam."""
     disc = {"rule": rule}
-    if rule == "exp_trapezoidal":
+    if weights is not None:
+        disc["weights"] = list(weights)
+    if log_decay is not None:
+        disc["log_decay"] = log_decay
+    if Discretization.model_validate(disc).resolved_rule().uses_lambda:
         disc["lambda"] = lam
         if lam == "constant":
             disc["lambda_value"] = lam_value

@@ -78,15 +78,41 @@ def _interpretable(spec):
     return spec
 
 
+# A small grammar of discretization formulas: terms over dt, adt, lam using every whitelisted function (finite on
+# the whole domain dt >= 0, adt <= 0, lam in [0, 1]; ZOH's removable singularity at adt = 0 included).
+WEIGHT_TERMS = (
+    "dt", "dt * exp(adt)", "dt * lam", "dt * (1 - lam)", "(1 - lam) * dt * exp(adt)", "dt * expm1(adt) / adt",
+    "dt * sigmoid(adt)", "dt * tanh(dt)", "dt * exp(0.5 * adt)", "-expm1(adt)", "dt * log1p(-adt) / (1 - adt)",
+    "dt * softplus(adt)", "sqrt(dt) * dt", "dt * lam ** 2", "dt / (1 + dt)", "dt * log(1 + dt)",
+)
+LOG_DECAYS = (None, "adt", "0.5 * adt", "adt - 0.1 * dt", "-softplus(-adt)", "2 * adt")
+
+
+@st.composite
+def formula_rules(draw, max_lags: int = 3) -> dict:
+    """make_spec keywords of a custom rule: 1 to max_lags + 1 weights, each a coefficient times one or two terms of
+    WEIGHT_TERMS, and an optional log-decay."""
+    weights = []
+    for _ in range(draw(st.integers(0, max_lags)) + 1):
+        terms = draw(st.lists(st.sampled_from(WEIGHT_TERMS), min_size=1, max_size=2))
+        coef = draw(st.sampled_from(["1", "0.5", "0.25", "1.5", "-0.5"]))
+        weights.append(f"{coef} * (" + " + ".join(terms) + ")")
+    return {"rule": "custom", "weights": weights, "log_decay": draw(st.sampled_from(LOG_DECAYS))}
+
+
 @st.composite
 def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
     """A spec: MAMBA3_GEN_SPEC's if set, else a random one. init/varlen/final force those options when not None."""
     if ENV_SPEC is not None:
         return ENV_SPEC if gpu else _interpretable(ENV_SPEC)
-    rule = draw(st.sampled_from(["euler", "trap_data", "trap_const"]))
+    rule = draw(st.sampled_from(["euler", "trap_data", "trap_const", "zoh", "formula", "formula"]))
     lam_value = None
-    if rule == "trap_const":
+    if rule in ("trap_const", "formula"):
         lam_value = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)))
+    rule_kw = {"rule": {"euler": "exp_euler", "zoh": "zoh", "trap_data": "exp_trapezoidal",
+                        "trap_const": "exp_trapezoidal"}.get(rule, "custom")}
+    if rule == "formula":
+        rule_kw = draw(formula_rules())
     R = draw(st.sampled_from([1, 2, 4, 8]))
     if gpu:
         N = draw(st.sampled_from([32, 64, 128]))
@@ -96,9 +122,10 @@ def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
         N = draw(st.sampled_from([16, 32]))
         P = draw(st.sampled_from([8, 16, 24]))  # 24 pads to a 32-wide tile
         chunk = draw(st.sampled_from([c for c in (4, 8, 16) if c * R <= 64]))
+    lam_source = "data" if rule == "trap_data" else "constant" if rule == "trap_const" else draw(
+        st.sampled_from(["data", "constant"]))
     spec = make_spec(
-        rule="exp_euler" if rule == "euler" else "exp_trapezoidal",
-        lam="constant" if rule == "trap_const" else "data", lam_value=lam_value,
+        **rule_kw, lam=lam_source, lam_value=lam_value,
         kind=draw(st.sampled_from(["real", "complex"])), rope=draw(st.sampled_from([0.5, 1.0])),
         rotation=draw(st.sampled_from(["pairwise", "halved"])),
         N=N, P=P, R=R, G=draw(st.sampled_from([1, 2])), chunk=chunk,
@@ -131,10 +158,13 @@ def input_kwargs(draw, spec, *, gpu=False, varlen=None, init=None):
         dt_range=(1e-4, 1.0),
         lam_logit_range=draw(st.sampled_from([(-30.0, 30.0), (-4.0, 4.0)])),  # all of [0, 1] / the middle
     )
-    if draw(st.booleans()):
+    decay = draw(st.sampled_from(["adt", "a", "tiny"]))
+    if decay == "adt":
         kw["adt_range"] = (-20.0, 0.0)  # A·Δ down to −20 independently of Δ
-    else:
+    elif decay == "a":
         kw["a_range"] = (-20.0, -1e-3)  # A·Δ = A·Δ, down to −20 with Δ = 1
+    else:
+        kw["adt_range"] = (-0.05, 0.0)  # near 0: removable singularities (ZOH's at A·Δ = 0) are evaluated there
     if use_varlen:
         kw.update(B=1, nseq_lengths=_lengths(draw, C, gpu))
         kw["L"] = sum(kw["nseq_lengths"])

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba3_gen.reference import chunked_reference, make_inputs, max_abs, naive_recurrence, rel_err, to_float64
+from tests.strategies import formula_rules
 from tests.cases import (
     _TIME_DIM,
     GOLDEN,
@@ -81,10 +82,13 @@ def test_golden(name, ref):
 # ------------------------------------------------------------------------------------------------------------------
 @st.composite
 def cases(draw, allow_varlen=True, allow_init=True):
-    rule = draw(st.sampled_from(["euler", "trap_data", "trap_const"]))
+    rule = draw(st.sampled_from(["euler", "trap_data", "trap_const", "zoh", "formula"]))
     lam_value = None
-    if rule == "trap_const":
+    if rule in ("trap_const", "formula"):
         lam_value = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)))
+    rule_kw = {"rule": {"euler": "exp_euler", "zoh": "zoh"}.get(rule, "exp_trapezoidal")}
+    if rule == "formula":
+        rule_kw = draw(formula_rules())
     kind = draw(st.sampled_from(["real", "complex"]))
     R = draw(st.sampled_from([1, 2, 4]))
     G = draw(st.sampled_from([1, 2]))
@@ -95,9 +99,8 @@ def cases(draw, allow_varlen=True, allow_init=True):
     init = allow_init and draw(st.booleans())
     varlen = allow_varlen and draw(st.booleans())
     spec = make_spec(
-        rule="exp_euler" if rule == "euler" else "exp_trapezoidal",
-        lam="constant" if rule == "trap_const" else "data", lam_value=lam_value,
-        kind=kind, rope=draw(st.sampled_from([0.5, 1.0])), rotation=draw(st.sampled_from(["pairwise", "halved"])),
+        **rule_kw, lam="constant" if rule == "trap_const" or (rule == "formula" and draw(st.booleans())) else "data",
+        lam_value=lam_value, kind=kind, rope=draw(st.sampled_from([0.5, 1.0])), rotation=draw(st.sampled_from(["pairwise", "halved"])),
         N=N, P=P, R=R, G=G, chunk=chunk, d_skip=draw(st.booleans()), z_gate=draw(st.booleans()),
         init=init, varlen=varlen,
     )

@@ -18,6 +18,7 @@ def template_env(template_dir: Path) -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.filters["pyrepr"] = lambda obj: pprint.pformat(obj, width=110, sort_dicts=True)
+    env.filters["add_suffix"] = lambda name, suffix: f"{name}{suffix}"
     return env
 
 

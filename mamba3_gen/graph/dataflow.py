@@ -28,6 +28,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     updates: tuple[str, ...] = ()
+    optional_reads: tuple[str, ...] = ()  # read only when an active stage writes them (Θ_t of a complex state)
     loads: tuple[str, ...] = ()  # tensors read from memory
     stores: tuple[str, ...] = ()  # tensors written to memory
     when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
@@ -42,31 +43,32 @@ def _mimo(spec, low):
 
 
 # Declaration order is the semantic order of writes to a value; the graph may reorder independent stages.
+def _lags(spec, low):
+    return low.lags > 0
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("init_carry", "prologue", "carried Θ and H: zeros, or the initial states",
-          writes=("theta", "h"), loads=("init_angle", "init_ssm")),
-    Stage("init_correction", "prologue", "previous token's lagged input enters the initial state",
-          reads=("theta",), updates=("h",), loads=("dt", "trap", "init_k", "init_v", "mimo_v"),
-          when=lambda spec, low: spec.options.initial_states and low.has_shift),
-    Stage("load_steps", "chunk", "Δ, a = A·Δ, λ of the chunk's tokens and of the next token",
-          writes=("dt", "a", "lam", "dt_next", "lam_next"), loads=("dt", "adt", "trap")),
+    Stage("init_carry", "prologue", "carried Θ, H and the last J tokens' (k̂, v): zeros, or the initial states",
+          writes=("theta", "h", "prev"), loads=("init_angle", "init_ssm", "init_k", "init_v", "mimo_v")),
+    Stage("load_steps", "chunk", "the rule's prologue (a, c_j) at each token t + s, s = 0..J, and at the chunk's "
+          "first J steps", writes=("dt", "a", "cw", "cm"), loads=("dt", "adt", "trap")),
     Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves",
           writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias")),
     Stage("load_v", "chunk", "V rows, times MIMO_V per rank", writes=("v_rows",), loads=("v", "mimo_v")),
     Stage("load_gate", "chunk", "Z rows, times MIMO_Z per rank", writes=("z_rows",), loads=("z", "mimo_z"),
           when=lambda spec, low: spec.options.z_gate),
-    Stage("coefficients", "chunk", "discretization weights derived by sympy: γ (diagonal) and the key scale",
-          reads=("dt", "lam", "dt_next", "lam_next"), writes=("gamma", "scale")),
-    Stage("decay_cumsum", "chunk", "in-chunk inclusive cumsum of a, and the chunk total",
-          reads=("a",), writes=("cs", "cs_last")),
+    Stage("decay_weights", "chunk", "cumsum of a, key scale, band weights, weights into the chunk-end state and "
+          "of the carried tokens", reads=("a", "cw", "cm"), writes=("cs", "weights")),
     Stage("angle_cumsum", "chunk", "Θ_t = Θ + cumsum(Δ·π·tanh(angle)) in fp32; cos, sin per row",
-          reads=("dt",), updates=("theta",), writes=("cos", "sin"), loads=("angles",), when=_complex),
+          reads=("dt",), updates=("theta",), writes=("cos", "sin", "theta_t"), loads=("angles",), when=_complex),
     Stage("rotate", "chunk", "rotate Q and K by Θ_t (pairwise or halved layout)",
           reads=("cos", "sin"), updates=("q", "k"), when=_complex),
-    Stage("intra_chunk", "chunk", "(Q Kᵀ ⊙ W) V with W = scale_j·exp(cs_i − cs_j) below, γ_i on the diagonal block",
-          reads=("q", "k", "v_rows", "cs", "gamma", "scale"), writes=("y",)),
+    Stage("intra_chunk", "chunk", "(Q Kᵀ ⊙ W) V: W = decay·key scale once all lags landed, band weights before",
+          reads=("q", "k", "v_rows", "cs", "weights"), writes=("y",)),
     Stage("inter_chunk", "chunk", "y += exp(cs)·Q Hᵀ, the state entering the chunk",
           reads=("q", "h", "cs"), updates=("y",)),
+    Stage("prev_tokens", "chunk", "y += the carried tokens' lagged terms", reads=("q", "prev", "weights"),
+          updates=("y",), when=_lags),
     Stage("skip", "chunk", "y += D·v", reads=("v_rows",), updates=("y",), loads=("D",),
           when=lambda spec, low: spec.options.d_skip),
     Stage("gate", "chunk", "y ⊙= silu(z)", reads=("z_rows",), updates=("y",), when=lambda spec, low: spec.options.z_gate),
@@ -76,10 +78,12 @@ STAGES: tuple[Stage, ...] = (
           when=_mimo),
     Stage("store_y", "chunk", "write the chunk's output (one rank)", reads=("y",), stores=("out",),
           when=lambda spec, low: not _mimo(spec, low)),
-    Stage("state_update", "chunk", "H = exp(cs_last)·H + (V ⊙ exp(cs_last − cs))ᵀ (scale·K)",
-          reads=("k", "v_rows", "scale", "cs", "cs_last"), updates=("h",)),
-    Stage("final_states", "epilogue", "store Θ, H, and the last token's k̂ and v",
-          reads=("theta", "h"), stores=("final_angle", "final_ssm", "final_k", "final_v"), loads=("k", "k_bias", "v"),
+    Stage("state_update", "chunk", "H = exp(cs_last)·H + (V ⊙ w_end)ᵀ K + the carried tokens' terms",
+          reads=("k", "v_rows", "weights", "prev"), updates=("h",)),
+    Stage("carry_update", "chunk", "the chunk's last J tokens (k̂ rotated by their Θ, raw v) become the carried ones",
+          optional_reads=("theta_t",), updates=("prev",), loads=("k", "k_bias", "v"), when=_lags),
+    Stage("final_states", "epilogue", "store Θ, H, and the last J tokens' k̂ and v",
+          reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
           when=lambda spec, low: spec.options.final_states),
 )
 
@@ -126,7 +130,7 @@ def build_graph(stages: tuple[Stage, ...] | list[Stage]) -> nx.DiGraph:
     writer: dict[str, str] = {}
     readers: dict[str, list[str]] = {}
     for s in stages:
-        for v in s.reads:
+        for v in s.reads + tuple(o for o in s.optional_reads if o in writer):
             if v not in writer:
                 raise GraphError(f"stage {s.name} reads {v!r} before any stage writes it")
             g.add_edge(writer[v], s.name, value=v, kind="data")

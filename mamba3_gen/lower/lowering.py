@@ -1,137 +1,198 @@
-"""Symbolic lowering: spec + discretization rule -> the per-token quantities of the chunked algorithm.
+"""Symbolic lowering: a spec's discretization rule -> the per-token coefficients every kernel and oracle reads.
 
-Unrolling the recurrence of a rule (see ``rules.py``), token s enters the state of every later step t with weight
+A rule (``spec/rules.py``) gives a_t (log-decay) and the lag weights c_0(t) … c_J(t) as formulas over Δ_t, A_t·Δ_t
+and λ_t. The lowering resolves λ (per-token data, a constant, or unused), makes every formula safe to evaluate on
+its whole domain, validates it, and hands the kernels one *prologue*: per token, ``a`` and ``c0 … cJ``. The chunked
+forward, both decode steps and the float64 oracles read only that prologue, so none of them ever sees a rule.
 
-    Σ_j c_j(s+j) · exp(Σ_{r=s+j+1..t} a_r)   =   scale_s · exp(cs_t - cs_s)      for t ≥ s + lags,
+Making a formula safe: where a denominator vanishes inside the domain (Δ ≥ 0, A·Δ ≤ 0, λ ∈ [0, 1]) sympy finds the
+limit there; a finite limit (a removable singularity, e.g. ZOH's Δ·expm1(a)/a at a = 0) becomes a Piecewise that
+evaluates a Taylor series within ``SERIES_RADIUS`` of the point (truncation error below 1e-9 relative there), an
+infinite one is refused. A formula that is not finite at sample points of the domain, or unbounded at padding
+(Δ → 0, a → 0), is refused too. Derivatives of the prologue with respect to Δ, A·Δ, λ are kept for the backward.
 
-    scale_s = c_0(s) + Σ_{j≥1} c_j(s+j) · exp(-Σ_{r=s+1..s+j} a_r)            (the per-token key scale)
+How the chunked kernel uses the prologue (the math doc §5 generalised to J lags; every exponent is ≤ 0, so the
+weights are finite for every decay down to −inf): token s enters the output of token t ≥ s with weight
 
-and at t = s (the diagonal) the weight is c_0(s) alone. The lag-j terms read step s+j's Δ, λ, a even across chunk
-boundaries. Before the first token, the carried previous token enters the initial state with weight
-c_1(0)·exp(-a_0) (the initial-state correction). sympy derives, simplifies and prints each of these as a Triton
-expression over the kernel's per-token vectors; their derivatives are kept for the backward kernels.
+    W(t, s) = Σ_{j ≤ t−s} c_j(s+j) · exp(cs_t − cs_{s+j})        (cs: cumsum of a)
+
+which for t − s ≥ J is exp(cs_t − cs_{s+J}) · Σ_j c_j(s+j)·exp(cs_{s+J} − cs_{s+j}) (a per-token key scale times a
+decay), and for t − s < J a per-token band weight. The state carried between chunks (and between calls) is the
+true H_t plus the last J tokens' (k̂, v): their remaining lagged terms are applied by the next chunk.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
 
-from mamba3_gen.lower.rules import RULES, Rule, adt, dt, lam
+from mamba3_gen.spec.formula import adt, dt, formula_text, lam, sigmoid, softplus
 from mamba3_gen.spec.model import Spec
+from mamba3_gen.spec.rules import Rule
 
-# Symbols of the next token (t+1) and of the first token of a sequence, as the kernel names them.
-dt_next, adt_next, lam_next = sp.symbols("dt_next adt_next lam_next", real=True)
-dt0, adt0, lam0 = sp.symbols("dt0 adt0 lam0", real=True)
+SERIES_ORDER = 6  # terms of the Taylor series used at a removable singularity
+SERIES_RADIUS = 0.0625  # |x − x0| below which the series is used; (1/16)^6/6! ≈ 8e-11 for ZOH
+DOMAIN = {dt: sp.Interval(0, sp.oo), adt: sp.Interval(-sp.oo, 0), lam: sp.Interval(0, 1)}
+SAMPLES = {dt: (1e-4, 1e-2, 0.5, 3.0), adt: (-30.0, -2.0, -0.3, -1e-3), lam: (0.0, 0.3, 1.0)}
 
 
 class LoweringError(ValueError):
-    pass
-
-
-def triton_expr(expr: sp.Expr, exp: str = "tl.exp") -> str:
-    """Print a sympy expression as kernel source (fp32 values; ``exp`` names the backend's exponential, e.g.
-    ``tl.exp`` for Triton); deterministic text."""
-    return _KernelPrinter(exp).doprint(expr)
-
-
-class _KernelPrinter(sp.printing.str.StrPrinter):
-    def __init__(self, exp: str = "tl.exp"):
-        super().__init__()
-        self._exp = exp
-
-    def _print_Function(self, e):
-        if isinstance(e, sp.exp):
-            return f"{self._exp}({self._print(e.args[0])})"
-        raise LoweringError(f"function {e.func} has no kernel lowering")
-
-    def _print_Rational(self, e):
-        return repr(float(e))
-
-    def _print_Float(self, e):
-        return repr(float(e))
-
-    def _print_Pow(self, e, rational=False):
-        base, ex = e.args
-        if ex == -1:
-            return f"(1.0 / {self.parenthesize(base, 100)})"
-        if ex.is_Integer and 1 < int(ex) <= 4:
-            b = self.parenthesize(base, 100)
-            return " * ".join([b] * int(ex))
-        raise LoweringError(f"power {e} has no Triton lowering")
+    """A rule the kernels cannot evaluate safely; the message starts with the field and says what to do."""
 
 
 @dataclass(frozen=True)
 class Lowered:
-    """What the templates need from the discretization, as Triton expressions (kernel variable names)."""
+    """The discretization as the kernels read it: per-token ``a`` and ``c0 … cJ`` over the step symbols dt, adt
+    (A·Δ as the kernel computes it from its input) and lam (only when λ is per-token data)."""
 
     rule: Rule
     lam_source: str  # "data", "constant" or "none"
-    gamma: sp.Expr  # diagonal weight c_0(t), over dt, lam, adt
-    beta: sp.Expr  # weight c_1(t) of the previous token in step t (0 for lag-free rules): the decode step's lagged term
-    shift: sp.Expr  # lag-1 part of the key scale, over dt_next, lam_next, adt_next (0 for lag-free rules)
-    init_shift: sp.Expr  # weight of the carried previous token in the initial state, over dt0, lam0, adt0
+    log_decay: sp.Expr  # a_t
+    weights: tuple[sp.Expr, ...]  # c_j(t), safe (removable singularities as Piecewise series)
     derivatives: dict[str, sp.Expr] = field(default_factory=dict)
 
     @property
-    def has_shift(self) -> bool:
-        return self.shift != 0
+    def lags(self) -> int:
+        return len(self.weights) - 1
 
-    def code(self) -> dict[str, str]:
-        return {
-            "gamma": triton_expr(self.gamma),
-            "shift": triton_expr(self.shift),
-            "init_shift": triton_expr(self.init_shift),
-        }
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The step symbols the prologue reads, in a fixed order."""
+        used = set().union(*(e.free_symbols for e in (self.log_decay, *self.weights)))
+        return tuple(s.name for s in (dt, adt, lam) if s in used)
 
-    def step_code(self, exp: str = "tl.exp") -> dict[str, str]:
-        """The decode step H_t = alpha·H_{t-1} + beta·v_{t-1}k̂_{t-1}ᵀ + gamma·v_t k̂_tᵀ, over the kernel's scalars
-        ``dt``, ``adt`` (A·Δ) and ``lam``, printed with the backend's exponential."""
-        return {"alpha": f"{exp}(adt)", "beta": triton_expr(self.beta, exp), "gamma": triton_expr(self.gamma, exp)}
+    def prologue(self) -> list[tuple[str, sp.Expr]]:
+        """[(name, expr)]: ``a`` then ``c0`` … ``cJ``; a backend prints each expr with its own printer."""
+        return [("a", self.log_decay)] + [(f"c{j}", w) for j, w in enumerate(self.weights)]
 
     def describe(self) -> dict[str, str]:
-        out = {
-            "rule": self.rule.summary,
-            "lambda": self.lam_source,
-            "diagonal weight gamma_t": str(self.gamma),
-            "shifted term g_t (from token t+1)": str(self.shift),
-            "key scale_t": str(sp.simplify(self.gamma + self.shift)),
-            "initial-state correction": str(self.init_shift),
-        }
-        out.update({f"d/d{k}": str(v) for k, v in self.derivatives.items()})
+        out = {"rule": self.rule.summary, "lambda": self.lam_source, "lags J": str(self.lags),
+               "log-decay a_t": formula_text(self.log_decay)}
+        for j, w in enumerate(self.weights):
+            out[f"weight c_{j}(t) (token t-{j})"] = _show(w)
+        out.update({f"d/d{k}": formula_text(v) for k, v in self.derivatives.items()})
         return out
 
 
+def _show(e: sp.Expr) -> str:
+    if isinstance(e, sp.Piecewise):
+        (series, cond), (body, _) = e.args
+        body = body.replace(lambda x: isinstance(x, sp.Piecewise), lambda x: x.args[-1][0])
+        return f"{formula_text(body)}   [series {formula_text(series)} where {formula_text(cond)}]"
+    return formula_text(e)
+
+
 def lower_discretization(spec: Spec) -> Lowered:
-    rule = RULES[spec.discretization.rule]
-    if rule.lags > 1:
-        raise LoweringError(
-            f"rule {rule.name} has {rule.lags} lagged terms; the templates implement at most one (band width 1)"
-        )
-    coeffs = list(rule.coefficients)
+    """Lower spec.discretization; raises LoweringError naming ``discretization.weights[j]`` or ``.log_decay``."""
+    rule = spec.rule
+    subs = {}
     if not rule.uses_lambda:
         lam_source = "none"
     elif spec.discretization.lambda_ == "constant":
         lam_source = "constant"
-        value = sp.Float(spec.discretization.lambda_value)
-        coeffs = [c.subs(lam, value) for c in coeffs]
+        subs = {lam: sp.Float(spec.discretization.lambda_value)}
     else:
         lam_source = "data"
-
-    gamma = sp.simplify(coeffs[0])
-    beta = sp.simplify(coeffs[1]) if rule.lags else sp.Integer(0)
-    if rule.lags == 0:
-        shift = sp.Integer(0)
-    else:
-        # c_1 of step s+1, pulled back through that step's decay so it rides on token s's key.
-        shift = sp.simplify((coeffs[1] * sp.exp(-adt)).subs({dt: dt_next, adt: adt_next, lam: lam_next}, simultaneous=True))
-    init_shift = shift.subs({dt_next: dt0, adt_next: adt0, lam_next: lam0}, simultaneous=True)
-
+    log_decay = _safe(sp.simplify(rule.log_decay.subs(subs)), "discretization.log_decay")
+    weights = tuple(_safe(sp.simplify(w.subs(subs)), f"discretization.weights[{j}]")
+                    for j, w in enumerate(rule.weights))
     derivatives = {}
-    for sym in (dt, lam):
-        if gamma.has(sym):
-            derivatives[f"{sym} gamma"] = sp.simplify(sp.diff(gamma, sym))
-    for sym in (dt_next, lam_next):
-        if shift.has(sym):
-            derivatives[f"{sym} shift"] = sp.simplify(sp.diff(shift, sym))
-    return Lowered(rule, lam_source, gamma, beta, shift, init_shift, derivatives)
+    for name, e in [("a", rule.log_decay.subs(subs))] + [(f"c{j}", w.subs(subs)) for j, w in enumerate(rule.weights)]:
+        for sym in (dt, adt, lam):
+            if e.has(sym):
+                derivatives[f"{sym} {name}"] = sp.simplify(sp.diff(e, sym))
+    return Lowered(rule, lam_source, log_decay, weights, derivatives)
+
+
+def _safe(expr: sp.Expr, where: str) -> sp.Expr:
+    """expr with its removable singularities in the domain replaced by series; LoweringError for the others."""
+    expr = sp.sympify(expr)
+    for sym in sorted(expr.free_symbols, key=lambda s: s.name):
+        for z0 in _poles(expr, sym, where):
+            smooth = expr.rewrite(sp.exp)
+            try:
+                lim = sp.limit(smooth, sym, z0, dir=_side(sym, z0))
+            except (NotImplementedError, ValueError):
+                lim = sp.nan
+            if not _bounded(lim):
+                raise LoweringError(
+                    f"{where}: {formula_text(expr)} is unbounded at {sym} = {z0} (not a removable singularity); "
+                    f"try a formula whose denominator never vanishes for {_domain_text(sym)}")
+            series = sp.expand(sp.series(smooth, sym, z0, n=SERIES_ORDER).removeO())
+            near = sp.Abs(sym - z0) < SERIES_RADIUS
+            # the formula itself is evaluated away from z0 even where the series is chosen: no 0/0 in any lane
+            away = expr.subs(sym, sp.Piecewise((z0 + SERIES_RADIUS, near), (sym, True)))
+            expr = sp.Piecewise((series, near), (away, True))
+    _check_samples(expr, where)
+    _check_padding(expr, where)
+    return expr
+
+
+def _poles(expr: sp.Expr, sym: sp.Symbol, where: str) -> list:
+    """Points of sym's domain where a denominator of expr vanishes (other symbols generic)."""
+    _, den = sp.fraction(sp.together(expr))
+    if not den.has(sym):
+        return []
+    try:
+        zeros = sp.solveset(den, sym, domain=DOMAIN[sym])
+    except (NotImplementedError, ValueError, TypeError):
+        zeros = None
+    if zeros == sp.S.EmptySet:
+        return []
+    if not isinstance(zeros, sp.FiniteSet) or any(z.free_symbols for z in zeros):
+        raise LoweringError(f"{where}: cannot tell where the denominator {formula_text(den)} vanishes for "
+                            f"{_domain_text(sym)}; try a formula whose denominators are free of {sym} or vanish "
+                            "only at fixed points")
+    return sorted(zeros, key=float)
+
+
+def _side(sym: sp.Symbol, z0) -> str:
+    """The side(s) of z0 inside sym's domain, for sympy's limit."""
+    if z0 == DOMAIN[sym].inf:
+        return "+"
+    if z0 == DOMAIN[sym].sup:
+        return "-"
+    return "+-"
+
+
+def _bounded(e: sp.Expr) -> bool:
+    return not e.has(sp.oo, -sp.oo, sp.zoo, sp.nan)
+
+
+def _domain_text(sym: sp.Symbol) -> str:
+    return {dt: "dt >= 0", adt: "adt <= 0", lam: "0 <= lam <= 1"}[sym]
+
+
+def _check_samples(expr: sp.Expr, where: str) -> None:
+    """Finite real values at sample points of the domain (catches log or sqrt of a negative, overflow)."""
+    from mamba3_gen.lower.evaluate import evaluate_float
+
+    syms = [s for s in (dt, adt, lam) if expr.has(s)]
+    points = [{}]
+    for s in syms:
+        points = [dict(p, **{s.name: v}) for p in points for v in SAMPLES[s]]
+    for p in points:
+        value = evaluate_float(expr, p)
+        if not math.isfinite(value):
+            at = ", ".join(f"{k} = {v:g}" for k, v in p.items())
+            raise LoweringError(f"{where}: {formula_text(expr)} is not finite at {at}; try a formula defined on "
+                                f"the whole domain ({', '.join(_domain_text(s) for s in syms)})")
+
+
+def _check_padding(expr: sp.Expr, where: str) -> None:
+    """Bounded as Δ → 0+ and a → 0− (what padding tokens past a sequence end feed a kernel)."""
+    e = expr.args[-1][0] if isinstance(expr, sp.Piecewise) else expr  # the limit of the body is the series' value
+    e = e.rewrite(sp.exp)
+    for sym in (adt, dt):
+        if e.has(sym):
+            try:
+                e = sp.limit(e, sym, 0, _side(sym, 0))
+            except (NotImplementedError, ValueError):
+                return  # sympy cannot tell; the sample check above still holds
+    if not _bounded(e):
+        raise LoweringError(f"{where}: {formula_text(expr)} is unbounded as dt -> 0 and adt -> 0 (what padding "
+                            "tokens feed the kernels); try a formula that stays finite there, e.g. multiply by dt")
+
+
+__all__ = ["Lowered", "LoweringError", "lower_discretization", "sigmoid", "softplus", "SERIES_RADIUS"]

@@ -1,20 +1,18 @@
-"""Chunked (SSD-style) float64 reference: the algorithm of docs/mamba3-math.md §5, the one the kernels implement.
+"""Chunked (SSD-style) float64 reference: the algorithm of docs/mamba3-math.md §5, generalised to any rule.
 
 It shares no recurrence code with `naive.py` and computes things the other way round: Θ by a cumulative sum
-over the whole sequence, the rotation through complex multiplication, the trapezoid as a per-token key scale
-plus a same-step diagonal block, and the state only once per chunk. So the two are independent oracles.
+over the whole sequence, the rotation through complex multiplication, and the state only once per chunk. It is
+also written differently from the kernels: each chunk takes a key window that reaches J tokens back (into the
+previous chunk, or the initial states) and weighs every (output t, key s) pair directly by the rule's definition
 
-Per (b, h), with a_t = A·Δ_t, γ_t = λ_tΔ_t, ĝ_t = Δ_{t+1}(1 − λ_{t+1}) (ĝ_{L-1} = 0; read across chunk
-boundaries), scale_t = γ_t + ĝ_t, k^s_{t,r} = scale_t·k̂_{t,r}, rows flattened as (time i, rank r):
+    W(t, s) = Σ_{j: c0 ≤ s+j ≤ t} c_j(s+j) · exp(Σ_{r=s+j+1..t} a_r)          (s ∈ [c0 − J, c0 + n))
 
-    cs_i       = Σ_{i' ≤ i in chunk} a_{i'}
-    Y_{i,r}    = exp(cs_i)·H_in q̂_{i,r}                                              (state entering the chunk)
-               + Σ_{j<i} exp(cs_i − cs_j) Σ_{r'} (q̂_{i,r}·k^s_{j,r'}) v_{j,r'}         (strictly causal, all rank pairs)
-               + γ_i Σ_{r'} (q̃_{i,r}·k̃_{i,r'}) v_{i,r'} + D·v_{i,r}                    (same step: full R×R block)
-    H_out      = exp(cs_last)·H_in + Σ_{j,r} exp(cs_last − cs_j) v_{j,r} k^s_{j,r}ᵀ
-    H_in(0)    = H_init + Δ_0(1 − λ_0)·Σ_r v_init,r k̂_init,rᵀ      (the β term of token 0; α_0 comes from exp(cs_0))
+(terms with s + j < c0 were applied before the chunk, they are in H_in). With rows flattened as (time i, rank r):
 
-with v_{t,r} = v_t ⊙ mimo_v_r, q̃/k̃ biased and q̂/k̂ biased + rotated by Θ_t. Output gating as in §4.
+    Y_{t,r}  = exp(Σ_{r'=c0..t} a_r')·q̂_{t,r}·H_in + Σ_s W(t, s) Σ_{r'} (q̂_{t,r}·k̂_{s,r'}) v_{s,r'} + D·v_{t,r}
+    H_out    = exp(Σ_{chunk} a)·H_in + Σ_s W(end, s) Σ_r v_{s,r} k̂_{s,r}ᵀ
+
+with v_{t,r} = v_t ⊙ mimo_v_r, q̂/k̂ biased + rotated by Θ_t. Output gating as in §4.
 """
 from __future__ import annotations
 
@@ -53,10 +51,10 @@ def _rotate_complex(spec: Spec, x: torch.Tensor, theta: torch.Tensor) -> torch.T
 
 def _chunked_core(spec: Spec, c: SimpleNamespace):
     B, L, H, P = c.B, c.L, c.H, c.P
-    Cs = spec.dims.chunk_size
+    Cs, J = spec.dims.chunk_size, c.J
     dt = c.dt.transpose(1, 2)  # (B, L, H)
-    lam = c.lam.transpose(1, 2)
-    adt = c.adt.transpose(1, 2)
+    a = c.a.transpose(1, 2)
+    w = [x.transpose(1, 2) for x in c.weights]  # c_j(t), (B, L, H)
 
     # Whole-sequence precomputation.
     if c.angles is not None:
@@ -70,53 +68,53 @@ def _chunked_core(spec: Spec, c: SimpleNamespace):
         q_hat, k_hat = _rotate_complex(spec, q_til, theta), _rotate_complex(spec, k_til, theta)
     else:
         q_hat, k_hat = q_til, k_til
-    gamma = dt * lam  # (B, L, H)
-    g_shift = torch.zeros_like(gamma)
-    g_shift[:, :-1] = dt[:, 1:] * (1.0 - lam[:, 1:])  # ĝ_t: the next token's β/α; 0 at the sequence end
-    k_s = (gamma + g_shift)[:, :, None, :, None] * k_hat  # trapezoid-scaled key
-    # Same-step block: rotation-invariant, so computed with the unrotated (biased) q̃, k̃.
-    diag = gamma[:, :, None, None, :] * torch.einsum("blrhn,blshn->blrsh", q_til, k_til)  # (B, L, R, R', H)
+    v_raw = c.v  # (B, L, H, P)
+    if J:  # the J tokens before the sequence (initial states, most recent last) lead the key window
+        k_hat = torch.cat([c.init_k.flip(1), k_hat], dim=1)  # (B, J + L, R, H, N)
+        v_raw = torch.cat([c.init_v.flip(1), v_raw], dim=1)  # (B, J + L, H, P)
     mv = c.mimo_v.permute(1, 0, 2)  # (R, H, P)
-    v_r = c.v[:, :, None] * mv  # (B, L, R, H, P)
+    # decay between positions: seg(t, u) = Σ_{r=u+1..t} a_r for u ≤ t, from a prefix sum over the sequence
+    cs = torch.cat([torch.zeros_like(a[:, :1]), torch.cumsum(a, dim=1)], dim=1)  # cs[i] = Σ_{r<i} a_r, (B, L+1, H)
+
+    def decay(t, u):  # exp(Σ_{r=u+1..t} a_r), broadcast over index tensors t, u (token positions ≥ -1)
+        return torch.exp(cs[:, t + 1] - cs[:, u + 1])
 
     Hs = c.init_ssm.clone()  # (B, H, P, N)
-    if c.init_k is not None and L > 0:
-        g_m1 = dt[:, 0] * (1.0 - lam[:, 0])  # ĝ_{-1} = Δ_0(1 − λ_0)
-        v_init_r = c.init_v[:, None] * mv  # (B, R, H, P)
-        Hs = Hs + g_m1[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_init_r, c.init_k)
-
     out = torch.zeros(B, L, H, P, dtype=torch.float64)
     for c0 in range(0, L, Cs):
-        sl = slice(c0, min(c0 + Cs, L))
-        n = sl.stop - sl.start
-        cs = torch.cumsum(adt[:, sl], dim=1)  # (B, n, H), inclusive in-chunk cumsum
-        qh, ks, vr = q_hat[:, sl], k_s[:, sl], v_r[:, sl]
-        # inter-chunk
-        y = torch.exp(cs)[:, :, None, :, None] * torch.einsum("bhpn,birhn->birhp", Hs, qh)
-        # intra-chunk, strictly causal
-        causal = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)[None, :, :, None]
-        seg = (cs[:, :, None, :] - cs[:, None, :, :]).masked_fill(~causal, float("-inf"))
-        decay = torch.exp(seg)  # (B, i, j, H), 0 where i <= j
-        scores = torch.einsum("birhn,bjshn->birjsh", qh, ks) * decay[:, :, None, :, None, :]
-        y = y + torch.einsum("birjsh,bjshp->birhp", scores, vr)
-        # same step
-        y = y + torch.einsum("birsh,bishp->birhp", diag[:, sl], vr)
+        n = min(Cs, L - c0)
+        ts = torch.arange(c0, c0 + n)
+        ss = torch.arange(c0 - J, c0 + n)  # key window (positions < 0 are initial-state tokens)
+        W = torch.zeros(B, n, len(ss), H, dtype=torch.float64)
+        for j in range(J + 1):
+            for si, s_pos in enumerate(ss.tolist()):
+                u = s_pos + j  # the step that applies lag j of token s
+                if u < c0 or u >= c0 + n:
+                    continue
+                applies = ts >= u  # outputs at or after that step
+                wt = w[j][:, u][:, None, :] * decay(ts[applies], torch.full((int(applies.sum()),), u))
+                W[:, applies, si] += wt
+        qh = q_hat[:, ts]  # (B, n, R, H, N)
+        kw = k_hat[:, ss + J]  # (B, n + J, R, H, N)
+        vw = v_raw[:, ss + J][:, :, None] * mv  # (B, n + J, R, H, P)
+        into = decay(ts, torch.full_like(ts, c0 - 1))  # (B, n, H): decay from the chunk start
+        y = into[:, :, None, :, None] * torch.einsum("bhpn,birhn->birhp", Hs, qh)
+        scores = torch.einsum("birhn,bjshn->birjsh", qh, kw) * W[:, :, None, :, None, :]
+        y = y + torch.einsum("birjsh,bjshp->birhp", scores, vw)
         if c.D is not None:
-            y = y + c.D[:, None] * vr
+            y = y + c.D[:, None] * (c.v[:, ts][:, :, None] * mv)
         if c.z is not None:
-            y = y * F.silu(c.z[:, sl, None] * c.mimo_z.permute(1, 0, 2))
-        out[:, sl] = (y * c.mimo_o.permute(1, 0, 2)).sum(dim=2)
-        # state passing
-        to_end = torch.exp(cs[:, -1:] - cs)  # (B, n, H)
-        Hs = torch.exp(cs[:, -1])[..., None, None] * Hs + torch.einsum("bjh,bjshp,bjshn->bhpn", to_end, vr, ks)
+            y = y * F.silu(c.z[:, ts, None] * c.mimo_z.permute(1, 0, 2))
+        out[:, ts] = (y * c.mimo_o.permute(1, 0, 2)).sum(dim=2)
+        Hs = into[:, -1][..., None, None] * Hs + torch.einsum("bjh,bjshp,bjshn->bhpn", W[:, -1], vw, kw)
 
     if theta is None:
         angle = None
     else:
         angle = theta[:, -1] if L > 0 else c.init_angle
-    if spec.carries_prev_token:
-        k_fin = k_hat[:, -1] if L > 0 else c.init_k  # (B, R, H, N)
-        v_fin = c.v[:, -1] if L > 0 else c.init_v
+    if J:  # the last J positions of the window, most recent first: (B, J, R, H, N), (B, J, H, P)
+        k_fin = k_hat[:, -J:].flip(1)
+        v_fin = v_raw[:, -J:].flip(1)
     else:
         k_fin = v_fin = None
     return out, angle, Hs, k_fin, v_fin

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mamba3_gen.lower.evaluate import evaluate
 from mamba3_gen.runtime.state import Mamba3State
 from mamba3_gen.spec.model import Spec
 
@@ -141,9 +142,9 @@ def make_inputs(
         sdt = F64 if dtype == F64 else torch.float32
         angle = uniform(0.0, 2 * math.pi, NS, H, S) if spec.is_complex else None
         ssm = randn(NS, H, P, N)
-        if spec.carries_prev_token:
-            kst = randn(NS, H, N) if R == 1 else randn(NS, R, H, N)
-            vst = randn(NS, H, P)
+        if spec.lags:
+            shapes = state_shapes(spec, NS, H)
+            kst, vst = randn(*shapes["k"]), randn(*shapes["v"])
         else:
             kst = vst = None
         out["initial_states"] = Mamba3State(
@@ -244,17 +245,18 @@ def canonicalize(
     if D is not None:
         _check(D.shape == (H,), "D must be (H,)")
 
-    # λ: σ(trap) (data), a constant, or 1 (exp_euler: β = 0).
+    # λ: σ(trap) (data), a constant, or absent (the rule does not use it).
     rule = spec.discretization
-    if rule.rule == "exp_euler":
-        lam = torch.ones(B, H, L, dtype=F64)
+    if not spec.rule.uses_lambda:
+        lam = None
     elif rule.lambda_ == "constant":
         lam = torch.full((B, H, L), float(rule.lambda_value), dtype=F64)
     else:
-        _check(trap is not None, "this spec reads trap (B, H, L): exp_trapezoidal with data-dependent λ")
+        _check(trap is not None, "this spec reads trap (B, H, L): its rule uses a per-token λ")
         trap = _f64(trap)
         _check(trap.shape == (B, H, L), "trap must be (B, H, L)")
         lam = torch.sigmoid(trap) if spec.inputs.trap == "logit" else trap  # inputs.trap: logit or λ itself
+    a, weights = rule_coefficients(spec.rule, dt, adt, lam)
 
     if spec.is_complex:
         _check(angles is not None, f"a complex state needs angles (B, L, H, S={S})")
@@ -284,25 +286,27 @@ def canonicalize(
             _check(init_angle.shape == (NS, H, S), "initial angle must be (NS, H, S)")
         else:
             init_angle = torch.zeros(NS, H, S, dtype=F64)
+    J = spec.lags
     init_k = init_v = None
-    if spec.carries_prev_token:
+    if J:
+        # canonical: (NS, J, R, H, N) and (NS, J, H, P), lag index 0 = the token just before
+        k_shape, v_shape = state_shapes(spec, NS, H)["k"], state_shapes(spec, NS, H)["v"]
         if st is not None and st.k is not None:
             init_k = _f64(st.k)
-            if R == 1:
-                _check(init_k.shape == (NS, H, N), "initial k must be (NS, H, N) for R == 1")
-                init_k = init_k.unsqueeze(1)
-            _check(init_k.shape == (NS, R, H, N), "initial k must be (NS, R, H, N) for R > 1")
+            _check(init_k.shape == k_shape, f"initial k must be {k_shape}; got {tuple(init_k.shape)}")
+            init_k = init_k.reshape(NS, J, R, H, N)
         else:
-            init_k = torch.zeros(NS, R, H, N, dtype=F64)
+            init_k = torch.zeros(NS, J, R, H, N, dtype=F64)
         if st is not None and st.v is not None:
             init_v = _f64(st.v)
-            _check(init_v.shape == (NS, H, P), "initial v must be (NS, H, P)")
+            _check(init_v.shape == v_shape, f"initial v must be {v_shape}; got {tuple(init_v.shape)}")
+            init_v = init_v.reshape(NS, J, H, P)
         else:
-            init_v = torch.zeros(NS, H, P, dtype=F64)
+            init_v = torch.zeros(NS, J, H, P, dtype=F64)
 
     return SimpleNamespace(
         B=B, L=L, H=H, R=R, N=N, P=P, S=S,
-        q=q, k=k, v=v, z=z, D=D, adt=adt, dt=dt, lam=lam, angles=angles,
+        q=q, k=k, v=v, z=z, D=D, adt=adt, dt=dt, lam=lam, a=a, weights=weights, J=J, angles=angles,
         q_bias=bias(q_bias), k_bias=bias(k_bias),
         mimo_v=proj(mimo_v, "mimo_v", True),
         mimo_z=proj(mimo_z, "mimo_z", z is not None),
@@ -323,7 +327,8 @@ def _slice(c: SimpleNamespace, start: int, end: int, i: int) -> SimpleNamespace:
         **{**vars(c),
            "L": end - start,
            "q": c.q[:, t], "k": c.k[:, t], "v": c.v[:, t], "z": opt(c.z, lambda x: x[:, t]),
-           "adt": c.adt[:, :, t], "dt": c.dt[:, :, t], "lam": c.lam[:, :, t],
+           "adt": c.adt[:, :, t], "dt": c.dt[:, :, t], "lam": opt(c.lam, lambda x: x[:, :, t]),
+           "a": c.a[:, :, t], "weights": [w[:, :, t] for w in c.weights],
            "angles": opt(c.angles, lambda x: x[:, t]),
            "init_angle": opt(c.init_angle, lambda x: x[one]), "init_ssm": c.init_ssm[one],
            "init_k": opt(c.init_k, lambda x: x[one]), "init_v": opt(c.init_v, lambda x: x[one]),
@@ -332,8 +337,8 @@ def _slice(c: SimpleNamespace, start: int, end: int, i: int) -> SimpleNamespace:
 
 
 def run_per_sequence(spec: Spec, c: SimpleNamespace, core: Callable) -> tuple[torch.Tensor, Mamba3State]:
-    """Apply `core(spec, c) -> (out (B,L,H,P), angle, ssm, k (B,R,H,N), v)` to the whole batch, or in varlen mode to
-    each sequence separately (B == 1); then pack the states in the runtime layout (k as (NS, H, N) when R == 1)."""
+    """Apply `core(spec, c) -> (out (B,L,H,P), angle, ssm, k (B,J,R,H,N), v (B,J,H,P))` to the whole batch, or in
+    varlen mode to each sequence separately (B == 1); then pack the states in the runtime layout (state.py)."""
     if c.cu is None:
         out, angle, ssm, kst, vst = core(spec, c)
     else:
@@ -344,6 +349,33 @@ def run_per_sequence(spec: Spec, c: SimpleNamespace, core: Callable) -> tuple[to
             return None if parts[0][j] is None else torch.cat([p[j] for p in parts], dim=0)
 
         angle, ssm, kst, vst = cat(1), cat(2), cat(3), cat(4)
-    if kst is not None and c.R == 1:
-        kst = kst[:, 0]
+    if kst is not None:
+        shapes = state_shapes(spec, kst.shape[0], c.H)
+        kst, vst = kst.reshape(shapes["k"]), vst.reshape(shapes["v"])
     return out, Mamba3State(angle, ssm, kst, vst)
+
+
+def rule_coefficients(rule, dt: torch.Tensor, adt: torch.Tensor, lam: Optional[torch.Tensor]):
+    """(a, [c_0, …, c_J]) per token, float64, evaluated from the rule's own formulas (spec/rules.py): the oracles
+    never read the lowering they check. Where a formula is 0/0 (a removable singularity, e.g. ZOH at A·Δ = 0) it is
+    evaluated 1e-7 inside the domain instead, a numerical limit good to ~1e-7 relative."""
+    values = {"dt": dt, "adt": adt, "lam": lam if lam is not None else torch.zeros_like(dt)}
+
+    def ev(expr):
+        out = evaluate(expr, values, like=dt)
+        bad = ~torch.isfinite(out)
+        if bad.any():
+            nudged = {"dt": dt + 1e-7, "adt": adt - 1e-7,
+                      "lam": (values["lam"] + 1e-7 * (1 - 2 * (values["lam"] > 0.5)))}
+            out = torch.where(bad, evaluate(expr, nudged, like=dt), out)
+        return out
+
+    return ev(rule.log_decay), [ev(w) for w in rule.weights]
+
+
+def state_shapes(spec: Spec, NS: int, H: int) -> dict:
+    """The runtime state layout's shapes (runtime/state.py) for a spec: {field: shape or None}."""
+    from mamba3_gen.runtime.state import state_shape
+
+    return {f: state_shape(f, NS=NS, H=H, N=spec.dims.d_state, P=spec.dims.headdim, R=spec.dims.mimo_rank,
+                           S=spec.num_angles, J=spec.lags) for f in Mamba3State._fields}

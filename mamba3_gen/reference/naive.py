@@ -1,12 +1,13 @@
-"""Sequential float64 reference: the per-token recurrence of docs/mamba3-math.md §2 (SISO) and §4 (MIMO).
+"""Sequential float64 reference: the per-token recurrence of docs/mamba3-math.md §2 (SISO) and §4 (MIMO), with the
+discretization of any rule (spec/rules.py): its log-decay a_t and lag weights c_j(t), evaluated from its formulas.
 
 SISO is MIMO with R = 1 and mimo_v = mimo_z = mimo_o = 1, so one loop covers both. Everything is vectorised over
-batch and heads; the loop runs over time. Per (b, h), with state (Θ, H ∈ R^{P×N}, k̂_prev ∈ R^{R×N}, v_prev ∈ R^P):
+batch and heads; the loop runs over time. Per (b, h), with state (Θ, H ∈ R^{P×N}, and for j = 1..J the key
+k̂_{t-j} ∈ R^{R×N} and raw value v_{t-j} ∈ R^P of the J previous tokens):
 
     Θ_t     = (Θ_{t-1} + Δ_t·π·tanh(angles_t)) mod 2π
     q̂_{t,r} = Rot(Θ_t)(q_{t,r} + q_bias_r),   k̂_{t,r} = Rot(Θ_t)(k_{t,r} + k_bias_r)
-    α_t = exp(A·Δ_t),  β_t = (1 − λ_t)·Δ_t·α_t,  γ_t = λ_t·Δ_t
-    H_t     = α_t H_{t-1} + β_t Σ_r (v_prev ⊙ mimo_v_r) k̂_prev,rᵀ + γ_t Σ_r (v_t ⊙ mimo_v_r) k̂_{t,r}ᵀ
+    H_t     = exp(a_t) H_{t-1} + Σ_{j=0..J} c_j(t) Σ_r (v_{t-j} ⊙ mimo_v_r) k̂_{t-j,r}ᵀ
     y_{t,r} = H_t q̂_{t,r} + D·(v_t ⊙ mimo_v_r)
     out_t   = Σ_r y_{t,r} ⊙ silu(z_t ⊙ mimo_z_r) ⊙ mimo_o_r        (no silu factor without z)
 """
@@ -50,10 +51,9 @@ def _naive_core(spec: Spec, c: SimpleNamespace):
     first, second = rotation_pairs(spec)
     theta = None if c.init_angle is None else c.init_angle.clone()  # (B, H, S)
     Hs = c.init_ssm.clone()  # (B, H, P, N)
-    trap_rule = spec.carries_prev_token
-    if trap_rule:
-        k_prev = c.init_k.permute(0, 2, 1, 3).clone()  # (B, H, R, N): biased, rotated
-        v_prev = c.init_v.clone()  # (B, H, P): raw
+    # previous tokens, most recent first: keys (B, H, R, N) biased + rotated, values (B, H, P) raw
+    k_prev = [c.init_k[:, j].permute(0, 2, 1, 3) for j in range(c.J)]
+    v_prev = [c.init_v[:, j] for j in range(c.J)]
     out = torch.zeros(B, L, H, P, dtype=torch.float64)
     mv, mz, mo = c.mimo_v, c.mimo_z, c.mimo_o  # (H, R, P)
 
@@ -65,17 +65,14 @@ def _naive_core(spec: Spec, c: SimpleNamespace):
             theta = torch.remainder(theta + c.dt[:, :, t, None] * omega, 2 * math.pi)
             q_t = _rotate(q_t, theta[:, :, None, :], first, second)
             k_t = _rotate(k_t, theta[:, :, None, :], first, second)
-        lam, dt = c.lam[:, :, t], c.dt[:, :, t]  # (B, H)
-        alpha = torch.exp(c.adt[:, :, t])
-        beta = (1.0 - lam) * dt * alpha
-        gamma = lam * dt
         v_t = c.v[:, t]  # (B, H, P)
         vr_t = v_t[:, :, None, :] * mv  # (B, H, R, P)
-        Hs = alpha[..., None, None] * Hs + gamma[..., None, None] * torch.einsum("bhrp,bhrn->bhpn", vr_t, k_t)
-        if trap_rule:
-            vr_prev = v_prev[:, :, None, :] * mv
-            Hs = Hs + beta[..., None, None] * torch.einsum("bhrp,bhrn->bhpn", vr_prev, k_prev)
-            k_prev, v_prev = k_t, v_t
+        Hs = torch.exp(c.a[:, :, t])[..., None, None] * Hs
+        for j, (k_j, v_j) in enumerate(zip([k_t] + k_prev, [v_t] + v_prev)):
+            c_j = c.weights[j][:, :, t]  # (B, H)
+            Hs = Hs + c_j[..., None, None] * torch.einsum("bhrp,bhrn->bhpn", v_j[:, :, None, :] * mv, k_j)
+        if c.J:
+            k_prev, v_prev = [k_t] + k_prev[:-1], [v_t] + v_prev[:-1]
         y = torch.einsum("bhpn,bhrn->bhrp", Hs, q_t)  # (B, H, R, P)
         if c.D is not None:
             y = y + c.D[:, None, None] * vr_t
@@ -83,8 +80,9 @@ def _naive_core(spec: Spec, c: SimpleNamespace):
             y = y * F.silu(c.z[:, t][:, :, None, :] * mz)
         out[:, t] = (y * mo).sum(dim=2)
 
-    if trap_rule:
-        k_fin, v_fin = k_prev.permute(0, 2, 1, 3), v_prev  # (B, R, H, N), (B, H, P); the initial ones if L == 0
+    if c.J:  # (B, J, R, H, N), (B, J, H, P); the initial ones when L < J
+        k_fin = torch.stack([k.permute(0, 2, 1, 3) for k in k_prev], dim=1)
+        v_fin = torch.stack(v_prev, dim=1)
     else:
         k_fin = v_fin = None
     return out, theta, Hs, k_fin, v_fin
@@ -96,8 +94,8 @@ def naive_recurrence(
     mimo_v=None, mimo_z=None, mimo_o=None, initial_states=None, cu_seqlens=None,
 ) -> tuple[torch.Tensor, Mamba3State]:
     """Per-token float64 recurrence (§2/§4). Returns out (B, L, H, P) and the final Mamba3State (float64, CPU):
-    angle Θ_{L-1} mod 2π (None for a real state), ssm H_{L-1} (NS, H, P, N), k = k̂ of the last token
-    ((NS, H, N) for R == 1, (NS, R, H, N) for R > 1) and v = its raw V (NS, H, P); k and v are None for exp_euler."""
+    angle Θ_{L-1} mod 2π (None for a real state), ssm H_{L-1} (NS, H, P, N), k = k̂ of the last J tokens and v their
+    raw V, in the layout of runtime/state.py (None for a rule without lags)."""
     c = canonicalize(
         spec, q, k, v, adt, dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles, D=D, z=z,
         mimo_v=mimo_v, mimo_z=mimo_z, mimo_o=mimo_o, initial_states=initial_states, cu_seqlens=cu_seqlens,

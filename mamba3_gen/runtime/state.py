@@ -6,9 +6,12 @@ NS = batch size B, or the number of sequences (len(cu_seqlens) - 1) in varlen mo
 |-------|-----------------------------------------|--------------|---------------------------------------|
 | angle | (NS, H, S)   Θ, cumulative angle mod 2π | fp32         | complex state (S > 0)                 |
 | ssm   | (NS, H, P, N) H, rows = value dim        | state dtype  | always                                |
-| k     | (NS, H, N) if R == 1, else (NS, R, H, N) | state dtype  | rules with a lagged term (trapezoidal)|
-|       | previous token's key: biased, rotated by Θ, not scaled |  |                                  |
-| v     | (NS, H, P) previous token's raw V (not multiplied by MIMO_V) | state dtype | same as k           |
+| k     | (NS, [J,] [R,] H, N) keys of the last J tokens: biased, rotated by their own Θ, not scaled | state dtype | rules with lags (J ≥ 1) |
+| v     | (NS, [J,] H, P) raw V of the last J tokens (not multiplied by MIMO_V) | state dtype | same as k |
+
+J is the rule's number of lags (spec.lags: 0 for exp_euler and zoh, 1 for exp_trapezoidal, up to 3 for a custom
+rule). The J axis is present only when J > 1 and the R axis only when R > 1, so for J ≤ 1 these are exactly the
+official layouts; lag index 0 is the token just before the next one (t−1), index j the token t−1−j.
 
 The state dtype is the spec's dtypes.state (fp32 or bf16); Θ stays fp32 (a bf16 angle is off by up to 0.025 rad).
 These are the official Mamba-3 layouts (SISO Input_States, MIMO decode cache), so official states carry over.
@@ -31,17 +34,26 @@ class Mamba3State(NamedTuple):
     v: Optional[torch.Tensor]
 
 
+def state_shape(field: str, *, NS: int, H: int, N: int, P: int, R: int, S: int, J: int) -> Optional[tuple]:
+    """Shape of one state field (table above), or None when the spec does not carry it."""
+    lag = (J,) if J > 1 else ()
+    rank = (R,) if R > 1 else ()
+    return {
+        "angle": (NS, H, S) if S else None,
+        "ssm": (NS, H, P, N),
+        "k": (NS, *lag, *rank, H, N) if J else None,
+        "v": (NS, *lag, H, P) if J else None,
+    }[field]
+
+
 def state_layout(meta: dict, NS: int, H: int) -> dict:
     """{field: (shape, dtype)} of a spec's state, None for a field the spec does not carry."""
     dtype = TORCH_DTYPES[meta["state_dtype"]]
-    k_shape = (NS, H, meta["N"]) if meta["R"] == 1 else (NS, meta["R"], H, meta["N"])
-    carries = meta["carries_prev_token"]
-    return {
-        "angle": ((NS, H, meta["S"]), torch.float32) if meta["S"] else None,
-        "ssm": ((NS, H, meta["P"], meta["N"]), dtype),
-        "k": (k_shape, dtype) if carries else None,
-        "v": ((NS, H, meta["P"]), dtype) if carries else None,
-    }
+    out = {}
+    for f in Mamba3State._fields:
+        shape = state_shape(f, NS=NS, H=H, N=meta["N"], P=meta["P"], R=meta["R"], S=meta["S"], J=meta["J"])
+        out[f] = None if shape is None else (shape, torch.float32 if f == "angle" else dtype)
+    return out
 
 
 def zero_state(meta: dict, NS: int, H: int, device) -> Mamba3State:

@@ -238,6 +238,8 @@ def _default(path: Loc) -> Any:
 def _is_valid_path(path: Loc) -> bool:
     if not path:
         return False
+    if isinstance(path[-1], int):  # an item of a list field (e.g. discretization.weights[1])
+        return _is_valid_path(path[:-1])
     parent = _model_at(path[:-1])
     return parent is not None and _field_name(parent, path[-1]) is not None
 
@@ -245,7 +247,8 @@ def _is_valid_path(path: Loc) -> bool:
 # --------------------------------------------------------------------------------------------- error translation
 
 
-_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*): (.*)$", re.S)
+_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*): (.*)$", re.S)
+_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\]")
 
 
 def _translate_safely(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
@@ -272,7 +275,7 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
         msg = str(err.get("ctx", {}).get("error", err.get("msg", "")))
         match = _PREFIX.match(msg)
         if match:
-            rel = tuple(match.group(1).split("."))
+            rel = tuple(int(p[1:-1]) if p.startswith("[") else p for p in _PART.findall(match.group(1)))
             for cand in (loc + rel, rel):
                 if _is_valid_path(cand):
                     loc, msg = cand, match.group(2)
@@ -415,7 +418,10 @@ def yaml_value(value: Any) -> str:
 
 
 def _dotted(loc: Loc) -> str:
-    return ".".join(str(p) for p in loc) if loc else "spec"
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "spec"
 
 
 def _one_line(text: str) -> str:

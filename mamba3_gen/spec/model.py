@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mamba3_gen.spec.rules import CUSTOM, PRESETS, Rule, make_rule, preset_rule
+
 DType = Literal["bf16", "fp16", "fp32"]
 
 
@@ -17,34 +19,60 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RuleName = Literal[tuple(PRESETS) + (CUSTOM,)]  # type: ignore[valid-type]
+
+
 class Discretization(_Strict):
-    rule: Literal["exp_euler", "exp_trapezoidal"] = Field(
+    rule: RuleName = Field(
         "exp_trapezoidal",
-        description="exp_euler: Mamba-2/SSD rule, one input term. exp_trapezoidal: Mamba-3 rule, current and previous token.",
+        description="a preset (" + ", ".join(PRESETS) + ") or 'custom' (then 'weights', and optionally "
+        "'log_decay', give the rule as formulas). `mamba3-gen check` prints every rule's formulas.",
     )
     lambda_: Literal["data", "constant"] = Field(
         "data",
         alias="lambda",
-        description="exp_trapezoidal only. data: λ_t = σ(trap_t) from the trap input; constant: λ = lambda_value.",
+        description="rules whose formulas use lam only. data: λ_t = σ(trap_t) from the trap input; "
+        "constant: λ = lambda_value.",
     )
     lambda_value: float | None = Field(
         None, description="The constant λ in [0, 1] when lambda is 'constant' (0.5 is the classic trapezoid)."
     )
+    log_decay: str | None = Field(
+        None,
+        description="custom rules: a_t, the log of step t's decay, as a formula over dt, adt, lam (default adt).",
+    )
+    weights: list[str] | None = Field(
+        None,
+        description="custom rules: c_0(t), c_1(t), ... (1 to 4 formulas over dt, adt, lam): c_j is the weight of "
+        "token t-j's input in step t: H_t = exp(a_t) H_{t-1} + Σ_j c_j(t) v_{t-j} k_{t-j}ᵀ.",
+    )
+
+    def resolved_rule(self) -> Rule:
+        """The rule this section describes (a preset, or the custom formulas), before λ is resolved."""
+        if self.rule == CUSTOM:
+            return make_rule(CUSTOM, self.log_decay if self.log_decay is not None else "adt", self.weights)
+        return preset_rule(self.rule)
 
     @model_validator(mode="after")
-    def _check_lambda(self) -> "Discretization":
+    def _check_rule(self) -> "Discretization":
         # Messages start with the offending field ("lambda_value: ...", relative to this section) so that the loader can
         # point at its line; every message says what to do.
-        if self.rule == "exp_euler":
+        if self.rule == CUSTOM:
+            if self.weights is None:
+                raise ValueError("weights: rule: custom needs its weights as formulas; try weights: ['lam * dt', "
+                                 "'(1 - lam) * dt * exp(adt)'] or a preset rule (" + ", ".join(PRESETS) + ")")
+        else:
+            for key, val in (("weights", self.weights), ("log_decay", self.log_decay)):
+                if val is not None:
+                    raise ValueError(f"{key}: only read with rule: custom (the preset {self.rule} has its own "
+                                     f"formulas); try rule: custom, or removing '{key}'")
+        rule = self.resolved_rule()  # FormulaError (a ValueError) names weights[j] or log_decay
+        if not rule.uses_lambda:
             if self.lambda_ != "data":
-                raise ValueError(
-                    "lambda: exp_euler has no λ (it is the λ=1 rule); try removing 'lambda', or rule: exp_trapezoidal"
-                )
+                raise ValueError(f"lambda: the rule {self.rule} does not use λ (lam); try removing 'lambda'")
             if self.lambda_value is not None:
-                raise ValueError(
-                    "lambda_value: exp_euler has no λ (it is the λ=1 rule); try removing 'lambda_value', "
-                    "or rule: exp_trapezoidal"
-                )
+                raise ValueError(f"lambda_value: the rule {self.rule} does not use λ (lam); try removing "
+                                 "'lambda_value'")
         elif self.lambda_ == "constant":
             if self.lambda_value is None:
                 raise ValueError("lambda: 'constant' needs lambda_value in [0, 1]; try adding lambda_value: 0.5")
@@ -172,11 +200,17 @@ class Spec(_Strict):
         return split // 2
 
     @property
-    def has_trap_input(self) -> bool:
-        return self.discretization.rule == "exp_trapezoidal" and self.discretization.lambda_ == "data"
+    def rule(self) -> Rule:
+        """The discretization rule (preset or custom formulas)."""
+        return self.discretization.resolved_rule()
 
     @property
-    def carries_prev_token(self) -> bool:
-        """Whether the state carries the previous token's k̂ and v: rules with a lagged input term. Decided by the
-        rule, not by λ, so a constant λ = 1 (whose lagged weight is 0) keeps the same state layout as any other λ."""
-        return self.discretization.rule != "exp_euler"
+    def lags(self) -> int:
+        """J: how many previous tokens a step reads (0 for exp_euler and zoh, 1 for exp_trapezoidal); the state
+        carries their k̂ and v."""
+        return self.rule.lags
+
+    @property
+    def has_trap_input(self) -> bool:
+        """Whether the layer reads λ from a per-token trap input: the rule uses λ and λ is data."""
+        return self.rule.uses_lambda and self.discretization.lambda_ == "data"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jinja2
 
+from mamba3_gen.backends.printing import cute_printer, input_codes, print_prologue
 from mamba3_gen.backends.templating import template_env, templates_hash
 from mamba3_gen.paths import templates_dir
 
@@ -57,7 +58,7 @@ def arg_roles(meta: dict) -> dict:
     """{kernel pointer argument: (role, alignment in bytes)} in the host function's order; role is the element
     type: 'input' (the input dtype), 'state' (the state dtype) or 'fp32'; alignment None means the element size
     (scalar accesses only), 16 marks tensors read with 16-byte vectors (the adapter checks the address)."""
-    R, S, carries = meta["R"], meta["S"], meta["carries_prev_token"]
+    R, S, carries = meta["R"], meta["S"], meta["J"] > 0
     vec_align = VECTOR_BYTES
     roles: dict = {}
     roles["q"] = ("input", vec_align)
@@ -108,15 +109,12 @@ def render_step(low, header: dict) -> str:
     rotation = spec.state.rotation if meta["S"] else None
     tiling = step_layout(meta, rotation)
     roles = arg_roles(meta)
-    coef = low.lowered.step_code(exp="_exp")
     ctx = dict(
         header=dict(header, cute_template_hash=template_hash()), spec_name=spec.name, meta=meta,
         N=meta["N"], P=meta["P"], R=meta["R"], S=meta["S"], G=meta["G"], N2=meta["N"] // 2,
-        rotation=rotation, has_trap=meta["has_trap"], lam_source=meta["lambda"],
-        carries=meta["carries_prev_token"], d_skip=meta["d_skip"], z_gate=meta["z_gate"],
-        trap_input=meta["trap_input"], decay_input=meta["decay_input"],
+        rotation=rotation, has_trap=meta["has_trap"], J=meta["J"], d_skip=meta["d_skip"], z_gate=meta["z_gate"],
         input_dtype=meta["input_dtype"], state_dtype=meta["state_dtype"],
-        alpha=coef["alpha"], beta=coef["beta"], gamma=coef["gamma"],
+        prologue=print_prologue(low.lowered, cute_printer()), input_codes=input_codes(spec, low.lowered, sigmoid="_sigmoid"),
         roles=roles, arg_names=list(roles), scalar_args=list(SCALAR_ARGS),
         cute_dtypes=CUTE_DTYPES, bfly=tuple(tiling["TC"] >> (i + 1) for i in range(tiling["TC"].bit_length() - 1)),
         **tiling,

@@ -58,7 +58,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, di
     opt = spec.options
     R = spec.dims.mimo_rank
     complex_ = spec.is_complex
-    shift = spec.carries_prev_token
+    shift = spec.lags > 0
     ptr_types = {
         "q_ptr": io, "k_ptr": io, "v_ptr": io, "out_ptr": io,
         "adt_ptr": f32, "dt_ptr": f32,

@@ -16,6 +16,7 @@ import jinja2
 
 from mamba3_gen.backends.templating import template_env, templates_hash
 from mamba3_gen.backends.device import DEFAULT_TARGET, Target, get_target
+from mamba3_gen.backends.printing import input_codes, print_prologue, triton_printer
 from mamba3_gen.backends.triton.resources import KernelConfig, StepConfig, choose_configs, choose_step_config
 from mamba3_gen.graph.dataflow import KernelPlan, plan_kernel
 from mamba3_gen.lower.lowering import Lowered, lower_discretization
@@ -65,7 +66,7 @@ class Lowering:
         return {
             "name": s.name, "spec_hash": spec_hash(s), "generator": __version__, **self.dims,
             "G": s.dims.ngroups, "has_trap": self.lowered.lam_source == "data", "lambda": self.lowered.lam_source,
-            "carries_prev_token": s.carries_prev_token, "d_skip": s.options.d_skip, "z_gate": s.options.z_gate,
+            "J": self.lowered.lags, "d_skip": s.options.d_skip, "z_gate": s.options.z_gate,
             "initial_states": s.options.initial_states, "final_states": s.options.final_states,
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
@@ -103,11 +104,12 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
         "spec_hash": spec_hash(low.spec), "version": __version__, "template_hash": template_hash(),
         "spec_path": spec_path,
     }
-    ctx = dict(spec=low.spec, lowered=low.lowered, code=low.lowered.code(), plan=low.plan, header=header,
-               meta=low.meta(), configs=low.configs, kernel_name=KERNEL_NAME, **low.dims)
+    ctx = dict(spec=low.spec, lowered=low.lowered, plan=low.plan, header=header, meta=low.meta(),
+               configs=low.configs, kernel_name=KERNEL_NAME, J=low.lowered.lags,
+               prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered), **low.dims)
     fwd = env.get_template("fwd.py.jinja").render(**ctx)
     step = env.get_template("step.py.jinja").render(
-        **{**ctx, "kernel_name": STEP_KERNEL_NAME, "step": low.lowered.step_code(), "step_config": low.step_config,
+        **{**ctx, "kernel_name": STEP_KERNEL_NAME, "step_config": low.step_config,
            "d_skip": low.spec.options.d_skip, "z_gate": low.spec.options.z_gate})
     init = (f"# {header['generated_by']}\n# spec: {low.spec.name}  sha256: {header['spec_hash']}\n"
             f"# generator: mamba3-gen {__version__}\n"

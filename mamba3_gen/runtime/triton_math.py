@@ -1,0 +1,58 @@
+"""fp32 math helpers shared by the generated Triton kernels (forward and step): the functions of the formula
+grammar that Triton has no builtin for, and the rotation's cos/sin. On a GPU they use libdevice; the CPU
+interpreter has no libdevice, so there they are built from tl.exp / tl.log with Kahan's compensation (a few ulps)."""
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+from mamba3_gen.runtime.forward import INTERPRETING
+
+TWO_PI = tl.constexpr(6.283185307179586)
+
+if INTERPRETING:
+
+    @triton.jit
+    def cos_sin(theta):
+        return tl.cos(theta), tl.sin(theta)
+
+    @triton.jit
+    def expm1(x):
+        u = tl.exp(x)
+        # Kahan: (u − 1)·x / log(u) cancels the rounding of u; exact branches where that form is 0/0 or inf/inf
+        safe = (u != 1.0) & (u != 0.0) & (x < 80.0)
+        den = tl.where(safe, tl.log(u), 1.0)
+        return tl.where(safe, (u - 1.0) * x / den, tl.where(u == 0.0, -1.0, tl.where(x >= 80.0, u - 1.0, x)))
+
+    @triton.jit
+    def log1p(x):
+        u = 1.0 + x
+        safe = (u != 1.0) & (u != 0.0) & (u < 3.0e38)
+        den = tl.where(safe, u - 1.0, 1.0)
+        return tl.where(safe, tl.log(u) * x / den, tl.where(u == 1.0, x, tl.log(u)))
+
+else:
+
+    @triton.jit
+    def cos_sin(theta):
+        # MUFU sin/cos on Θ reduced to [0, 2π), where their error is ~5e-7
+        theta = theta - TWO_PI * tl.floor(theta / TWO_PI)
+        return libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+
+    @triton.jit
+    def expm1(x):
+        return libdevice.expm1(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def softplus(x):
+    # log(1 + e^x) without overflow: max(x, 0) + log1p(e^{−|x|})
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
