@@ -14,7 +14,7 @@ from mamba3_gen.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "specs" / "mimo_r4.yaml"
-FILES = ("__init__.py", "fwd.py", "spec.json")
+FILES = ("__init__.py", "fwd.py", "step.py", "step_cute.py", "spec.json")
 
 try:  # click < 8.2 mixes stderr into stdout unless told not to; later versions always keep them apart
     runner = CliRunner(mix_stderr=False)
@@ -32,15 +32,16 @@ def test_version():
     assert result.stdout.strip() == f"mamba3-gen {__version__}"
 
 
-@pytest.mark.parametrize("command", [None, "build", "check", "test", "schema", "bench"])
+@pytest.mark.parametrize("command", [None, "build", "check", "test", "schema", "bench", "cache", "cache ls",
+                                     "cache clear", "cache path"])
 def test_help(command):
-    result = invoke(*([command] if command else []), "--help")
+    result = invoke(*(command.split() if command else []), "--help")
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.stdout
     assert "Traceback" not in result.output
 
 
-def test_build_dry_run_lists_the_three_files():
+def test_build_dry_run_lists_the_five_files():
     result = invoke("build", SPEC, "--dry-run")
     assert result.exit_code == 0, result.output
     for name in FILES:
@@ -65,14 +66,14 @@ def test_build_writes_then_unchanged(tmp_path):
     second = invoke("build", SPEC, "--out", out)
     assert second.exit_code == 0, second.output
     states = [ln.split()[0] for ln in second.stdout.splitlines() if ln.startswith("  ")]
-    assert states == ["unchanged"] * 5  # __init__.py, fwd.py, step.py, spec.json, step_cute.py
+    assert states == ["unchanged"] * len(FILES)
 
 
 def test_build_dry_run_into_new_dir_writes_nothing(tmp_path):
     out = tmp_path / "nowhere"
     result = invoke("build", SPEC, "--out", out, "-n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("would write") == 6  # the package __init__.py and the five files of the spec
+    assert result.stdout.count("would write") == 1 + len(FILES)  # the package __init__.py and the spec's files
     assert not out.exists()
 
 
@@ -204,12 +205,145 @@ def test_test_command_runs_pytest_with_the_spec(tmp_path, monkeypatch):
         @pytest.mark.gpu
         def test_on_gpu():
             pass
+
+        def test_skipped():
+            pytest.skip("the stand-in's reason for skipping")
     """))
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
     monkeypatch.setattr(cli, "_repo_root", lambda: tmp_path)
     result = invoke("test", SPEC, "--examples", "3")
     assert result.exit_code == 0, result.output
-    assert "1 passed, 1 deselected" in result.stdout
+    assert "1 passed, 1 skipped, 1 deselected" in result.stdout
+    # the summary says why each test was skipped (issue 9: a bare "25 skipped" hid it)
+    assert "SKIPPED [1] tests/test_forward.py:" in result.stdout
+    assert "the stand-in's reason for skipping" in result.stdout
+
+
+def test_test_command_without_pytest_says_how_to_install_it(monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "pytest" else real(name, *a))
+    result = invoke("test", SPEC)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.stderr.strip() == (
+        f"mamba3-gen test needs pytest, which is not installed in this Python ({cli.sys.executable}); install the "
+        'test extra: `pip install -e ".[test]"` in the mamba3-gen checkout (or `pip install pytest hypothesis`)')
+
+
+# ------------------------------------------------------------------------------------------ build: one spec, one folder
+
+
+def _renamed_spec(tmp_path, name: str = "mimo_r4", rank: int = 2) -> Path:
+    """specs/mimo_r4.yaml with another MIMO rank (and maybe another name), in tmp_path."""
+    path = tmp_path / f"{name}_{rank}.yaml"
+    text = SPEC.read_text().replace("mimo_rank: 4", f"mimo_rank: {rank}").replace("name: mimo_r4", f"name: {name}")
+    path.write_text(text)
+    return path
+
+
+def test_build_refuses_two_specs_with_one_name(tmp_path):
+    other = _renamed_spec(tmp_path)
+    good = _renamed_spec(tmp_path, name="fine")
+    out = tmp_path / "gen"
+    result = invoke("build", SPEC, other, good, "--out", out)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    line = cli._yaml_line(str(SPEC), "name")
+    assert (f"{SPEC}:{line}: name: 'mimo_r4' is also the name of {other}; both would be written to "
+            f"{cli._shown(out / 'mimo_r4')}/; try giving each spec its own name") in result.stderr.splitlines()
+    assert "2 of 3 specs failed" in result.stderr
+    assert not (out / "mimo_r4").exists()  # neither of the two won
+    assert (out / "fine" / "fwd.py").is_file()  # the others are still built
+
+
+def test_build_refuses_another_specs_package_unless_forced(tmp_path):
+    out = tmp_path / "gen"
+    assert invoke("build", SPEC, "--out", out).exit_code == 0
+    before = (out / "mimo_r4" / "fwd.py").read_bytes()
+    other = _renamed_spec(tmp_path)
+    result = invoke("build", other, "--out", out)
+    assert result.exit_code == 2
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith(str(other))]
+    assert line == (f"{other}:{cli._yaml_line(str(other), 'name')}: name: {out / 'mimo_r4'}: holds the package of "
+                    "another spec named 'mimo_r4' (dims.mimo_rank: 4 -> 2); try giving this spec another name, "
+                    "another output folder, or --force (force=True) to replace it (e.g. after editing the spec)")
+    assert (out / "mimo_r4" / "fwd.py").read_bytes() == before  # untouched
+
+    forced = invoke("build", other, "--out", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((out / "mimo_r4" / "spec.json").read_text())["dims"]["mimo_rank"] == 2
+
+
+def test_build_keeps_going_past_a_failed_write(tmp_path, monkeypatch):
+    import mamba3_gen.files as files
+
+    real = files.atomic_write
+    out = tmp_path / "gen"
+
+    def fail_for_mimo_r4(path, data):
+        if Path(path).parent.name == "mimo_r4":
+            raise files.FileSystemError(path, "write", "Read-only file system", "a writable folder")
+        real(path, data)
+
+    monkeypatch.setattr(files, "atomic_write", fail_for_mimo_r4)
+    fine = _renamed_spec(tmp_path, name="fine")
+    result = invoke("build", SPEC, fine, "--out", out)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert f"{out / 'mimo_r4' / '__init__.py'}: cannot write: Read-only file system; try a writable folder" \
+        in result.stderr.splitlines()
+    assert "1 of 2 specs failed" in result.stderr
+    assert (out / "fine" / "fwd.py").is_file()
+
+
+def test_build_without_out_writes_into_the_checkouts_generated(monkeypatch):
+    from mamba3_gen import paths
+
+    assert paths.in_checkout() and paths.default_out_dir() == REPO / "generated"
+    result = invoke("build", SPEC, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"into {cli._shown(REPO / 'generated')}/" in result.stdout
+
+
+def test_default_out_dir_outside_a_checkout_is_the_working_directory(tmp_path, monkeypatch):
+    from mamba3_gen import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site-packages")  # as in an installed wheel
+    monkeypatch.chdir(tmp_path)
+    assert not paths.in_checkout()
+    assert paths.default_out_dir() == tmp_path / "generated"
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_path_ls_clear(tmp_path, monkeypatch):
+    from mamba3_gen import cache
+    from mamba3_gen.spec.loader import load_spec
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MAMBA3_GEN_CACHE_DIR", str(root))
+    assert invoke("cache", "path").stdout.strip() == str(root)
+    empty = invoke("cache", "ls")
+    assert empty.exit_code == 0 and empty.stdout.strip() == f"{root}: 0 builds"
+
+    folders = {}
+    for path in (SPEC, _renamed_spec(tmp_path, name="other")):
+        spec = load_spec(path)
+        folders[spec.name] = cache.ensure_entry(spec, "sm_90a", cache.fingerprint(spec, "sm_90a"))
+    listed = invoke("cache", "ls")
+    assert listed.exit_code == 0, listed.output
+    rows = [ln.split() for ln in listed.stdout.splitlines()[1:]]
+    assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [
+        (folders["mimo_r4"].name, "mimo_r4", "sm_90a", "complete"), (folders["other"].name, "other", "sm_90a", "complete")]
+
+    cleared = invoke("cache", "clear", "other", "nothing_like_it")
+    assert cleared.exit_code == 0, cleared.output
+    assert cleared.stdout.startswith(f"removed 1 build from {root}")
+    assert "note: no cached build of spec 'nothing_like_it'" in cleared.stderr
+    assert not folders["other"].exists() and folders["mimo_r4"].is_dir()
+    assert invoke("cache", "clear").stdout.startswith(f"removed 1 build from {root}")
+    assert not folders["mimo_r4"].exists()
 
 
 def test_bench_without_gpu():
