@@ -132,8 +132,9 @@ def test_check_prints_derived_quantities():
     assert "lambda_value: null  *" in out  # defaults are shown and marked
     assert "S, rotation angles per token: 32" in out
     assert "chunk rows C·R: 16·4 = 64" in out
-    assert "diagonal weight gamma_t:" in out and "dt*lam" in out
-    assert "initial-state correction:" in out
+    lowered = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in out.splitlines()
+               if ln.startswith("  weight c_")}
+    assert lowered == {"weight c_0(t) (token t-0)": "dt*lam", "weight c_1(t) (token t-1)": "dt*(1 - lam)*exp(adt)"}
     assert "chunk: load_steps -> " in out
     assert "smem estimate" in out and "227.0 KiB" in out
     assert "compiled for" not in out and "AOT" not in out
@@ -156,7 +157,7 @@ def test_check_json():
     obj = json.loads(result.stdout)
     assert obj["spec"]["dims"]["mimo_rank"] == 4
     assert obj["derived"]["S_angles"] == 32 and obj["derived"]["chunk_rows"] == 64
-    assert obj["lowering"]["diagonal weight gamma_t"] == "dt*lam"
+    assert obj["lowering"]["weight c_0(t) (token t-0)"] == "dt*lam"
     assert obj["stage_order"]["epilogue"] == ["final_states"]
     assert all(c["smem_estimate"] <= c["smem_limit"] for c in obj["configs"]) and obj["configs"]
     assert obj["aot"] is None
