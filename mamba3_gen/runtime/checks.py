@@ -26,6 +26,67 @@ def expect(name: str, t, shape: tuple, device=None, dtypes=FLOATS, contiguous=Tr
     return t.contiguous() if contiguous else t
 
 
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cu_seqlens(cu_seqlens, dev) -> torch.Tensor:
+    """Check what can be checked of ``cu_seqlens`` without reading its values: a 1-D int32/int64 tensor of NS + 1
+    offsets (NS >= 1) on v's device. Returns it contiguous. The values are checked at launch
+    (:func:`check_cu_seqlens_values`).
+
+    Raises:
+        InputError: naming cu_seqlens, what it is, and the expected shape and dtype.
+    """
+    expected = ("a 1-D torch.Tensor (NS + 1,) of int32/int64 offsets, e.g. "
+                "torch.tensor([0, 5, 5, 9], dtype=torch.int32, device=v.device)")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise InputError(f"cu_seqlens must be {expected}; got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1:
+        raise InputError(f"cu_seqlens has shape {tuple(cu_seqlens.shape)} ({cu_seqlens.dim()}-D); expected (NS + 1,): "
+                         f"{expected}")
+    if cu_seqlens.shape[0] < 2:
+        raise InputError(f"cu_seqlens has shape {tuple(cu_seqlens.shape)}; expected (NS + 1,) with NS >= 1 sequences "
+                         "(at least two offsets, e.g. [0, L])")
+    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+        raise InputError(f"cu_seqlens has dtype {cu_seqlens.dtype}; expected torch.int32 or torch.int64")
+    if cu_seqlens.device != dev:
+        raise InputError(f"cu_seqlens is on {cu_seqlens.device}; expected {dev} like v (the kernel reads it there)")
+    return cu_seqlens.contiguous()
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, L: int) -> None:
+    """Check the offsets: cu_seqlens[0] == 0, cu_seqlens[-1] == L, never decreasing (equal neighbours are
+    zero-length sequences, which are allowed).
+
+    On the CPU the values are read (no device to wait for) and a violation raises :class:`InputError` naming the
+    first bad offset. On a GPU reading them would cost a host sync per call and break CUDA-graph capture, so the
+    check runs on the device instead (``torch._assert_async``: no sync, capturable); a violation there surfaces as a
+    device-side assert ("cu_seqlens must start at 0, ...") at the next synchronization, after which the CUDA context
+    is unusable, as with any device assert.
+
+    Raises:
+        InputError: (CPU tensors) the offsets break one of the rules above.
+    """
+    if cu_seqlens.device.type == "cpu":
+        cu = cu_seqlens.tolist()
+        problem = None
+        if cu[0] != 0:
+            problem = f"cu_seqlens[0] is {cu[0]}"
+        elif cu[-1] != L:
+            problem = f"cu_seqlens[-1] is {cu[-1]}"
+        else:
+            bad = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
+            if bad is not None:
+                problem = f"cu_seqlens[{bad}] = {cu[bad]} < cu_seqlens[{bad - 1}] = {cu[bad - 1]}"
+        if problem is not None:
+            shown = cu if len(cu) <= 12 else cu[:6] + ["..."] + cu[-3:]
+            raise InputError(f"cu_seqlens must start at 0, end at L={L} (v's token count) and never decrease "
+                             f"(equal offsets are empty sequences); {problem} in {shown}")
+        return
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == L) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    torch._assert_async(ok, f"cu_seqlens must start at 0, end at L={L} and never decrease")
+
+
 def absent(meta: dict, name: str, t, why: str):
     if t is not None:
         raise InputError(f"{name} was given but spec {meta['name']!r} {why}; drop it or change the spec")

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from mamba3_gen.errors import InputError
-from mamba3_gen.runtime.checks import check_layer_inputs, check_state, expect
+from mamba3_gen.runtime.checks import check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 
 # The layer inputs in the order the kernels and the registered ops take them.
@@ -29,6 +29,10 @@ _OP_SCHEMA = (
 
 # Generated kernels are decorated at import; TRITON_INTERPRET=1 then runs them on the CPU (triton.jit reads it too).
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:  # bf16 dots and casts as a GPU computes them (the interpreter multiplies raw bf16 bits)
+    from mamba3_gen.runtime.interpreter import install as _install_interpreter_fixes
+
+    _install_interpreter_fixes()
 
 
 def autotune_configs(configs: list) -> list:
@@ -64,14 +68,14 @@ class ForwardOp:
         m = self.meta
         P, G = m["P"], m["G"]
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
-            raise InputError(f"v must be a tensor of shape (B, L, H, P={P}), got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+            got = (f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__)
+            raise InputError(f"v must be a torch.Tensor of shape (B, L, H, P={P}); got {got}")
+        if not isinstance(return_final_states, bool):
+            raise InputError(f"return_final_states must be True or False; got {type(return_final_states).__name__}")
         B, L, H, _ = v.shape
         dev = v.device
-        if L < 1:
-            raise InputError("v has no tokens (L == 0)")
-        if H % G:
-            raise InputError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
+        if H < 1 or H % G:
+            raise InputError(f"v has H={H} heads; expected a positive multiple of the spec's ngroups G={G}")
         x = check_layer_inputs(m, (B, L), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                                mimo_v, mimo_z, mimo_o)
 
@@ -80,11 +84,10 @@ class ForwardOp:
             if not m["varlen"]:
                 raise InputError(f"cu_seqlens was given but spec {m['name']!r} has options.varlen: false")
             if B != 1:
-                raise InputError(f"varlen packs sequences along L: batch must be 1, got B={B}")
-            cu_seqlens = expect("cu_seqlens", cu_seqlens, (cu_seqlens.shape[0],), dev, (torch.int32, torch.int64))
+                raise InputError(f"varlen packs sequences along L: v must be (1, L, H, P={P}) with cu_seqlens; "
+                                 f"got B={B}")
+            cu_seqlens = check_cu_seqlens(cu_seqlens, dev)  # type, rank, dtype, device; values at launch
             NS = cu_seqlens.shape[0] - 1
-            if NS < 1:
-                raise InputError("cu_seqlens must hold at least two offsets (one sequence)")
         else:
             NS = B
 
@@ -118,9 +121,10 @@ class ForwardOp:
         B, L, H, P = v.shape
         NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if cu_seqlens is not None:
-            cpu = cu_seqlens.cpu()
-            if int(cpu[0]) != 0 or int(cpu[-1]) != L or bool((cpu[1:] <= cpu[:-1]).any()):
-                raise InputError(f"cu_seqlens must start at 0, end at L={L} and strictly increase (no empty sequence)")
+            # Here, inside the op, so that torch.compile never traces a read of the values. On a GPU the check runs
+            # on the device (no host sync, capturable by a CUDA graph); a zero-length sequence is fine: the kernel's
+            # chunk loop runs zero times and its final state is its initial state (or zero).
+            check_cu_seqlens_values(cu_seqlens, L)
         out, states = self._outputs(v, NS, return_final_states)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
