@@ -163,7 +163,7 @@ def test_input_error_from_the_forward_itself(tiny):
     kw["v"] = kw["v"][0]
     with pytest.raises(InputError) as info:
         tiny.mamba3_forward(**kw)
-    assert str(info.value) == "v must be a tensor of shape (B, L, H, P=4), got (9, 2, 4)"
+    assert str(info.value) == "v must be a torch.Tensor of shape (B, L, H, P=4); got shape (9, 2, 4)"
 
 
 def test_cpu_tensors_without_the_interpreter(tiny, monkeypatch):

@@ -14,7 +14,7 @@ from typing import Any, Union
 from pydantic import ValidationError
 
 from mamba3_gen.errors import SpecError
-from mamba3_gen.spec.loader import _translate_safely, load_spec, load_spec_text
+from mamba3_gen.spec.loader import MAX_PROBLEMS, _translate_safely, cap_problems, check_nodes, load_spec, load_spec_text
 from mamba3_gen.spec.model import Spec
 
 __all__ = ["SpecSource", "resolve_spec", "load_spec_dict"]
@@ -34,18 +34,22 @@ def load_spec_dict(doc: Mapping, name: str = DICT_NAME) -> Spec:
         raise SpecError([f"{name}: spec: expected a mapping of sections, got {type(doc).__name__}; "
                          "try a dict such as {'name': 'my_layer', 'dims': {'mimo_rank': 2}}"])
     plain = dict(doc)
+
+    def drop_line(msg: str) -> str:  # the loader writes '<name>:<line>: ...'; a dict has no lines
+        head, sep, rest = msg.partition(": ")
+        return f"{head.rsplit(':', 1)[0]}: {rest}" if sep and head.startswith(name + ":") else msg
+
+    try:
+        check_nodes(plain, name)  # bounded work, also for self-referencing dicts
+    except SpecError as e:
+        raise SpecError([drop_line(m) for m in e.problems]) from None
     try:
         return Spec.model_validate(plain)
     except ValidationError as e:
-        problems = [_translate_safely(err, plain, name)[1] for err in e.errors()]
-    # the loader writes '<name>:<line>: ...'; a dict has no lines, so the line is dropped
-    lines: list[str] = []
-    for msg in problems:
-        head, sep, rest = msg.partition(": ")
-        msg = f"{head.rsplit(':', 1)[0]}: {rest}" if sep and head.startswith(name + ":") else msg
-        if msg not in lines:
-            lines.append(msg)
-    raise SpecError(lines)
+        errors = e.errors()
+    problems = [_translate_safely(err, plain, name)[1] for err in errors[:2 * MAX_PROBLEMS]]
+    lines = list(dict.fromkeys(drop_line(msg) for msg in problems))
+    raise SpecError([drop_line(m) for m in cap_problems(lines, len(errors) - len(problems), name, 1)])
 
 
 def _looks_like_yaml(text: str) -> bool:
