@@ -17,6 +17,8 @@ SHIPPED = [
     "mimo_r4",
     "mimo_r2_const_half_fullrope",
     "mimo_r4_init",
+    "zoh_real",
+    "two_lag_complex",
 ]
 
 
@@ -57,7 +59,7 @@ def test_shipped_spec_contents():
     euler = load_spec(SPECS / "siso_euler_real.yaml")
     assert euler.discretization.rule == "exp_euler"
     assert euler.state.kind == "real" and not euler.is_complex and euler.num_angles == 0
-    assert not euler.carries_prev_token and not euler.has_trap_input
+    assert euler.lags == 0 and not euler.has_trap_input
     assert (euler.dims.d_state, euler.dims.headdim, euler.dims.mimo_rank, euler.dims.ngroups) == (128, 64, 1, 1)
     assert euler.dims.chunk_size == 64
     assert (euler.dtypes.input, euler.dtypes.compute, euler.dtypes.state) == ("bf16", "tf32", "fp32")
@@ -65,7 +67,7 @@ def test_shipped_spec_contents():
 
     siso = load_spec(SPECS / "siso_trap_complex.yaml")
     assert siso.discretization.rule == "exp_trapezoidal" and siso.discretization.lambda_ == "data"
-    assert siso.has_trap_input and siso.carries_prev_token
+    assert siso.has_trap_input and siso.lags == 1
     assert (siso.state.kind, siso.state.rope_fraction, siso.state.rotation) == ("complex", 0.5, "pairwise")
     assert siso.num_angles == 32 and siso.dims.mimo_rank == 1 and siso.dims.chunk_size == 64
     assert all(siso.options.model_dump().values())
@@ -86,10 +88,18 @@ def test_shipped_spec_contents():
 
     const = load_spec(SPECS / "mimo_r2_const_half_fullrope.yaml")
     assert (const.discretization.lambda_, const.discretization.lambda_value) == ("constant", 0.5)
-    assert not const.has_trap_input and const.carries_prev_token
+    assert not const.has_trap_input and const.lags == 1
     assert (const.state.rope_fraction, const.state.rotation, const.num_angles) == (1.0, "halved", 64)
     assert (const.dims.mimo_rank, const.dims.chunk_size) == (2, 32)
     assert all(const.options.model_dump().values())
+
+
+def test_shipped_formula_specs():
+    zoh = load_spec(SPECS / "zoh_real.yaml")
+    assert zoh.discretization.rule == "zoh" and zoh.lags == 0 and not zoh.has_trap_input and not zoh.is_complex
+    two = load_spec(SPECS / "two_lag_complex.yaml")
+    assert two.discretization.rule == "custom" and two.lags == 2 and two.has_trap_input and two.is_complex
+    assert len(two.discretization.weights) == 3 and two.discretization.log_decay == "adt - 0.05 * dt"
 
 
 def test_no_unlisted_specs_shipped():
@@ -245,10 +255,10 @@ def test_wrong_types():
         "  lambda_value: half\n"  # 10
     )
     assert problems(text) == [
-        "specs/x.yaml:3: dims.d_state: expected a whole number, got 'big'; try d_state: 128",
-        "specs/x.yaml:4: dims.headdim: expected a whole number, got 64.5; try headdim: 64",
-        "specs/x.yaml:7: options.d_skip: expected true or false, got 'maybe'; try d_skip: true",
-        "specs/x.yaml:10: discretization.lambda_value: expected a number, got 'half'; try lambda_value: 0.5",
+        "specs/x.yaml:3: dims.d_state: expected a whole number, got 'big' (a string); try d_state: 128",
+        "specs/x.yaml:4: dims.headdim: expected a whole number, got 64.5 (a decimal number); try headdim: 64",
+        "specs/x.yaml:7: options.d_skip: expected true or false, got 'maybe' (a string); try d_skip: true",
+        "specs/x.yaml:10: discretization.lambda_value: expected a number, got 'half' (a string); try lambda_value: 0.5",
     ]
 
 
@@ -285,7 +295,7 @@ def test_enum_values_list_the_allowed_ones():
         "  compute: fp64\n"         # 10  nothing spelled close: the default is suggested
     )
     assert problems(text) == [
-        "specs/x.yaml:3: discretization.rule: 'exp_eular' is not allowed (allowed: exp_euler, exp_trapezoidal); "
+        "specs/x.yaml:3: discretization.rule: 'exp_eular' is not allowed (allowed: exp_euler, exp_trapezoidal, zoh, custom); "
         "try rule: exp_euler",
         "specs/x.yaml:5: state.rope_fraction: 0.25 is not allowed (allowed: 0.5, 1.0); try rope_fraction: 0.5",
         "specs/x.yaml:6: state.kind: 'Complex' is not allowed (allowed: real, complex); try kind: complex",
@@ -366,11 +376,11 @@ def test_lambda_validators():
         "specs/x.yaml:3: discretization.lambda_value: 1.5 is outside [0, 1]; try lambda_value: 0.5"
     )
     assert one_problem("name: a\ndiscretization:\n  rule: exp_euler\n  lambda_value: 0.5\n") == (
-        "specs/x.yaml:4: discretization.lambda_value: exp_euler has no λ (it is the λ=1 rule); "
+        "specs/x.yaml:4: discretization.lambda_value: the rule exp_euler does not use λ (its formulas have no lam); "
         "try removing 'lambda_value', or rule: exp_trapezoidal"
     )
     assert one_problem("name: a\ndiscretization:\n  rule: exp_euler\n  lambda: constant\n  lambda_value: 1\n") == (
-        "specs/x.yaml:4: discretization.lambda: exp_euler has no λ (it is the λ=1 rule); "
+        "specs/x.yaml:4: discretization.lambda: the rule exp_euler does not use λ (its formulas have no lam); "
         "try removing 'lambda', or rule: exp_trapezoidal"
     )
     assert one_problem("name: a\ndiscretization:\n  lambda_value: 0.5\n") == (

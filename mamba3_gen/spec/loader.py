@@ -7,6 +7,7 @@ use the pseudo fields ``file`` (cannot read), ``yaml`` (syntax) and ``spec`` (th
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, CommentedSet, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from mamba3_gen.errors import SpecError
@@ -28,6 +29,13 @@ __all__ = ["SpecError", "load_spec", "load_spec_text", "spec_hash", "json_schema
 
 Loc = tuple[Any, ...]
 
+# Bounds on the work a spec costs (a spec is a few dozen lines): the file is read at most this far, the YAML is
+# walked with aliases expanded at most this many nodes deep and wide, and at most this many problems are reported.
+MAX_SPEC_BYTES = 32 * 1024
+MAX_NODES = 5_000
+MAX_DEPTH = 16
+MAX_PROBLEMS = 50
+
 
 # ---------------------------------------------------------------------------------------------------------- public
 
@@ -37,7 +45,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     shown = os.fspath(path)
     try:
         with open(shown, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_SPEC_BYTES + 1)  # never more: a spec that long is refused anyway
     except FileNotFoundError:
         raise SpecError([_line(shown, 1, "file", "no such file; try a path to an existing spec, e.g. specs/mimo_r4.yaml")])
     except IsADirectoryError:
@@ -50,7 +58,16 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
 
 
 def load_spec_text(text: str, filename: str = "<string>") -> Spec:
-    """Same as :func:`load_spec`, from the YAML text itself (``filename`` is only used in messages)."""
+    """Same as :func:`load_spec`, from the YAML text itself (``filename`` is only used in messages).
+
+    The work is bounded: text over ``MAX_SPEC_BYTES``, flow brackets nested deeper than ``MAX_DEPTH``, or a document
+    of more than ``MAX_NODES`` nodes once its aliases are expanded is refused before it is validated, and at most
+    ``MAX_PROBLEMS`` problems are listed.
+
+    Raises:
+        SpecError: one ``file:line: field: problem; try fix`` line per problem.
+    """
+    _check_size(text, filename)
     doc = _parse_yaml(text, filename)
     if doc is None:
         raise SpecError(
@@ -68,17 +85,78 @@ def load_spec_text(text: str, filename: str = "<string>") -> Spec:
                 )
             ]
         )
+    check_nodes(doc, filename)
     try:
         return Spec.model_validate(_plain(doc))
     except ValidationError as e:
-        problems = [_translate_safely(err, doc, filename) for err in e.errors()]
+        errors = e.errors()
+    # At most a few problems more than are shown are translated: the work stays bounded for any document.
+    problems = [_translate_safely(err, doc, filename) for err in errors[:2 * MAX_PROBLEMS]]
     # Sort by line (stable: pydantic's field order within a line), dropping exact duplicates.
     problems.sort(key=lambda p: p[0])
-    lines: list[str] = []
-    for _, msg in problems:
-        if msg not in lines:
-            lines.append(msg)
-    raise SpecError(lines)
+    lines = list(dict.fromkeys(msg for _, msg in problems))
+    raise SpecError(cap_problems(lines, len(errors) - len(problems), filename, problems[-1][0] if problems else 1))
+
+
+def cap_problems(lines: list[str], untranslated: int, filename: str, last_line: int) -> list[str]:
+    """The first ``MAX_PROBLEMS`` problem lines, and one more saying how many were left out, if any."""
+    left = len(lines) - MAX_PROBLEMS + untranslated
+    if left <= 0:
+        return lines
+    return lines[:MAX_PROBLEMS] + [f"{filename}:{last_line}: spec: {left} more problems not shown; try fixing the "
+                                   "ones above first"]
+
+
+def check_nodes(doc: Any, filename: str) -> None:
+    """Refuse a document of more than ``MAX_NODES`` values (aliases expanded, so a nest of aliases that would expand
+    to millions of values is caught after ``MAX_NODES`` steps) or nested deeper than ``MAX_DEPTH``. Also bounds
+    self-referencing dicts given by Python callers.
+
+    Raises:
+        SpecError: naming the limit and where the document exceeds it.
+    """
+    count = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise SpecError([_line(filename, _node_line(node), "spec",
+                                   f"the document has more than {MAX_NODES} values (an alias counts its values at each use); "
+                                   "try a spec of a few dozen lines as in specs/*.yaml, without aliases of big values")])
+        if depth > MAX_DEPTH:
+            raise SpecError([_line(filename, _node_line(node), "spec",
+                                   f"values are nested more than {MAX_DEPTH} levels deep; try the flat sections of "
+                                   "specs/*.yaml (section: key: value)")])
+        if isinstance(node, dict):
+            for key, value in node.items():
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((value, depth + 1) for value in node)
+
+
+def _check_size(text: str, filename: str) -> None:
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError([_line(filename, 1, "file", f"is more than {MAX_SPEC_BYTES // 1024} KiB, far more than a spec "
+                               "needs; try a spec of a few dozen lines as in specs/*.yaml")])
+    depth = deepest = 0
+    quote = None
+    for ch in text:  # flow brackets nested deep make the YAML parser recurse for seconds before it gives up
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "\n":
+            quote = None  # an unclosed quote is YAML's error to report, not this scan's
+    if deepest > MAX_DEPTH:
+        raise SpecError([_line(filename, 1, "yaml", f"brackets are nested {deepest} deep (at most {MAX_DEPTH}); "
+                               "try the flat sections of specs/*.yaml (section: key: value)")])
 
 
 def spec_hash(spec: Spec) -> str:
@@ -114,6 +192,9 @@ def _parse_yaml(text: str, filename: str) -> Any:
         raise SpecError([_line(filename, line, "yaml", f"{_one_line(problem)}; try {_yaml_hint(problem)}")]) from None
     except YAMLError as e:
         raise SpecError([_line(filename, 1, "yaml", f"{_one_line(str(e))}; try fixing the YAML syntax")]) from None
+    except RecursionError:
+        raise SpecError([_line(filename, 1, "yaml", "the document is nested too deeply to read; try the flat sections "
+                               "of specs/*.yaml (section: key: value)")]) from None
 
 
 def _yaml_hint(problem: str) -> str:
@@ -130,8 +211,32 @@ def _yaml_hint(problem: str) -> str:
     return "fixing the indentation, colons and quotes near this line"
 
 
+class Foreign:
+    """A YAML value no spec field can hold (a date, binary data, a set, a custom tag), kept only to be named in the
+    error message: pydantic refuses it as it refuses any wrong type, and the message says what it was."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self) -> str:
+        return self.what
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def _plain(node: Any) -> Any:
-    """ruamel round-trip nodes -> plain Python values (ScalarFloat -> float, CommentedMap -> dict, ...)."""
+    """ruamel round-trip nodes -> plain Python values (ScalarFloat -> float, CommentedMap -> dict, ``!!str 64`` ->
+    '64'); values of other kinds become :class:`Foreign` placeholders that name them."""
+    tag = getattr(getattr(node, "tag", None), "value", None)
+    if isinstance(node, TaggedScalar):
+        if tag == _STR_TAG:
+            return str(node.value)
+        return Foreign(f"a value tagged {tag} ({node.value!r}); custom YAML tags are not read")
+    if tag and tag.startswith("!") and isinstance(node, (CommentedMap, CommentedSeq)):
+        return Foreign(f"a {'mapping' if isinstance(node, dict) else 'list'} tagged {tag}; custom YAML tags are not read")
+    if isinstance(node, (set, frozenset, CommentedSet)):
+        return Foreign("a set (!!set)")
     if isinstance(node, dict):
         return {_plain_key(k): _plain(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
@@ -144,7 +249,13 @@ def _plain(node: Any) -> Any:
         return float(node)
     if isinstance(node, str):
         return str(node)
-    return node
+    if isinstance(node, (bytes, bytearray)):
+        return Foreign("binary data (!!binary)")
+    if isinstance(node, (datetime.date, datetime.datetime)):
+        return Foreign(f"a date ({node.isoformat()}); quote it if it is meant as text")
+    if node is None:
+        return None
+    return Foreign(f"a {type(node).__name__} value")
 
 
 def _plain_key(key: Any) -> Any:
@@ -306,7 +417,9 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
             fix = f"lambda: constant with lambda_value: {value}"
         else:
             fix = f"{key}: {yaml_value(_closest(value, allowed, default))}"
-        msg = f"{_describe(value)} is not allowed (allowed: {shown}); try {fix}"
+        shown_value = _typed(value) if isinstance(value, str) and not any(isinstance(a, str) for a in allowed) else (
+            _describe(value))  # '0.5' for a number: say it is a string
+        msg = f"{shown_value} is not allowed (allowed: {shown}); try {fix}"
     elif kind in ("model_type", "dict_type", "model_attributes_type"):
         model = _model_at(loc)
         first = next(iter(model.model_fields.items())) if model else None
@@ -322,13 +435,20 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
         else:
             msg = f"expected a mapping of keys, got {_describe(value)}; try {sample}"
     elif kind in ("int_type", "int_parsing", "int_from_float"):
-        msg = f"expected a whole number, got {_describe(value)}; try {key}: {example or 1}"
+        fix = _as_whole(value)
+        msg = (f"expected a whole number, got {_typed(value)}; try {key}: "
+               f"{fix if fix is not None else example or 1}" + (" (no quotes)" if isinstance(value, str) and fix else ""))
     elif kind in ("float_type", "float_parsing"):
-        msg = f"expected a number, got {_describe(value)}; try {key}: {example or 0.5}"
+        msg = f"expected a number, got {_typed(value)}; try {key}: {example or 0.5}"
     elif kind in ("bool_type", "bool_parsing"):
-        msg = f"expected true or false, got {_describe(value)}; try {key}: {example or 'true'}"
+        fix = {"true": "true", "yes": "true", "on": "true", "1": "true", "false": "false", "no": "false", "off": "false",
+               "0": "false"}.get(str(value).strip().lower()) if isinstance(value, (str, int)) else None
+        msg = f"expected true or false, got {_typed(value)}; try {key}: {fix or example or 'true'}"
     elif kind in ("string_type",):
-        msg = f"expected a string, got {_describe(value)}; try {key}: {example or _fix_name(value)}"
+        if loc and isinstance(loc[-1], int):  # an item of a list of formulas
+            msg = f"expected a string, got {_typed(value)}; try writing it in quotes: '{yaml_value(value)}'"
+        else:
+            msg = f"expected a string, got {_typed(value)}; try {key}: {example or _fix_name(value)}"
     elif kind == "string_pattern_mismatch":
         msg = (
             f"{_describe(value)} is not a lowercase identifier (letters, digits, '_', starting with a letter); "
@@ -394,7 +514,33 @@ def _fix_name(value: Any) -> str:
     return name if name[0].isalpha() else f"layer_{name}"
 
 
+def _typed(value: Any) -> str:
+    """A value and its YAML type, for messages about a value of the wrong type: "'128' (a string)"."""
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list, tuple, Foreign)) or value == "":
+        return _describe(value)
+    if isinstance(value, str):
+        return f"{_describe(value)} (a string)"
+    if isinstance(value, int):
+        return f"{value} (a whole number)"
+    if isinstance(value, float):
+        return f"{value!r} (a decimal number)"
+    return _describe(value)
+
+
+def _as_whole(value: Any) -> int | None:
+    """The whole number a wrongly typed value spells ('128', 128.0), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        return int(value)
+    return None
+
+
 def _describe(value: Any) -> str:
+    if isinstance(value, Foreign):
+        return value.what
     if value is None:
         return "nothing (null)"
     if isinstance(value, bool):
@@ -419,9 +565,19 @@ def yaml_value(value: Any) -> str:
 
 def _dotted(loc: Loc) -> str:
     out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    for i, p in enumerate(loc):
+        if isinstance(p, int) and _is_list_field(loc[:i]):
+            out += f"[{p}]"  # an item of a list field: discretization.weights[1]
+        else:
+            out += f".{p}" if out else str(p)
     return out or "spec"
+
+
+def _is_list_field(path: Loc) -> bool:
+    info = _field_info(path) if path else None
+    if info is None:
+        return False
+    return any(typing.get_origin(a) is list for a in [info.annotation, *typing.get_args(info.annotation)])
 
 
 def _one_line(text: str) -> str:

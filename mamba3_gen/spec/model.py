@@ -5,9 +5,11 @@ knowledge are checked by validators here, device limits (shared memory) are chec
 """
 from __future__ import annotations
 
+import keyword
+import sys
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mamba3_gen.spec.rules import CUSTOM, PRESETS, Rule, make_rule, preset_rule
 
@@ -15,8 +17,9 @@ DType = Literal["bf16", "fp16", "fp32"]
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are errors: a typo must never be silently ignored. Strict types: 'd_state: "128"' or
+    # 'd_state: true' is refused as a string or a boolean, never read as 128 or 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 RuleName = Literal[tuple(PRESETS) + (CUSTOM,)]  # type: ignore[valid-type]
@@ -69,10 +72,11 @@ class Discretization(_Strict):
         rule = self.resolved_rule()  # FormulaError (a ValueError) names weights[j] or log_decay
         if not rule.uses_lambda:
             if self.lambda_ != "data":
-                raise ValueError(f"lambda: the rule {self.rule} does not use λ (lam); try removing 'lambda'")
+                raise ValueError(f"lambda: the rule {self.rule} does not use λ (its formulas have no lam); "
+                                 "try removing 'lambda', or rule: exp_trapezoidal")
             if self.lambda_value is not None:
-                raise ValueError(f"lambda_value: the rule {self.rule} does not use λ (lam); try removing "
-                                 "'lambda_value'")
+                raise ValueError(f"lambda_value: the rule {self.rule} does not use λ (its formulas have no lam); "
+                                 "try removing 'lambda_value', or rule: exp_trapezoidal")
         elif self.lambda_ == "constant":
             if self.lambda_value is None:
                 raise ValueError("lambda: 'constant' needs lambda_value in [0, 1]; try adding lambda_value: 0.5")
@@ -164,14 +168,43 @@ class Options(_Strict):
     varlen: bool = Field(False, description="accept cu_seqlens (packed sequences, batch 1).")
 
 
+MAX_NAME = 64  # characters of spec.name: it becomes a folder, a module and part of a custom op's name
+
+# Top-level modules a generated package must not shadow (generated/<name>/ is imported as <name> when generated/
+# is on sys.path): the standard library, builtins, mamba3-gen's own packages and folders, and its dependencies.
+# A fixed list, not a look at what is installed here, so that a spec is valid or not the same way everywhere.
+RESERVED_NAMES = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {
+    "mamba3_gen", "generated", "tests", "benchmarks", "specs", "templates", "docs",
+    "torch", "triton", "numpy", "pydantic", "pydantic_core", "ruamel", "sympy", "mpmath", "networkx", "jinja2",
+    "markupsafe", "typer", "click", "rich", "platformdirs", "filelock", "cutlass", "nvidia", "pytest", "hypothesis",
+    "setuptools", "pip", "wheel", "pkg_resources", "typing_extensions",
+}
+
+
 class Spec(_Strict):
-    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="a Python identifier: generated/<name>/ is written.")
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$",
+                      description=f"a Python identifier: generated/<name>/ is written (at most {MAX_NAME} characters, "
+                      "not a keyword, not the name of a standard or dependency module such as os or torch).")
     discretization: Discretization = Discretization()
     state: State = State()
     dims: Dims = Dims()
     dtypes: DTypes = DTypes()
     inputs: Inputs = Inputs()
     options: Options = Options()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        better = f"{name[:MAX_NAME - 6]}_layer" if len(name) < MAX_NAME else name[:MAX_NAME - 6].rstrip("_") + "_layer"
+        if len(name) > MAX_NAME:
+            raise ValueError(f"{len(name)} characters is too long (at most {MAX_NAME}: the name becomes a folder, a "
+                             f"module and an op name); try name: {better}")
+        if keyword.iskeyword(name):  # soft keywords (match, case, type) are valid module names
+            raise ValueError(f"'{name}' is a Python keyword, so generated.{name} cannot be imported; try name: {better}")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"'{name}' is the name of the importable module {name}, which the generated package "
+                             f"would shadow (or be shadowed by); try name: {better}")
+        return name
 
     @model_validator(mode="after")
     def _check_dims(self) -> "Spec":
