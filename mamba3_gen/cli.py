@@ -373,6 +373,24 @@ def _resolved(model, prefix: str = "", parent_default: bool = False) -> list[tup
     return rows
 
 
+def unused_fields(spec) -> list[str]:
+    """Dotted keys of the fields a spec does not use (λ settings of a rule without lam, a preset's formula fields,
+    the rotation of a real state, the trap encoding without a trap input): `check` does not print them."""
+    disc = spec.discretization
+    unused = []
+    if not spec.rule.uses_lambda:
+        unused += ["discretization.lambda", "discretization.lambda_value"]
+    elif disc.lambda_ == "data":
+        unused.append("discretization.lambda_value")
+    if disc.rule != "custom":
+        unused += ["discretization.log_decay", "discretization.weights"]
+    if not spec.is_complex:
+        unused += ["state.rope_fraction", "state.rotation"]
+    if not spec.has_trap_input:
+        unused.append("inputs.trap")
+    return unused
+
+
 def _aot(spec_path: str, arch: str, configs, progress) -> dict:
     """Run the AOT compile report; {'available': bool, 'reason'|'configs': ...}."""
     from mamba3_gen.backends.device import get_target
@@ -461,6 +479,7 @@ def check(
             "spec_path": spec_path,
             "spec": spec.model_dump(mode="json", by_alias=True),
             "defaults": [k for k, _, dflt, section in _resolved(spec) if dflt and not section],
+            "unused_fields": unused_fields(spec),
             "spec_hash": spec_hash(spec),
             "generator": __version__,
             "arch": arch,
@@ -486,11 +505,16 @@ def check(
         echo(f"{spec.name}: {spec_path} is valid  (sha256 {spec_hash(spec)[:16]}…, mamba3-gen {__version__})")
         echo("")
         echo("resolved spec (* = default, not written in the file):")
+        unused = unused_fields(spec)
         for key, value, dflt, section in _resolved(spec):
+            if key in unused:
+                continue
             indent = "  " * (key.count(".") + 1)
             leaf = key.rsplit(".", 1)[-1]
             text = "" if section else " " + yaml_value(value)
             echo(f"{indent}{leaf}:{text}{'  *' if dflt else ''}")
+        if unused:
+            echo(f"  (not used by this spec, not shown: {', '.join(unused)})")
         echo("")
         echo("derived:")
         rf = spec.state.rope_fraction

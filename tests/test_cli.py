@@ -129,7 +129,7 @@ def test_check_prints_derived_quantities():
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "mimo_r4" in out
-    assert "lambda_value: null  *" in out  # defaults are shown and marked
+    assert "trap: logit  *" in out  # defaults are shown and marked (unused fields are not: see below)
     assert "S, rotation angles per token: 32" in out
     assert "chunk rows C·R: 16·4 = 64" in out
     lowered = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in out.splitlines()
@@ -355,3 +355,56 @@ def test_bench_without_gpu():
     assert result.exit_code == 1
     assert "needs a CUDA GPU" in result.stderr
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------- issue 10, item 12
+SHIPPED_SPECS = sorted((REPO / "specs").glob("*.yaml"))
+_POINTERS = ["q_ptr", "k_ptr", "v_ptr", "adt_ptr", "dt_ptr", "trap_ptr", "q_bias_ptr", "k_bias_ptr", "angles_ptr",
+             "d_ptr", "z_ptr", "mimo_v_ptr", "mimo_z_ptr", "mimo_o_ptr", "out_ptr", "init_angle_ptr", "init_ssm_ptr",
+             "init_k_ptr", "init_v_ptr", "final_angle_ptr", "final_ssm_ptr", "final_k_ptr", "final_v_ptr"]
+
+
+def _kernel_tensors(spec) -> set[str]:
+    """The tensors the op hands the forward kernel for this spec, from the AOT signature (None pointers are
+    constexpr there): an independent account of what the kernel can load or store."""
+    from mamba3_gen.backends.triton.aot import kernel_signature
+
+    signature, _, _ = kernel_signature(spec, _POINTERS, 64)
+    names = {n[:-len("_ptr")] for n, ty in signature.items() if ty != "constexpr"}
+    return {"D" if n == "d" else n for n in names}
+
+
+@pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.stem for p in SHIPPED_SPECS])
+def test_check_graph_lists_only_the_specs_tensors(spec_path):
+    from mamba3_gen.spec.loader import load_spec
+
+    spec = load_spec(spec_path)
+    result = invoke("check", spec_path, "--json", "--no-aot")
+    assert result.exit_code == 0, result.output
+    graph = json.loads(result.stdout)["graph"]
+    moved = set(graph["loads"]) | set(graph["stores"])
+    assert moved == _kernel_tensors(spec), f"{spec_path.stem}: listed {sorted(moved)}"
+    text = invoke("check", spec_path, "--graph", "--no-aot").stdout
+    listed = {t for line in text.splitlines() if line.strip().startswith(("loads:", "stores:"))
+              for t in line.split(":", 1)[1].replace(",", " ").split()}
+    assert listed == moved
+
+
+def test_check_graph_euler_real_has_no_trap_angles_or_mimo():
+    out = invoke("check", REPO / "specs" / "siso_euler_real.yaml", "--graph", "--no-aot").stdout
+    loads = next(line for line in out.splitlines() if line.strip().startswith("loads:"))
+    for absent in ("trap", "angles", "init_angle", "init_k", "init_v", "mimo_v", "mimo_z", "mimo_o"):
+        assert absent not in loads.replace(",", " ").split(), loads
+    assert "init_ssm" in loads  # the spec has initial states: the real state's H is loaded
+
+
+def test_check_hides_fields_the_spec_does_not_use():
+    out = invoke("check", REPO / "specs" / "siso_euler_real.yaml", "--no-aot").stdout
+    resolved = out.split("derived:")[0]
+    for key in ("lambda:", "lambda_value:", "log_decay:", "weights:", "rope_fraction:", "rotation:", "trap:"):
+        assert f" {key}" not in resolved, key
+    assert "(not used by this spec, not shown: discretization.lambda, discretization.lambda_value" in resolved
+    out = invoke("check", SPEC, "--no-aot").stdout.split("derived:")[0]  # a trapezoidal rule with λ data
+    assert "    lambda: data" in out and "lambda_value:" not in out and "    trap: logit" in out
+    obj = json.loads(invoke("check", SPEC, "--json", "--no-aot").stdout)
+    assert obj["unused_fields"] == ["discretization.lambda_value", "discretization.log_decay", "discretization.weights"]

@@ -92,24 +92,49 @@ class GraphError(AssertionError):
     pass
 
 
+def spec_tensors(spec: Spec, low: Lowered) -> frozenset[str]:
+    """The tensors a spec's forward kernel actually takes (the op passes None for the others): a stage may name a
+    tensor that only some specs have (init_carry loads the initial angle only for a complex state with initial
+    states), so its loads and stores are filtered by this set before they are shown."""
+    opt, R = spec.options, spec.dims.mimo_rank
+    lags, cplx = low.lags > 0, spec.is_complex
+    present = {
+        "q": True, "k": True, "v": True, "adt": True, "dt": True, "q_bias": True, "k_bias": True, "out": True,
+        "trap": spec.has_trap_input, "angles": cplx, "D": opt.d_skip, "z": opt.z_gate,
+        "mimo_v": R > 1, "mimo_o": R > 1, "mimo_z": R > 1 and opt.z_gate,
+        "init_ssm": opt.initial_states, "init_angle": opt.initial_states and cplx,
+        "init_k": opt.initial_states and lags, "init_v": opt.initial_states and lags,
+        "final_ssm": opt.final_states, "final_angle": opt.final_states and cplx,
+        "final_k": opt.final_states and lags, "final_v": opt.final_states and lags,
+    }
+    return frozenset(name for name, used in present.items() if used)
+
+
 @dataclass
 class KernelPlan:
-    """The validated, ordered stages of one kernel, and what it moves."""
+    """The validated, ordered stages of one kernel, and what it moves (``tensors``: the spec's, see
+    :func:`spec_tensors`; None shows every tensor the stages name)."""
 
     graph: nx.DiGraph
     order: dict[str, list[Stage]] = field(default_factory=dict)
+    tensors: frozenset[str] | None = None
 
     @property
     def stages(self) -> list[Stage]:
         return [s for p in PHASES for s in self.order[p]]
 
+    def _moved(self, names) -> list[str]:
+        return sorted({t for t in names if self.tensors is None or t in self.tensors})
+
     @property
     def loads(self) -> list[str]:
-        return sorted({t for s in self.stages for t in s.loads})
+        """Tensors the kernel reads from memory (only those the spec has)."""
+        return self._moved(t for s in self.stages for t in s.loads)
 
     @property
     def stores(self) -> list[str]:
-        return sorted({t for s in self.stages for t in s.stores})
+        """Tensors the kernel writes (only those the spec has)."""
+        return self._moved(t for s in self.stages for t in s.stores)
 
     def describe(self) -> str:
         lines = []
@@ -117,7 +142,10 @@ class KernelPlan:
             lines.append(f"{phase}:")
             for s in self.order[phase]:
                 deps = sorted(self.graph.predecessors(s.name))
-                lines.append(f"  {s.name:<16} <- {', '.join(deps) or '-':<40} {s.doc}")
+                moved = [f"{what} {', '.join(names)}" for what, names in
+                         (("loads", self._moved(s.loads)), ("stores", self._moved(s.stores))) if names]
+                lines.append(f"  {s.name:<16} <- {', '.join(deps) or '-':<40} {s.doc}"
+                             + (f" [{'; '.join(moved)}]" if moved else ""))
         lines.append(f"loads:  {', '.join(self.loads)}")
         lines.append(f"stores: {', '.join(self.stores)}")
         return "\n".join(lines)
@@ -174,4 +202,4 @@ def plan_kernel(spec: Spec, lowered: Lowered) -> KernelPlan:
     for name in nx.lexicographical_topological_sort(g, key=priority):
         s = g.nodes[name]["stage"]
         order[s.phase].append(s)
-    return KernelPlan(g, order)
+    return KernelPlan(g, order, spec_tensors(spec, lowered))
