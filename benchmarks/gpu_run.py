@@ -1,8 +1,12 @@
-"""One GPU session: accuracy of every shipped spec at real sizes (bf16 and fp32) against the float64 recurrence, and
-the bf16 forward timings, with this device's measured ceilings. Results go to $OUT (or ./gpu_results) as JSON and
-a Markdown table.
+"""One GPU session: accuracy of every shipped spec (and benchmarks/specs/*.yaml, formula rules) at real sizes (bf16
+and fp32) against the float64 recurrence, and the bf16 forward timings, with this device's measured ceilings.
+Results go to $OUT (or ./gpu_results) as JSON and a Markdown table.
 
-    python benchmarks/gpu_run.py [--quick]
+    python benchmarks/gpu_run.py [--quick] [--before DIR]
+
+``--before DIR``: DIR is another checkout of this repository (e.g. ``git worktree add DIR <commit>``); its own
+``benchmarks/gpu_run.py --skip-accuracy`` runs in a subprocess in the same session, so the forward times before and
+after a change are measured side by side, and the table gives their ratio.
 
 Accuracy inputs are drawn once in fp32 and rounded to bf16 values, so one float64 reference (computed on the GPU in
 float64) serves both the bf16 and the fp32 runs of the kernel.
@@ -29,7 +33,7 @@ from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err  # noqa:
 from mamba3_gen.runtime.state import Mamba3State  # noqa: E402
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
 
-SPECS = ["siso_euler_real", "siso_trap_complex", "mimo_r4", "mimo_r2_const_half_fullrope", "mimo_r4_init"]
+SPEC_PATHS = sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "benchmarks" / "specs").glob("*.yaml"))
 _LOW_PRECISION = ("q", "k", "v", "z")  # what the official wrappers take in bf16
 
 
@@ -103,12 +107,30 @@ def bench_official(spec_path, B, L, H, official_fn) -> dict:
     return {"spec": Path(spec_path).stem, "provider": "official", "B": B, "L": L, "H": H, "ms": ms, "config": None}
 
 
+def run_before(before: Path, out_dir: Path, quick: bool) -> list[dict]:
+    """The other checkout's forward timings (its own gpu_run.py, --skip-accuracy), measured now on this device."""
+    import subprocess
+
+    sub_out = out_dir / "before"
+    sub_out.mkdir(exist_ok=True)
+    env = dict(os.environ, OUT=str(sub_out), PYTHONPATH=os.pathsep.join(filter(None, [str(before), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "benchmarks/gpu_run.py", "--skip-accuracy", "--tag", "_before"] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, cwd=before, env=env, capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+    found = sub_out / "gpu_results_before.json"
+    if proc.returncode or not found.exists():
+        return []
+    rows = json.loads(found.read_text())["bench"]
+    return [r for r in rows if r.get("provider", "ours") == "ours"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--before", default=None, help="another checkout: time its forward in the same session")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", ROOT / "gpu_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +143,8 @@ def main():
     B, L, H = (2, 256, 4) if args.quick else (8, 4096, 32)
     official_siso = official.load_siso()
     if not args.skip_accuracy:
-        for name in SPECS:
-            spec = load_spec(str(ROOT / "specs" / f"{name}.yaml"))
-            path = ROOT / "specs" / f"{name}.yaml"
+        for path in SPEC_PATHS:
+            spec = load_spec(str(path))
             results["accuracy"] += accuracy(path, B, L, H, with_init=spec.options.initial_states)
         # the official kernels' figures were measured at B2 L2048 H8 (SISO) and with MIMO R4 C16
         for name in ("siso_trap_complex", "mimo_r4"):
@@ -133,8 +154,9 @@ def main():
         ceil = measure_ceilings()
         results["ceilings"] = ceil
         print(json.dumps(ceil), flush=True)
-        for name in SPECS:
-            r = bench(ROOT / "specs" / f"{name}.yaml", B, L, H, ceilings=ceil)
+        for path in SPEC_PATHS:
+            name = path.stem
+            r = bench(path, B, L, H, ceilings=ceil)
             results["bench"].append(r)
             print(json.dumps(r), flush=True)
             if name == "siso_trap_complex" and official_siso is not None:  # side by side, same process
@@ -142,6 +164,13 @@ def main():
                 o["ours_over_official"] = r["ms"] / o["ms"]
                 results["bench"].append(o)
                 print(json.dumps(o), flush=True)
+    if args.before:
+        results["before"] = run_before(Path(args.before), out_dir, args.quick)
+        after = {r["spec"]: r["ms"] for r in results["bench"] if r.get("provider", "ours") == "ours"}
+        for r in results["before"]:
+            if r["spec"] in after:
+                r["after_ms"] = after[r["spec"]]
+                r["before_over_after"] = r["ms"] / after[r["spec"]]
     (out_dir / f"gpu_results{args.tag}.json").write_text(json.dumps(results, indent=1))
     lines = ["| spec | provider | dtype | B L H | out rel | ssm rel | k rel | angle max rad |",
              "|---|---|---|---|---|---|---|---|"]
@@ -154,6 +183,11 @@ def main():
     for r in results["bench"]:
         lines.append(f"| {r['spec']} | {r.get('provider', 'ours')} | {r['ms']:.3f} | {r.get('floor_bytes_ms', 0):.3f} | "
                      f"{r.get('floor_flops_ms', 0):.3f} | {r['config']} |")
+    if results.get("before"):
+        lines += ["", "| spec | before ms | after ms | before/after |", "|---|---|---|---|"]
+        for r in results["before"]:
+            if "after_ms" in r:
+                lines.append(f"| {r['spec']} | {r['ms']:.3f} | {r['after_ms']:.3f} | {r['before_over_after']:.3f} |")
     table = "\n".join(lines)
     (out_dir / f"gpu_results{args.tag}.md").write_text(table + "\n")
     print(table)

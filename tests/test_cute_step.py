@@ -108,3 +108,25 @@ def test_cute_step_aot_padded_tiles(which, tmp_path):
     p = tmp_path / f"padded_{which}.yaml"
     p.write_text(PADDED_SPECS[which])
     _check(compile_report(p, "sm_90a"))
+
+
+FORMULA_SPECS = {
+    # every function of the formula grammar, three lags, a custom log-decay, MIMO
+    "three_lags": "name: three_lags\ndiscretization:\n  rule: custom\n  log_decay: adt - 0.1 * dt\n  weights:\n"
+                  "    - dt * expm1(adt) / adt + 0.1 * dt * lam\n"
+                  "    - (1 - lam) * dt * exp(adt) * sigmoid(adt) + dt * softplus(adt)\n"
+                  "    - 0.1 * dt * tanh(dt) * log1p(-adt)\n"
+                  "    - sqrt(dt) * dt * log(1 + dt)\n"
+                  "state: {rotation: halved}\ndims: {d_state: 64, headdim: 32, mimo_rank: 2, chunk_size: 16}\n",
+    "zoh": "name: zoh_step\ndiscretization: {rule: zoh}\nstate: {kind: real}\n",
+}
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("which", sorted(FORMULA_SPECS))
+def test_cute_step_aot_formula_rules(which, tmp_path):
+    p = tmp_path / f"{which}.yaml"
+    p.write_text(FORMULA_SPECS[which])
+    r = compile_report(p, "sm_90a")
+    _check(r)
+    assert r["frame_bytes"] in (0, None), _check(r)

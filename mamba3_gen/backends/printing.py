@@ -30,6 +30,11 @@ class KernelPrinter(sp.printing.str.StrPrinter):
             raise PrintError(f"function {e.func} has no kernel lowering")
         return f"{name}({self._print(e.args[0])})"
 
+    def _print_Away(self, e):
+        x, x0, r = (self._print(a) for a in e.args)
+        moved = self._print(e.args[1] + e.args[2])
+        return f"{self._where}(({self._abs}({x} - {x0}) < {r}), {moved}, {x})"
+
     def _print_Abs(self, e):
         return f"{self._abs}({self._print(e.args[0])})"
 

@@ -61,6 +61,9 @@ def _eval(e, v: dict) -> torch.Tensor:
     if isinstance(e, sp.Piecewise):
         (series, cond), (body, _) = e.args
         return torch.where(_eval_cond(cond, v), _eval(series, v), _eval(body, v))
+    if type(e).__name__ == "Away":  # lowering.Away(x, x0, r): x moved off a removable singularity
+        x, x0, r = (_eval(a, v) for a in e.args)
+        return torch.where((x - x0).abs() < r, x0 + r, x)
     fn = _FUNCS.get(e.func)
     if fn is not None:
         return fn(_eval(e.args[0], v))

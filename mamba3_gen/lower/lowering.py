@@ -22,6 +22,7 @@ true H_t plus the last J tokens' (k̂, v): their remaining lagged terms are appl
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -35,6 +36,17 @@ SERIES_ORDER = 6  # terms of the Taylor series used at a removable singularity
 SERIES_RADIUS = 0.0625  # |x − x0| below which the series is used; (1/16)^6/6! ≈ 8e-11 for ZOH
 DOMAIN = {dt: sp.Interval(0, sp.oo), adt: sp.Interval(-sp.oo, 0), lam: sp.Interval(0, 1)}
 SAMPLES = {dt: (1e-4, 1e-2, 0.5, 3.0), adt: (-30.0, -2.0, -0.3, -1e-3), lam: (0.0, 0.3, 1.0)}
+
+
+class Away(sp.Function):
+    """Away(x, x0, r) = x0 + r where |x − x0| < r, else x: where a formula's series is used, the formula itself is
+    evaluated at a point off its singularity (no 0/0 in any lane of a select, no NaN gradient). Kept unevaluated so
+    that sympy does not push divisions through it."""
+
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(1) if argindex == 1 else sp.Integer(0)
 
 
 class LoweringError(ValueError):
@@ -78,20 +90,29 @@ class Lowered:
 def _show(e: sp.Expr) -> str:
     if isinstance(e, sp.Piecewise):
         (series, cond), (body, _) = e.args
-        body = body.replace(lambda x: isinstance(x, sp.Piecewise), lambda x: x.args[-1][0])
+        body = body.replace(lambda x: isinstance(x, Away), lambda x: x.args[0])
         return f"{formula_text(body)}   [series {formula_text(series)} where {formula_text(cond)}]"
     return formula_text(e)
 
 
 def lower_discretization(spec: Spec) -> Lowered:
-    """Lower spec.discretization; raises LoweringError naming ``discretization.weights[j]`` or ``.log_decay``."""
-    rule = spec.rule
+    """Lower spec.discretization; raises LoweringError naming ``discretization.weights[j]`` or ``.log_decay``.
+    Cached per discretization section (sympy's limits and series take up to a second per formula)."""
+    return _lower_cached(spec.discretization.model_dump_json(by_alias=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _lower_cached(discretization_json: str) -> Lowered:
+    from mamba3_gen.spec.model import Discretization
+
+    disc = Discretization.model_validate_json(discretization_json)
+    rule = disc.resolved_rule()
     subs = {}
     if not rule.uses_lambda:
         lam_source = "none"
-    elif spec.discretization.lambda_ == "constant":
+    elif disc.lambda_ == "constant":
         lam_source = "constant"
-        subs = {lam: sp.Float(spec.discretization.lambda_value)}
+        subs = {lam: sp.Float(disc.lambda_value)}
     else:
         lam_source = "data"
     log_decay = _safe(sp.simplify(rule.log_decay.subs(subs)), "discretization.log_decay")
@@ -122,8 +143,7 @@ def _safe(expr: sp.Expr, where: str) -> sp.Expr:
             series = sp.expand(sp.series(smooth, sym, z0, n=SERIES_ORDER).removeO())
             near = sp.Abs(sym - z0) < SERIES_RADIUS
             # the formula itself is evaluated away from z0 even where the series is chosen: no 0/0 in any lane
-            away = expr.subs(sym, sp.Piecewise((z0 + SERIES_RADIUS, near), (sym, True)))
-            expr = sp.Piecewise((series, near), (away, True))
+            expr = sp.Piecewise((series, near), (expr.subs(sym, Away(sym, z0, SERIES_RADIUS)), True))
     _check_samples(expr, where)
     _check_padding(expr, where)
     return expr
