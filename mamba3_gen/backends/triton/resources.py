@@ -1,10 +1,22 @@
 """Resource model of the forward kernel: autotune configs that fit the target, and a shared-memory estimate.
 
-Triton stages every tensor-core dot operand through shared memory. The estimate adds the operand tiles of all the
-dots of one chunk (as if all were live at once, an upper bound) in the compute dtype, times the pipelining depth
-for the tiles loaded inside the loop. A config over the target's per-block limit is dropped at build time; a spec
-with no config left is refused with the numbers. `mamba3-gen check` also compiles for sm_90a and reports what
-ptxas actually allocated.
+Triton's allocator gives each shared buffer (dot operands, layout conversions) a slot and reuses slots whose
+lifetimes do not overlap, so a block uses the *peak* of simultaneously live buffers, not their sum (the earlier
+sum-of-all-tiles estimate was 1.6-2.7x too high and refused consumer GPUs wrongly, issue 10 item 11). The peak
+is modelled from what the sm_90a AOT compile (Triton 3.6, ``compile_report``) reported for 19 kernels, in
+elements of the compute dtype (b bytes: 2 for bf16, 4 for tf32 / fp32), with rows = C·R, BN2 = the padded half
+state, BP = the P block:
+
+    2·rows·BN2 + k·rows·BP            two K/Q half tiles and the V rows of a chunk (k = 1, 1.5 for a real state)
+    + 2·rows·BN2·min(1, rows/64)       complex SISO only (R = 1) with tf32 / fp32 operands: the rotation's layout
+                                       conversions, which outlive the dots there
+
+It matched 17 of the 19 compiles exactly (shipped specs, rows 16-128, BN2 32-128, BP 32-128, bf16 / tf32 / fp32,
+real / complex, SISO / MIMO, pairwise / halved, 0-2 lags) and the other two within 25 % on the safe side;
+tests/test_resources.py holds the shipped specs to 15 % of the compiler. All configs use one pipeline stage; for
+more, the per-chunk tiles are counted once per stage (not measured: an upper bound). A config over the target's
+per-block limit is dropped at build time; a spec with no config left is refused with the numbers and every field
+that would make it fit. `mamba3-gen check` also compiles for sm_90a and reports what ptxas actually allocated.
 """
 from __future__ import annotations
 
@@ -22,13 +34,77 @@ class KernelConfig:
     maxnreg: int | None = None  # register cap per thread (None: the compiler's choice)
 
 
+def smem_bytes(rows: int, bn2: int, block_p: int, compute: str, complex_siso: bool, real: bool,
+               num_stages: int = 1) -> int:
+    """Bytes of shared memory per block of the forward kernel (the model in the module docstring).
+
+    Args:
+        rows: chunk rows C·R. bn2: the half state dim padded to a power of two (>= 16). block_p: the P block.
+        compute: dtypes.compute (bf16, tf32, fp32). complex_siso: a complex state with R == 1. real: a real state.
+        num_stages: pipeline depth of the config (the per-chunk tiles count once per stage).
+    """
+    b = _BYTES[compute]
+    tiles = 2 * rows * bn2 + (1.5 if real else 1.0) * rows * block_p
+    extra = 2 * rows * bn2 * min(1.0, rows / 64) if complex_siso and compute != "bf16" else 0
+    return int(b * (tiles * max(1, num_stages) + extra))
+
+
 def smem_estimate(low, block_p: int, num_stages: int) -> int:
+    """:func:`smem_bytes` of a lowered spec for one config."""
     d = low.dims
-    rows, bn2 = d["C"] * d["R"], d["BN2"]
-    b = _BYTES[low.spec.dtypes.compute]
-    loop_tiles = 4 * rows * bn2 + rows * block_p  # Q, K halves and V rows: refilled every chunk
-    fixed_tiles = rows * rows + 2 * block_p * bn2  # the masked score tile and the two state halves
-    return b * (loop_tiles * max(1, num_stages) + fixed_tiles)
+    spec = low.spec
+    return smem_bytes(d["C"] * d["R"], d["BN2"], block_p, spec.dtypes.compute, spec.is_complex and d["R"] == 1,
+                      not spec.is_complex, num_stages)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _smallest(spec, C: int, N: int, P: int, compute: str) -> int:
+    """The smallest config estimate of the spec with these dims (the half P block when P >= 32)."""
+    R = spec.dims.mimo_rank
+    bp = max(16, _pow2(P))
+    bp = bp // 2 if bp >= 32 else bp
+    return smem_bytes(C * R, max(16, _pow2(N // 2)), bp, compute, spec.is_complex and R == 1, not spec.is_complex)
+
+
+def fit_advice(spec, limit: int, min_rows: int = 16) -> list[str]:
+    """Every single change of one field that makes the spec's forward fit ``limit`` bytes, with its estimate:
+    dtypes.compute: bf16, the largest smaller chunk_size (keeping C·R >= ``min_rows``), d_state and headdim."""
+    d, compute = spec.dims, spec.dtypes.compute
+    C, N, P, R = d.chunk_size, d.d_state, d.headdim, d.mimo_rank
+    out = []
+
+    def kib(n: int) -> str:
+        return f"about {n / 1024:.0f} KiB"
+
+    if compute != "bf16":
+        est = _smallest(spec, C, N, P, "bf16")
+        if est <= limit:
+            out.append(f"dtypes.compute: bf16 ({kib(est)})")
+    c = C // 2
+    while c >= 1 and c * R >= min_rows:
+        est = _smallest(spec, c, N, P, compute)
+        if est <= limit:
+            out.append(f"dims.chunk_size: {c} ({kib(est)})")
+            break
+        c //= 2
+    n = _pow2(N) // 2  # powers of two below N
+    while n >= 4:
+        est = _smallest(spec, C, n, P, compute)
+        if est <= limit and n < N:
+            out.append(f"dims.d_state: {n} ({kib(est)})")
+            break
+        n //= 2
+    p = _pow2(P) // 2
+    while p >= 4:
+        est = _smallest(spec, C, N, p, compute)
+        if est <= limit and p < P:
+            out.append(f"dims.headdim: {p} ({kib(est)})")
+            break
+        p //= 2
+    return out
 
 
 def choose_configs(low) -> list[KernelConfig]:
@@ -50,11 +126,14 @@ def choose_configs(low) -> list[KernelConfig]:
         smallest = min(candidates, key=lambda c: c.smem_estimate)
         from mamba3_gen.backends.triton.build import BuildError
 
-        hint = "try dtypes.compute: bf16" if low.spec.dtypes.compute != "bf16" else "try a smaller chunk_size"
+        advice = fit_advice(low.spec, limit, low.target.min_dot_k)
+        hint = ("try one of: " + "; ".join(advice)) if advice else (
+            "no single change of dtypes.compute, dims.chunk_size, dims.d_state or dims.headdim fits; try lowering "
+            "several of them, or a GPU with more shared memory (--arch sm_90a: 227 KiB)")
         raise BuildError(
             f"dims: the forward kernel needs about {smallest.smem_estimate // 1024} KiB of shared memory per block "
             f"(chunk rows {d['C'] * d['R']}, N={d['N']}, P={d['P']}, {low.spec.dtypes.compute} operands) but "
-            f"{low.target.name} allows {limit // 1024} KiB; {hint}, or a smaller chunk_size"
+            f"{low.target.name} allows {limit // 1024} KiB; {hint}"
         )
     return fitting
 
