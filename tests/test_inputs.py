@@ -26,9 +26,10 @@ from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err, to_float64
 from mamba3_gen.runtime.checks import check_cu_seqlens, check_cu_seqlens_values
 from tests.helpers import KernelCache, Tol, assert_matches, make_spec, respec
-from tests.strategies import CPU_TOL, HAS_CUDA, INTERPRET, gpu_only, interpreter_only
+from tests.strategies import CPU_TOL, GPU_TOL, HAS_CUDA, INTERPRET, gpu_only, interpreter_only
 
 BF16_TOL = Tol(rel=1e-2, atol=1e-3)  # see the module docstring
+TOL = CPU_TOL if INTERPRET else GPU_TOL[torch.float32]  # tf32 dot operands on a GPU (test_forward.py's docstring)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,15 @@ def kernels(tmp_path_factory):
 
 DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
 
+CHUNK = 4 if INTERPRET else 16  # tokens per chunk: tiny for the interpreter, C·R >= 16 rows for tensor-core dots
 SPECS = {
     # SISO trapezoid (one lag), complex state: the initial state has angle, ssm, k and v
-    "trap": make_spec(N=16, P=8, R=1, chunk=4, init=True, varlen=True),
+    "trap": make_spec(N=16, P=8, R=1, chunk=CHUNK, init=True, varlen=True),
     # MIMO rank 2, constant λ, halved rotation
-    "mimo": make_spec(lam="constant", lam_value=0.5, N=16, P=8, R=2, chunk=4, init=True, varlen=True,
+    "mimo": make_spec(lam="constant", lam_value=0.5, N=16, P=8, R=2, chunk=CHUNK // 2, init=True, varlen=True,
                       rotation="halved"),
     # exp_euler real state: no lags, no angle
-    "euler": make_spec(rule="exp_euler", kind="real", N=16, P=8, chunk=4, init=True, varlen=True),
+    "euler": make_spec(rule="exp_euler", kind="real", N=16, P=8, chunk=CHUNK, init=True, varlen=True),
 }
 
 
@@ -96,7 +98,7 @@ def test_zero_length_sequences_match_recurrence(kernels, which, lengths, with_in
     out, state = module.mamba3_forward(**kw, return_final_states=True)
     ref = naive_recurrence(spec, **to_float64(kw))
     assert out.shape == (1, sum(lengths), 2, 8)
-    assert_matches((out, state), ref, CPU_TOL, what=f"lengths {lengths}")
+    assert_matches((out, state), ref, TOL, what=f"lengths {lengths}")
     _check_state_copied(state, kw.get("initial_states"), lengths)
 
 
@@ -108,7 +110,7 @@ def test_no_tokens_without_varlen(kernels, which):
     kw = make_inputs(spec, 2, 0, 2, with_initial_states=True, device=DEVICE)
     out, state = module.mamba3_forward(**kw, return_final_states=True)
     assert out.shape == (2, 0, 2, 8)
-    assert_matches((out, state), naive_recurrence(spec, **to_float64(kw)), CPU_TOL)
+    assert_matches((out, state), naive_recurrence(spec, **to_float64(kw)), TOL)
     _check_state_copied(state, kw["initial_states"], [0, 0])
 
 
@@ -158,7 +160,7 @@ class TestCuSeqlens:
         kw = make_inputs(spec, 1, 0, 2, nseq_lengths=[3, 0, 5], device=DEVICE)
         wide = torch.tensor([0, 99, 3, 99, 3, 99, 8, 99], dtype=torch.int64, device=DEVICE)[::2]  # a strided view
         out = kernels(spec).mamba3_forward(**{**kw, "cu_seqlens": wide})
-        assert_matches((out, None), (naive_recurrence(spec, **to_float64(kw))[0], None), CPU_TOL)
+        assert_matches((out, None), (naive_recurrence(spec, **to_float64(kw))[0], None), TOL)
 
 
 @gpu_only
