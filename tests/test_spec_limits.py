@@ -4,6 +4,7 @@ module or are too long are refused at validation; YAML types are strict and mess
 refusal is one ``file:line: field: message; try ...`` line and exit code 2 on the CLI, never a traceback."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -25,7 +26,7 @@ def problems(text: str) -> list[str]:
         load_spec_text(text, "x.yaml")
     assert time.perf_counter() - t0 < FAST_S, "refusing a spec must be fast"
     for line in info.value.problems:
-        assert __import__("re").match(FORMAT, line), line
+        assert re.match(FORMAT, line), line
         assert "TaggedScalar" not in line and "object at 0x" not in line
     return info.value.problems
 
