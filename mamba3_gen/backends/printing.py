@@ -66,14 +66,15 @@ class KernelPrinter(sp.printing.str.StrPrinter):
         return f"({self._print(e.args[0])} < {self._print(e.args[1])})"
 
 
-def input_codes(spec, lowered, sigmoid: str = "tl.sigmoid") -> list[tuple[str, str]]:
+def input_codes(spec, lowered, sigmoid: str = "tl.sigmoid", suffix: str = "") -> list[tuple[str, str]]:
     """[(step symbol, code)]: how a kernel's raw inputs ``dt``, ``adt``, ``trap`` become the symbols the prologue
-    reads, as the spec's ``inputs`` section encodes them (``sigmoid`` names the backend's σ)."""
+    reads, as the spec's ``inputs`` section encodes them (``sigmoid`` names the backend's σ; ``suffix`` is appended
+    to every variable name, e.g. ``_s1`` for the inputs of token t+1)."""
     out = []
     if spec.inputs.decay == "a":
-        out.append(("adt", "adt * dt"))  # the decay input is A; the prologue reads A·Δ
+        out.append((f"adt{suffix}", f"adt{suffix} * dt{suffix}"))  # the decay input is A; the prologue reads A·Δ
     if "lam" in lowered.symbols:
-        out.append(("lam", f"{sigmoid}(trap)" if spec.inputs.trap == "logit" else "trap"))
+        out.append((f"lam{suffix}", f"{sigmoid}(trap{suffix})" if spec.inputs.trap == "logit" else f"trap{suffix}"))
     return out
 
 

@@ -85,9 +85,11 @@ STAGES: tuple[Stage, ...] = (
           "taken after the next chunk's first step",
           reads=("k", "v_rows", "weights", "prev"), updates=("h",)),
     Stage("carry_update", "chunk", "the chunk's last J tokens (k̂ rotated by their Θ, raw v) become the carried ones",
-          optional_reads=("theta", "theta_t"), updates=("prev",), loads=("k", "k_bias", "v"), when=_lags),
+          optional_reads=("theta", "theta_t"), updates=("prev",), loads=("k", "k_bias", "v"),
+          when=lambda spec, low: low.lags > 1),  # one lag: final_states reads the last token from memory
     Stage("final_states", "epilogue", "store Θ, H, and the last J tokens' k̂ and v",
           reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
+          loads=("k", "k_bias", "v"),
           when=lambda spec, low: spec.options.final_states),
 )
 

@@ -78,6 +78,33 @@ class Lowered:
         """[(name, expr)]: ``a`` then ``c0`` … ``cJ``; a backend prints each expr with its own printer."""
         return [("a", self.log_decay)] + [(f"c{j}", w) for j, w in enumerate(self.weights)]
 
+    def chunk_terms(self) -> list[tuple[str, sp.Expr]]:
+        """[(name, expr)]: the per-token quantities of the chunked forward (module docstring), over the step symbols of
+        token t+s named ``dt_s<s>``, ``adt_s<s>``, ``lam_s<s>`` (s = 0..J), simplified by sympy so that equal decay
+        factors are taken once (the trapezoid's key scale needs one exp, not two):
+
+        - ``a0``: a_t (the template zeroes it past the chunk for the cumsum);
+        - ``scale_tok``: Σ_j c_j(t+j)·exp(Σ_{r=j+1..J} a_{t+r}), token t's whole input carried to step t+J;
+        - ``tail0``: Σ_{r=1..J} a_{t+r} (J ≥ 1), the decay from step t to step t+J;
+        - ``band<d>_tok`` (d < J): Σ_{j≤d} c_j(t+j)·exp(Σ_{r=j+1..d} a_{t+r}), token t's weight in output t+d.
+        """
+        J = self.lags
+        shift = [{sym: sp.Symbol(f"{sym.name}_s{k}", real=True) for sym in (dt, adt, lam)} for k in range(J + 1)]
+        a = [self.log_decay.subs(shift[k], simultaneous=True) for k in range(J + 1)]
+        cw = [self.weights[j].subs(shift[j], simultaneous=True) for j in range(J + 1)]
+
+        def carried(j: int, to: int) -> sp.Expr:  # c_j(t+j) carried from step t+j to step t+to
+            return cw[j] * sp.exp(sp.Add(*a[j + 1:to + 1]))
+
+        def tidy(e: sp.Expr) -> sp.Expr:
+            return sp.powsimp(sp.factor_terms(e), combine="exp")
+
+        out = [("a0", a[0]), ("scale_tok", tidy(sp.Add(*[carried(j, J) for j in range(J + 1)])))]
+        if J:
+            out.append(("tail0", sp.Add(*a[1:])))
+        out += [(f"band{d}_tok", tidy(sp.Add(*[carried(j, d) for j in range(d + 1)]))) for d in range(J)]
+        return out
+
     def describe(self) -> dict[str, str]:
         out = {"rule": self.rule.summary, "lambda": self.lam_source, "lags J": str(self.lags),
                "log-decay a_t": formula_text(self.log_decay)}

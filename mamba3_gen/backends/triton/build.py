@@ -106,7 +106,9 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
     }
     ctx = dict(spec=low.spec, lowered=low.lowered, plan=low.plan, header=header, meta=low.meta(),
                configs=low.configs, kernel_name=KERNEL_NAME, J=low.lowered.lags,
-               prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered), **low.dims)
+               prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered),
+               shifted_input_codes=[input_codes(low.spec, low.lowered, suffix=f"_s{k}") for k in range(low.lowered.lags + 1)],
+               chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()], **low.dims)
     fwd = env.get_template("fwd.py.jinja").render(**ctx)
     step = env.get_template("step.py.jinja").render(
         **{**ctx, "kernel_name": STEP_KERNEL_NAME, "step_config": low.step_config,
