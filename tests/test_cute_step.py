@@ -95,23 +95,12 @@ def test_cute_step_aot_bf16_state_fp32_input(tmp_path):
     assert (r["input_dtype"], r["state_dtype"]) == ("fp32", "bf16")
 
 
-PADDED_SPECS = {
-    "cols": "name: padded_cols\nstate: {rotation: halved}\ndims: {d_state: 12, headdim: 24, mimo_rank: 2, "
-            "chunk_size: 8}\n",
-    "rows": "name: padded_rows\ndims: {d_state: 8, headdim: 4, chunk_size: 16}\ndtypes: {state: bf16}\n",
-}
-
-
-@pytest.mark.aot
-@pytest.mark.parametrize("which", sorted(PADDED_SPECS))
-def test_cute_step_aot_padded_tiles(which, tmp_path):
-    p = tmp_path / f"padded_{which}.yaml"
-    p.write_text(PADDED_SPECS[which])
-    _check(compile_report(p, "sm_90a"))
-
-
-FORMULA_SPECS = {
-    # every function of the formula grammar, three lags, a custom log-decay, MIMO
+# Specs beyond the shipped ones: padded tiles (rows or column vectors past the state), and formula rules (every
+# function of the formula grammar, three lags, a custom log-decay, MIMO; ZOH's series at its removable singularity).
+EXTRA_SPECS = {
+    "padded_cols": "name: padded_cols\nstate: {rotation: halved}\ndims: {d_state: 12, headdim: 24, mimo_rank: 2, "
+                   "chunk_size: 8}\n",
+    "padded_rows": "name: padded_rows\ndims: {d_state: 8, headdim: 4, chunk_size: 16}\ndtypes: {state: bf16}\n",
     "three_lags": "name: three_lags\ndiscretization:\n  rule: custom\n  log_decay: adt - 0.1 * dt\n  weights:\n"
                   "    - dt * expm1(adt) / adt + 0.1 * dt * lam\n"
                   "    - (1 - lam) * dt * exp(adt) * sigmoid(adt) + dt * softplus(adt)\n"
@@ -123,10 +112,11 @@ FORMULA_SPECS = {
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize("which", sorted(FORMULA_SPECS))
-def test_cute_step_aot_formula_rules(which, tmp_path):
+@pytest.mark.parametrize("which", sorted(EXTRA_SPECS))
+def test_cute_step_aot_extra_specs(which, tmp_path):
     p = tmp_path / f"{which}.yaml"
-    p.write_text(FORMULA_SPECS[which])
+    p.write_text(EXTRA_SPECS[which])
     r = compile_report(p, "sm_90a")
     _check(r)
-    assert r["frame_bytes"] in (0, None), _check(r)
+    if not which.startswith("padded"):  # padding lanes may keep a small frame; the formulas must not add one
+        assert r["frame_bytes"] in (0, None), _check(r)

@@ -33,7 +33,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mamba3_gen.reference import make_inputs, naive_recurrence
+from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
+from mamba3_gen.reference.inputs import token_inputs
 from mamba3_gen.spec.loader import load_spec
 from tests.helpers import (
     GOLDEN,
@@ -222,6 +223,28 @@ def test_constant_lambda_edges(lam_value, R, init, interp_kernels):
     spec = make_spec(lam="constant", lam_value=lam_value, N=16, P=8, R=R, chunk=4, init=init, rotation="halved")
     kw = make_inputs(spec, 2, 9, 2, seed=1, with_initial_states=init)
     assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("rule", ["exp_trapezoidal", "custom"])
+def test_growth_is_computed_as_the_recurrence(rule, interp_kernels):
+    """A·Δ > 0 (a growing step) is not clamped anywhere: forward, decode step and the float64 recurrence agree,
+    within chunks and across them (L = 11, chunk 4), for one and for two lags."""
+    weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt"]
+    spec = make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved")
+    kw = make_inputs(spec, 2, 11, 2, seed=2, with_initial_states=True, adt_range=(-0.5, 0.3))
+    kw["adt"] = kw["adt"].abs() * torch.sign(torch.randn(kw["adt"].shape, generator=torch.Generator().manual_seed(0)))
+    assert (kw["adt"] > 0).any()
+    mod = interp_kernels(spec)
+    ref = naive_recurrence(spec, **kw)
+    assert_matches(run_op(mod, spec, kw), ref, CPU_TOL)
+    state = kw["initial_states"]
+    outs = []
+    for t in range(11):
+        y, state = mod.mamba3_step(**token_inputs(kw, t), state=state)
+        outs.append(y)
+    assert rel_err(torch.stack(outs, 1), ref[0]) <= CPU_TOL.rel
 
 
 # ------------------------------------------------------------------------------------------------------------------
