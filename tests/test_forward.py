@@ -247,6 +247,44 @@ def test_growth_is_computed_as_the_recurrence(rule, interp_kernels):
     assert rel_err(torch.stack(outs, 1), ref[0]) <= CPU_TOL.rel
 
 
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("rule", ["exp_euler", "exp_trapezoidal", "custom"])
+def test_decay_to_zero_inside_a_chunk(rule, interp_kernels):
+    """A·Δ = −inf (the state decays to exactly zero) at token 5 of L = 12, chunk 4, and at a chunk's first token
+    (8): forward, decode step and float64 recurrence agree and stay finite; it erases what came before, nothing
+    else (issue 10 item 1: decays are segment sums, never differences of cumsums)."""
+    weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt * exp(adt)"]
+    spec = make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved")
+    kw = make_inputs(spec, 2, 12, 2, seed=4, with_initial_states=True)
+    kw["adt"][:, :, 5] = float("-inf")
+    kw["adt"][:, :, 8] = float("-inf")
+    mod = interp_kernels(spec)
+    ref = naive_recurrence(spec, **kw)
+    assert torch.isfinite(ref[0]).all()
+    out = run_op(mod, spec, kw)
+    assert torch.isfinite(out[0]).all()
+    assert_matches(out, ref, CPU_TOL)
+    state, outs = kw["initial_states"], []
+    for t in range(12):
+        y, state = mod.mamba3_step(**token_inputs(kw, t), state=state)
+        outs.append(y)
+    assert rel_err(torch.stack(outs, 1), ref[0]) <= CPU_TOL.rel
+
+
+@interpreter_only
+@not_in_spec_mode
+def test_strong_then_weak_decay_in_one_chunk(interp_kernels):
+    """A chunk of 64 with A·Δ = −30 for its first half and −1e-3 after: the weak decays of the second half are sums
+    over their own segment, not differences of cumsums near −960 (where fp32 keeps ~6e-5): fp32 ≤ 1e-4."""
+    spec = make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64)
+    spec = respec(spec, dtypes={"input": "fp32", "compute": "fp32"})
+    kw = make_inputs(spec, 1, 64, 1, seed=5)
+    kw["adt"][:, :, :32] = -30.0
+    kw["adt"][:, :, 32:] = -1e-3
+    assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # input checks (no kernel launch: the op refuses before it)
 # ------------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,6 @@ class Lowered:
 
         - ``a0``: a_t (the template zeroes it past the chunk for the cumsum);
         - ``scale_tok``: Σ_j c_j(t+j)·exp(Σ_{r=j+1..J} a_{t+r}), token t's whole input carried to step t+J;
-        - ``tail0``: Σ_{r=1..J} a_{t+r} (J ≥ 1), the decay from step t to step t+J;
         - ``band<d>_tok`` (d < J): Σ_{j≤d} c_j(t+j)·exp(Σ_{r=j+1..d} a_{t+r}), token t's weight in output t+d.
         """
         J = self.lags
@@ -100,8 +99,6 @@ class Lowered:
             return sp.powsimp(sp.factor_terms(e), combine="exp")
 
         out = [("a0", a[0]), ("scale_tok", tidy(sp.Add(*[carried(j, J) for j in range(J + 1)])))]
-        if J:
-            out.append(("tail0", sp.Add(*a[1:])))
         out += [(f"band{d}_tok", tidy(sp.Add(*[carried(j, d) for j in range(d + 1)]))) for d in range(J)]
         return out
 
