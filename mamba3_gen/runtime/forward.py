@@ -143,7 +143,9 @@ class ForwardOp:
     def _register(self):
         """A torch.library custom op per spec, so the forward is one opaque node under torch.compile(fullgraph=True)."""
         m = self.meta
-        name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m['arch']}"
+        # one op per build: spec, templates and target (two builds of one spec from other templates, e.g. in a
+        # notebook that edits a template, must not share the first one's kernel)
+        name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
         if name in _REGISTERED:
             return _REGISTERED[name]
 

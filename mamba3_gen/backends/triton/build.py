@@ -70,7 +70,7 @@ class Lowering:
             "initial_states": s.options.initial_states, "final_states": s.options.final_states,
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
-            "arch": self.target.arch,
+            "arch": self.target.arch, "template_hash": template_hash()[:12],
         }
 
 
