@@ -119,9 +119,15 @@ UNSAFE = {
     "dt / adt": r"unbounded at adt = 0 \(not a removable singularity\)",
     "dt / (1 + adt)": r"unbounded at adt = -1",
     "log(dt)": r"unbounded as dt -> 0 and adt -> 0 \(what padding tokens feed the kernels\)",
-    "sqrt(adt)": r"not finite at adt = -30",
-    "dt * log(adt)": r"not finite at",
-    "exp(-100 * adt) * dt": r"not finite at",
+    "sqrt(adt)": r"not finite \(in fp32\) at adt = -1000",
+    "dt * log(adt)": r"not finite \(in fp32\) at",
+    "exp(-100 * adt) * dt": r"not finite \(in fp32\) at",
+    "dt * exp(-adt)": r"not finite \(in fp32\) at dt = 0.0001, adt = -1000",  # unbounded as A·Δ → −∞
+    "exp(dt)": r"not finite \(in fp32\) at dt = 100",
+    "log(0) * dt": r"not a finite real number",
+    "sqrt(-1) * dt": r"not a finite real number",
+    "dt / (adt - adt)": r"not a finite real number",
+    "dt * expm1(lam * adt) / (lam * adt)": r"singularity in several variables at once",
 }
 
 
@@ -137,6 +143,44 @@ def test_unsafe_formula_is_refused_at_build(text, tmp_path):
     assert res.exit_code == 2, res.output
     assert f"{path}:6: discretization.weights[1]: " in res.output
     assert not (tmp_path / "out" / "formula_test").exists()
+
+
+@pytest.mark.parametrize("log_decay", ["-adt", "adt + dt", "0.1"])
+def test_growing_log_decay_is_refused(log_decay):
+    spec = load_spec_text(_custom(["dt"], log_decay=log_decay))
+    with pytest.raises(LoweringError, match=r"^discretization\.log_decay: .* > 0 at .*must be <= 0"):
+        lower_discretization(spec)
+
+
+def test_higher_order_singularity_is_accurate_around_its_series():
+    """A fifth-order cancellation: the series radius and order are chosen per formula, so that fp32 arithmetic (what
+    a kernel does) is within 2e-6 of the exact value on both sides of the radius and far from it."""
+    import mpmath
+
+    text = "dt * (exp(adt) - 1 - adt - adt**2/2 - adt**3/6 - adt**4/24) / adt**5"
+    (c0,) = lower_discretization(load_spec_text(_custom([text]))).weights
+    mpmath.mp.dps = 250  # the quotient cancels 150 digits at x = -1e-30
+    for x in (0.0, -1e-30, -1e-3, -0.06, -0.07, -0.2, -0.5, -1.0, -1.99, -2.01, -3.0, -8.0):
+        if x == 0.0:
+            exact = 1 / 120
+        else:
+            X = mpmath.mpf(x)
+            exact = float((mpmath.exp(X) - 1 - X - X**2 / 2 - X**3 / 6 - X**4 / 24) / X**5)
+        got = evaluate_float(c0, {"dt": 1.0, "adt": x}, dtype=torch.float32)
+        assert abs(got - exact) <= 2e-6 * max(1.0, abs(exact)), (x, got, exact)
+
+
+def test_oracle_evaluates_removable_singularities_by_their_series():
+    """The float64 oracle reads the rule's own formula, ZOH written as a plain quotient included: at A·Δ = −1e-30 it
+    gives the limit (Δ), not the cancelled 0/tiny."""
+    spec = load_spec_text(_custom(["dt * (exp(adt) - 1) / adt"]).replace("name: formula_test", "name: zoh_plain")
+                          + "state: {kind: real}\ndims: {d_state: 4, headdim: 4}\n")
+    kw = to_float64(make_inputs(spec, 1, 3, 1, adt_range=(-1.0, 0.0)))
+    kw["adt"][..., 1] = -1e-30
+    a = naive_recurrence(spec, **kw)[0]
+    kw["adt"][..., 1] = 0.0
+    b = naive_recurrence(spec, **kw)[0]
+    assert rel_err(a, b) <= 1e-14
 
 
 # -------------------------------------------------------------------------------------------------------- presets

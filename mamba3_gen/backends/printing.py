@@ -24,6 +24,12 @@ class KernelPrinter(sp.printing.str.StrPrinter):
         self._abs = absolute
         self._number = number
 
+    def doprint(self, expr):
+        # constant subexpressions (log(2) from a series, sqrt(3)) become numbers: kernels call functions on tensors
+        expr = sp.sympify(expr)
+        consts = {a: sp.Float(a.evalf(30)) for a in expr.atoms(sp.Function, sp.Pow) if not a.free_symbols}
+        return super().doprint(expr.xreplace(consts))
+
     def _print_Function(self, e):
         name = self._functions.get(e.func)
         if name is None:

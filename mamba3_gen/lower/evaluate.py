@@ -16,22 +16,24 @@ _FUNCS = {sp.exp: torch.exp, expm1: torch.expm1, sp.log: torch.log, log1p: torch
           softplus: F.softplus, sp.tanh: torch.tanh, sp.sqrt: torch.sqrt}
 
 
-def evaluate(expr: sp.Expr, values: dict[str, torch.Tensor | float], like: torch.Tensor | None = None) -> torch.Tensor:
-    """expr evaluated elementwise over ``values`` ({symbol name: tensor or float}, broadcast together) in float64.
+def evaluate(expr: sp.Expr, values: dict[str, torch.Tensor | float], like: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """expr evaluated elementwise over ``values`` ({symbol name: tensor or float}, broadcast together) in ``dtype``
+    (float64 for the oracles; float32 to see what a kernel's arithmetic does with a formula).
 
     ``like``: a tensor giving the result's shape for a constant expr (default: a 0-d tensor). Raises ValueError for
     a node kind no kernel lowers either (the grammar of spec/formula.py cannot produce one)."""
-    vals = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in values.items()}
+    vals = {k: torch.as_tensor(v, dtype=dtype) for k, v in values.items()}
     out = _eval(sp.sympify(expr), vals)
     if like is not None:
         out = out.expand(like.shape) if out.dim() == 0 else torch.broadcast_to(out, like.shape)
     return out
 
 
-def evaluate_float(expr: sp.Expr, values: dict[str, float]) -> float:
-    """expr at one point, as a Python float (nan or inf where the formula is not finite)."""
+def evaluate_float(expr: sp.Expr, values: dict[str, float], dtype: torch.dtype = torch.float64) -> float:
+    """expr at one point, computed in ``dtype``, as a Python float (nan or inf where the formula is not finite)."""
     with torch.no_grad():
-        return float(evaluate(expr, values))
+        return float(evaluate(expr, values, dtype=dtype))
 
 
 def _eval(e, v: dict) -> torch.Tensor:
@@ -40,7 +42,8 @@ def _eval(e, v: dict) -> torch.Tensor:
             raise ValueError(f"no value for symbol {e.name}")
         return v[e.name]
     if e.is_Number:
-        return torch.tensor(float(e), dtype=torch.float64)
+        dtype = next(iter(v.values())).dtype if v else torch.float64
+        return torch.tensor(float(e), dtype=dtype)
     if isinstance(e, sp.Add):
         out = _eval(e.args[0], v)
         for a in e.args[1:]:

@@ -7,9 +7,11 @@ forward, both decode steps and the float64 oracles read only that prologue, so n
 
 Making a formula safe: where a denominator vanishes inside the domain (Δ ≥ 0, A·Δ ≤ 0, λ ∈ [0, 1]) sympy finds the
 limit there; a finite limit (a removable singularity, e.g. ZOH's Δ·expm1(a)/a at a = 0) becomes a Piecewise that
-evaluates a Taylor series within ``SERIES_RADIUS`` of the point (truncation error below 1e-9 relative there), an
-infinite one is refused. A formula that is not finite at sample points of the domain, or unbounded at padding
-(Δ → 0, a → 0), is refused too. Derivatives of the prologue with respect to Δ, A·Δ, λ are kept for the backward.
+evaluates a Taylor series near the point, with a radius and an order chosen per formula so that both forms are
+accurate in the target precision (fp32 for the kernels, fp64 for the oracles); an infinite one is refused. A formula
+that is not finite in fp32 at sample points of the domain (its ends included: A·Δ = −1000, Δ = 100), unbounded at
+padding (Δ → 0, a → 0), or a log-decay that is positive somewhere, is refused too. Derivatives of the prologue with
+respect to Δ, A·Δ, λ are kept for the backward.
 
 How the chunked kernel uses the prologue (the math doc §5 generalised to J lags; every exponent is ≤ 0, so the
 weights are finite for every decay down to −inf): token s enters the output of token t ≥ s with weight
@@ -24,18 +26,28 @@ from __future__ import annotations
 
 import functools
 import math
+
+import torch
 from dataclasses import dataclass, field
 
 import sympy as sp
 
+from mamba3_gen.lower.evaluate import evaluate_float
 from mamba3_gen.spec.formula import adt, dt, formula_text, lam, sigmoid, softplus
 from mamba3_gen.spec.model import Spec
 from mamba3_gen.spec.rules import Rule
 
-SERIES_ORDER = 6  # terms of the Taylor series used at a removable singularity
-SERIES_RADIUS = 0.0625  # |x − x0| below which the series is used; (1/16)^6/6! ≈ 8e-11 for ZOH
+# Removable singularities: the series is used within a radius chosen per formula so that, outside it, the closed
+# form computed in the target precision is within CLOSED_TOL of the exact value, and its order so that, at the
+# radius, the truncated series is within SERIES_TOL (higher-order singularities need wider radii and more terms).
+RADII = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+MAX_SERIES_ORDER = 24
+PRECISIONS = {"fp32": (torch.float32, 2e-6, 1e-9), "fp64": (torch.float64, 1e-12, 1e-14)}  # dtype, CLOSED, SERIES
+SERIES_ORDER = 6  # the fewest terms a series gets
+SERIES_RADIUS = RADII[0]  # the smallest radius (ZOH's)
 DOMAIN = {dt: sp.Interval(0, sp.oo), adt: sp.Interval(-sp.oo, 0), lam: sp.Interval(0, 1)}
-SAMPLES = {dt: (1e-4, 1e-2, 0.5, 3.0), adt: (-30.0, -2.0, -0.3, -1e-3), lam: (0.0, 0.3, 1.0)}
+# sample points of the domain where a formula must be finite in fp32 (a kernel's arithmetic), the ends included
+SAMPLES = {dt: (1e-4, 1e-2, 0.5, 3.0, 100.0), adt: (-1e3, -30.0, -2.0, -0.3, -1e-3, 0.0), lam: (0.0, 0.3, 1.0)}
 
 
 class Away(sp.Function):
@@ -139,8 +151,9 @@ def _lower_cached(discretization_json: str) -> Lowered:
         subs = {lam: sp.Float(disc.lambda_value)}
     else:
         lam_source = "data"
-    log_decay = _safe(sp.simplify(rule.log_decay.subs(subs)), "discretization.log_decay")
-    weights = tuple(_safe(sp.simplify(w.subs(subs)), f"discretization.weights[{j}]")
+    log_decay = safe_formula(sp.simplify(rule.log_decay.subs(subs)), "discretization.log_decay")
+    _check_decay(log_decay, "discretization.log_decay", formula_text(rule.log_decay))
+    weights = tuple(safe_formula(sp.simplify(w.subs(subs)), f"discretization.weights[{j}]")
                     for j, w in enumerate(rule.weights))
     derivatives = {}
     for name, e in [("a", rule.log_decay.subs(subs))] + [(f"c{j}", w.subs(subs)) for j, w in enumerate(rule.weights)]:
@@ -150,30 +163,93 @@ def _lower_cached(discretization_json: str) -> Lowered:
     return Lowered(rule, lam_source, log_decay, weights, derivatives)
 
 
-def _safe(expr: sp.Expr, where: str) -> sp.Expr:
-    """expr with its removable singularities in the domain replaced by series; LoweringError for the others."""
+@functools.lru_cache(maxsize=1024)
+def safe_formula(expr: sp.Expr, where: str, precision: str = "fp32") -> sp.Expr:
+    """expr made safe to evaluate in ``precision`` ("fp32" for the kernels, "fp64" for the oracles) on the whole
+    domain: each removable singularity becomes a Piecewise (Taylor series near the point, the formula away from it).
+    Raises LoweringError, starting with ``where`` and the user's formula, for a value that is not a finite real
+    number, a singularity that is not removable, or one whose neighbourhood neither form computes accurately."""
+    shown = formula_text(expr)
     expr = sp.sympify(expr)
-    for sym in sorted(expr.free_symbols, key=lambda s: s.name):
-        for z0 in _poles(expr, sym, where):
-            smooth = expr.rewrite(sp.exp)
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo, sp.I):
+        raise LoweringError(f"{where}: {shown} is not a finite real number (it simplifies to {formula_text(expr)}); "
+                            "try a formula without log(0), sqrt of a negative number or a division by zero")
+    closed = expr
+    for sym in sorted(closed.free_symbols, key=lambda s: s.name):
+        for z0 in _poles(closed, sym, where, shown):
+            # functions of the other symbols stay as they are (a series must not turn tanh(dt) into exps of dt)
+            frozen = {f: sp.Dummy(f"f{i}") for i, f in enumerate(sorted(closed.atoms(sp.Function), key=sp.sstr))
+                      if not f.has(sym)}
+            smooth = closed.xreplace(frozen).rewrite(sp.exp)
             try:
                 lim = sp.limit(smooth, sym, z0, dir=_side(sym, z0))
             except (NotImplementedError, ValueError):
                 lim = sp.nan
             if not _bounded(lim):
                 raise LoweringError(
-                    f"{where}: {formula_text(expr)} is unbounded at {sym} = {z0} (not a removable singularity); "
+                    f"{where}: {shown} is unbounded at {sym} = {z0} (not a removable singularity); "
                     f"try a formula whose denominator never vanishes for {_domain_text(sym)}")
-            series = sp.expand(sp.series(smooth, sym, z0, n=SERIES_ORDER).removeO())
-            near = sp.Abs(sym - z0) < SERIES_RADIUS
+            radius, series = _series_guard(closed, smooth, {v: k for k, v in frozen.items()}, sym, z0, where, shown,
+                                           precision)
+            near = sp.Abs(sym - z0) < radius
             # the formula itself is evaluated away from z0 even where the series is chosen: no 0/0 in any lane
-            expr = sp.Piecewise((series, near), (expr.subs(sym, Away(sym, z0, SERIES_RADIUS)), True))
-    _check_samples(expr, where)
-    _check_padding(expr, where)
+            expr = sp.Piecewise((series, near), (expr.subs(sym, Away(sym, z0, radius)), True))
+    _check_samples(expr, where, shown)
+    _check_padding(expr, where, shown)
     return expr
 
 
-def _poles(expr: sp.Expr, sym: sp.Symbol, where: str) -> list:
+GUARD_SAMPLES = {dt: (1e-4, 0.5, 100.0), adt: (-1e3, -2.0, -1e-3), lam: (0.0, 0.3, 1.0)}  # the other symbols
+
+
+def _series_guard(closed, smooth, thaw: dict, sym, z0, where: str, shown: str, precision: str):
+    """(radius, series) for the removable singularity of ``closed`` at sym = z0 (module comment above RADII), checked
+    at every combination of GUARD_SAMPLES of the other symbols: a singularity whose series in sym alone is not
+    accurate for all of them (e.g. expm1(lam·adt)/(lam·adt) near lam = 0 with a large |adt|) is refused."""
+    dtype, closed_tol, series_tol = PRECISIONS[precision]
+    other_syms = [s for s in (dt, adt, lam) if s is not sym and closed.has(s)]
+    combos = [{}]
+    for s in other_syms:
+        combos = [{**c, s: v} for c in combos for v in GUARD_SAMPLES[s]]
+    sides = [-1, 1] if z0 not in (DOMAIN[sym].inf, DOMAIN[sym].sup) else [1 if z0 == DOMAIN[sym].inf else -1, ]
+
+    smooth = smooth.xreplace(thaw)  # the exact values and the series see the frozen functions again
+
+    def exact(expr, others, x):  # evalf with subs= keeps the precision through cancellations (subs first does not)
+        try:
+            value = expr.evalf(40, subs={**{k: sp.Float(v, 40) for k, v in others.items()}, sym: sp.Float(x, 40)})
+            return complex(value).real
+        except (ZeroDivisionError, TypeError, ValueError):  # another symbol's singularity at this sample
+            return math.nan
+
+    def close(got, ref, tol):
+        return math.isfinite(got) and math.isfinite(ref) and abs(got - ref) <= tol * max(1.0, abs(ref))
+
+    chosen = None
+    for r in RADII:
+        points = [float(z0) + d * r * f for d in sides for f in (1.0, 1.5, 3.0)]
+        if all(close(evaluate_float(closed, {**{k.name: v for k, v in c.items()}, sym.name: x}, dtype=dtype),
+                     exact(smooth, c, x), closed_tol) for c in combos for x in points):
+            chosen = r
+            break
+    if chosen is None:
+        raise LoweringError(f"{where}: {shown} cannot be computed accurately in {precision} near its removable "
+                            f"singularity at {sym} = {z0} (even {RADII[-1]} away, for every value of the other symbols: "
+                            "a singularity in several variables at once, or a cancellation too strong); try a "
+                            "formula whose denominator depends on one symbol, written with expm1/log1p")
+    edge = [float(z0) + d * chosen for d in sides]
+    for n in range(SERIES_ORDER, MAX_SERIES_ORDER + 1):
+        series = sp.expand(sp.series(smooth, sym, z0, n=n).removeO())
+        if all(close(exact(series, c, x), exact(smooth, c, x), series_tol)
+               for c in combos for x in edge):
+            return chosen, series
+    raise LoweringError(f"{where}: {shown} has a removable singularity at {sym} = {z0} whose series in {sym} alone "
+                        f"is not accurate for every value of {', '.join(s.name for s in other_syms) or 'the inputs'} "
+                        "(a singularity in several variables at once); try a formula whose denominator depends on "
+                        f"{sym} only, e.g. with a constant λ")
+
+
+def _poles(expr: sp.Expr, sym: sp.Symbol, where: str, shown: str) -> list:
     """Points of sym's domain where a denominator of expr vanishes (other symbols generic)."""
     _, den = sp.fraction(sp.together(expr))
     if not den.has(sym):
@@ -185,9 +261,9 @@ def _poles(expr: sp.Expr, sym: sp.Symbol, where: str) -> list:
     if zeros == sp.S.EmptySet:
         return []
     if not isinstance(zeros, sp.FiniteSet) or any(z.free_symbols for z in zeros):
-        raise LoweringError(f"{where}: cannot tell where the denominator {formula_text(den)} vanishes for "
-                            f"{_domain_text(sym)}; try a formula whose denominators are free of {sym} or vanish "
-                            "only at fixed points")
+        raise LoweringError(f"{where}: {shown}: cannot tell where its denominator {formula_text(den)} vanishes "
+                            f"for {_domain_text(sym)} (a singularity along a curve, or in two variables at once); "
+                            f"try a formula whose denominators vanish only at fixed values of one symbol")
     return sorted(zeros, key=float)
 
 
@@ -208,23 +284,37 @@ def _domain_text(sym: sp.Symbol) -> str:
     return {dt: "dt >= 0", adt: "adt <= 0", lam: "0 <= lam <= 1"}[sym]
 
 
-def _check_samples(expr: sp.Expr, where: str) -> None:
-    """Finite real values at sample points of the domain (catches log or sqrt of a negative, overflow)."""
-    from mamba3_gen.lower.evaluate import evaluate_float
+def _check_samples(expr: sp.Expr, where: str, shown: str) -> None:
+    """Finite real values in fp32 (a kernel's arithmetic) at sample points of the domain, its ends included
+    (catches log or sqrt of a negative, overflow as A·Δ → −∞ or for a large Δ, a singularity sympy did not see)."""
+    syms = [s for s in (dt, adt, lam) if expr.has(s)]
+    points = [{}]
+    for s in syms:
+        points = [dict(p, **{s.name: v}) for p in points for v in SAMPLES[s]]
+    for p in points:
+        value = evaluate_float(expr, p, dtype=torch.float32)
+        if not math.isfinite(value):
+            at = ", ".join(f"{k} = {v:g}" for k, v in p.items())
+            raise LoweringError(f"{where}: {shown} is not finite (in fp32) at {at}; try a formula that stays bounded "
+                                f"on the whole domain ({', '.join(_domain_text(s) for s in syms)})")
 
+
+def _check_decay(expr: sp.Expr, where: str, shown: str) -> None:
+    """a_t is the log of a decay: ≤ 0 at every sample point of the domain."""
     syms = [s for s in (dt, adt, lam) if expr.has(s)]
     points = [{}]
     for s in syms:
         points = [dict(p, **{s.name: v}) for p in points for v in SAMPLES[s]]
     for p in points:
         value = evaluate_float(expr, p)
-        if not math.isfinite(value):
-            at = ", ".join(f"{k} = {v:g}" for k, v in p.items())
-            raise LoweringError(f"{where}: {formula_text(expr)} is not finite at {at}; try a formula defined on "
-                                f"the whole domain ({', '.join(_domain_text(s) for s in syms)})")
+        if value > 1e-12:
+            at = ", ".join(f"{k} = {v:g}" for k, v in p.items()) or "every input"
+            raise LoweringError(f"{where}: {shown} is {value:g} > 0 at {at}, but a_t is the log of step t's decay "
+                                "and must be <= 0 for dt >= 0, adt <= 0, 0 <= lam <= 1; try adt, or adt minus a "
+                                "non-negative term such as 0.1 * dt")
 
 
-def _check_padding(expr: sp.Expr, where: str) -> None:
+def _check_padding(expr: sp.Expr, where: str, shown: str) -> None:
     """Bounded as Δ → 0+ and a → 0− (what padding tokens past a sequence end feed a kernel)."""
     e = expr.args[-1][0] if isinstance(expr, sp.Piecewise) else expr  # the limit of the body is the series' value
     e = e.rewrite(sp.exp)
@@ -235,7 +325,7 @@ def _check_padding(expr: sp.Expr, where: str) -> None:
             except (NotImplementedError, ValueError):
                 return  # sympy cannot tell; the sample check above still holds
     if not _bounded(e):
-        raise LoweringError(f"{where}: {formula_text(expr)} is unbounded as dt -> 0 and adt -> 0 (what padding "
+        raise LoweringError(f"{where}: {shown} is unbounded as dt -> 0 and adt -> 0 (what padding "
                             "tokens feed the kernels); try a formula that stays finite there, e.g. multiply by dt")
 
 

@@ -356,21 +356,19 @@ def run_per_sequence(spec: Spec, c: SimpleNamespace, core: Callable) -> tuple[to
 
 
 def rule_coefficients(rule, dt: torch.Tensor, adt: torch.Tensor, lam: Optional[torch.Tensor]):
-    """(a, [c_0, …, c_J]) per token, float64, evaluated from the rule's own formulas (spec/rules.py): the oracles
-    never read the lowering they check. Where a formula is 0/0 (a removable singularity, e.g. ZOH at A·Δ = 0) it is
-    evaluated 1e-7 inside the domain instead, a numerical limit good to ~1e-7 relative."""
+    """(a, [c_0, …, c_J]) per token, float64, evaluated from the rule's own formulas (spec/rules.py). A removable
+    singularity (e.g. ZOH at A·Δ = 0) is evaluated by its Taylor series near the point, with a radius and order chosen
+    for float64 (lower/lowering.safe_formula with precision "fp64": closed form within 1e-12, series within 1e-14),
+    not the ones the fp32 kernels use."""
+    from mamba3_gen.lower.lowering import safe_formula
+
     values = {"dt": dt, "adt": adt, "lam": lam if lam is not None else torch.zeros_like(dt)}
 
-    def ev(expr):
-        out = evaluate(expr, values, like=dt)
-        bad = ~torch.isfinite(out)
-        if bad.any():
-            nudged = {"dt": dt + 1e-7, "adt": adt - 1e-7,
-                      "lam": (values["lam"] + 1e-7 * (1 - 2 * (values["lam"] > 0.5)))}
-            out = torch.where(bad, evaluate(expr, nudged, like=dt), out)
-        return out
+    def ev(expr, where):
+        return evaluate(safe_formula(expr, where, "fp64"), values, like=dt)
 
-    return ev(rule.log_decay), [ev(w) for w in rule.weights]
+    weights = [ev(w, f"discretization.weights[{j}]") for j, w in enumerate(rule.weights)]
+    return ev(rule.log_decay, "discretization.log_decay"), weights
 
 
 def state_shapes(spec: Spec, NS: int, H: int) -> dict:

@@ -73,7 +73,7 @@ def parse_formula(text, symbols: dict[str, sp.Symbol] | None = None) -> sp.Expr:
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise FormulaError(f"expected a formula (a string such as 'lam * dt'), got {type(text).__name__}; "
                            f"try a quoted formula over {allowed}")
-    text = str(text).replace("^", "**")
+    text = " ".join(str(text).split()).replace("^", "**")  # a YAML block scalar may span lines
     if not text.strip():
         raise FormulaError(f"the formula is empty; try a formula over {allowed}, e.g. 'dt'")
     if len(text) > MAX_FORMULA_CHARS:

@@ -40,11 +40,11 @@ class Discretization(_Strict):
     lambda_value: float | None = Field(
         None, description="The constant λ in [0, 1] when lambda is 'constant' (0.5 is the classic trapezoid)."
     )
-    log_decay: str | None = Field(
+    log_decay: str | int | float | None = Field(
         None,
         description="custom rules: a_t, the log of step t's decay, as a formula over dt, adt, lam (default adt).",
     )
-    weights: list[str] | None = Field(
+    weights: list[str | int | float] | None = Field(
         None,
         description="custom rules: c_0(t), c_1(t), ... (1 to 4 formulas over dt, adt, lam): c_j is the weight of "
         "token t-j's input in step t: H_t = exp(a_t) H_{t-1} + Σ_j c_j(t) v_{t-j} k_{t-j}ᵀ.",

@@ -85,7 +85,7 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
                          "try mimo_rank 1, 2, 4 or 8")
     if rows < target.min_dot_k:
         raise BuildError(f"dims.chunk_size: chunk_size·mimo_rank={rows} is below {target.min_dot_k}, the smallest "
-                         f"tensor-core dot on {target.name}; try chunk_size={-(-target.min_dot_k // d.mimo_rank)}")
+                         f"tensor-core dot on {target.name}; try chunk_size: {-(-target.min_dot_k // d.mimo_rank)}, or --arch interpreter for CPU runs")
     low = Lowering(spec, lowered, plan, target, [])
     low.configs = choose_configs(low)
     low.step_config = choose_step_config(low)
