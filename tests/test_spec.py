@@ -338,17 +338,17 @@ def test_small_chunks_are_allowed():
 def test_chunk_rows_limit_points_at_chunk_size():
     text = "name: a\ndims:\n  chunk_size: 128\n  mimo_rank: 4\n"
     assert one_problem(text) == (
-        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size=16"
+        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size: 16"
     )
     assert one_problem("name: a\ndims:\n  chunk_size: 512\n") == (
-        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size=64"
+        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size: 64"
     )
 
 
 def test_chunk_rows_limit_with_chunk_size_defaulted_points_at_dims():
     # chunk_size is not written (default 64): the problem is reported on the 'dims:' line.
     assert one_problem("name: a\n\ndims:\n  mimo_rank: 8\n") == (
-        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size=8"
+        "specs/x.yaml:3: dims.chunk_size: chunk_size*mimo_rank=512 rows exceed 256 per chunk tile; try chunk_size: 8"
     )
 
 

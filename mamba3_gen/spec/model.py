@@ -126,7 +126,7 @@ class Dims(_Strict):
         if c * r > MAX_CHUNK_ROWS:
             raise ValueError(
                 f"chunk_size: chunk_size*mimo_rank={c * r} rows exceed {MAX_CHUNK_ROWS} per chunk tile; "
-                f"try chunk_size={max(1, 64 // r)}"
+                f"try chunk_size: {max(1, 64 // r)}"
             )
         return self
 
