@@ -141,8 +141,11 @@ def test_strict_types_other_fields():
     ]
     assert problems("name: a\nstate:\n  rope_fraction: '0.5'\n") == [
         "x.yaml:3: state.rope_fraction: '0.5' (a string) is not allowed (allowed: 0.5, 1.0); try rope_fraction: 0.5"]
-    assert problems("name: a\ndiscretization:\n  rule: custom\n  weights: [dt, 5]\n") == [
-        "x.yaml:4: discretization.weights[1]: expected a string, got 5 (a whole number); try writing it in quotes: '5'"]
+    assert problems("name: a\ndiscretization:\n  rule: custom\n  weights: [dt, true]\n") == [
+        "x.yaml:4: discretization.weights[1]: expected a string, got true (a boolean); try writing it in quotes: "
+        "'true'"]
+    # a bare number is a formula (a constant weight), as YAML reads it
+    assert load_spec_text("name: a\ndiscretization:\n  rule: custom\n  weights: [dt, 5]\n").rule.weights[1] == 5
     assert problems("name: !!int 5\n") == [
         "x.yaml:1: name: expected a string, got 5 (a whole number); try name: my_layer"]
 

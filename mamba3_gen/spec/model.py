@@ -40,15 +40,30 @@ class Discretization(_Strict):
     lambda_value: float | None = Field(
         None, description="The constant λ in [0, 1] when lambda is 'constant' (0.5 is the classic trapezoid)."
     )
-    log_decay: str | int | float | None = Field(
+    log_decay: str | None = Field(
         None,
         description="custom rules: a_t, the log of step t's decay, as a formula over dt, adt, lam (default adt).",
     )
-    weights: list[str | int | float] | None = Field(
+    weights: list[str] | None = Field(
         None,
         description="custom rules: c_0(t), c_1(t), ... (1 to 4 formulas over dt, adt, lam): c_j is the weight of "
         "token t-j's input in step t: H_t = exp(a_t) H_{t-1} + Σ_j c_j(t) v_{t-j} k_{t-j}ᵀ.",
     )
+
+    @field_validator("log_decay", mode="before")
+    @classmethod
+    def _number_as_formula(cls, value):
+        # a bare number is a formula too (log_decay: 0, a constant weight 0.5); YAML reads it as a number
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(value)
+        return value
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _numbers_as_formulas(cls, value):
+        if isinstance(value, list):
+            return [cls._number_as_formula(v) for v in value]
+        return value
 
     def resolved_rule(self) -> Rule:
         """The rule this section describes (a preset, or the custom formulas), before λ is resolved."""
