@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from mamba3_gen.lower.evaluate import evaluate_float
-from mamba3_gen.spec.formula import adt, dt, formula_text, lam, sigmoid, softplus
+from mamba3_gen.spec.formula import adt, dt, formula_text, lam
 from mamba3_gen.spec.model import Spec
 from mamba3_gen.spec.rules import Rule
 
@@ -329,4 +329,4 @@ def _check_padding(expr: sp.Expr, where: str, shown: str) -> None:
                             "tokens feed the kernels); try a formula that stays finite there, e.g. multiply by dt")
 
 
-__all__ = ["Lowered", "LoweringError", "lower_discretization", "sigmoid", "softplus", "SERIES_RADIUS"]
+__all__ = ["Away", "Lowered", "LoweringError", "lower_discretization", "safe_formula", "SERIES_RADIUS"]
