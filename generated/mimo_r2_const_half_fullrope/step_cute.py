@@ -47,7 +47,7 @@ META = {'BN': 128,
  'name': 'mimo_r2_const_half_fullrope',
  'spec_hash': '588f0c300720bfbd517f33a0f65b4a44b3eb08577431f14e80408d36d41d85b4',
  'state_dtype': 'fp32',
- 'template_hash': 'e737b23f75ea',
+ 'template_hash': 'b636d745a7bf',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -46,7 +46,7 @@ META = {'BN': 128,
  'name': 'zoh_real',
  'spec_hash': '8da96338bc9eaa70e88a78e8c8669277888e24c88ed73ed0524c1f64fce81017',
  'state_dtype': 'fp32',
- 'template_hash': 'e737b23f75ea',
+ 'template_hash': 'b636d745a7bf',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -284,14 +284,19 @@ def _domain_text(sym: sp.Symbol) -> str:
     return {dt: "dt >= 0", adt: "adt <= 0", lam: "0 <= lam <= 1"}[sym]
 
 
+def _sample_points(syms: list) -> list[dict]:
+    """Every combination of SAMPLES of the given symbols, as {name: value} points."""
+    points = [{}]
+    for sym in syms:
+        points = [{**p, sym.name: v} for p in points for v in SAMPLES[sym]]
+    return points
+
+
 def _check_samples(expr: sp.Expr, where: str, shown: str) -> None:
     """Finite real values in fp32 (a kernel's arithmetic) at sample points of the domain, its ends included
     (catches log or sqrt of a negative, overflow as A·Δ → −∞ or for a large Δ, a singularity sympy did not see)."""
     syms = [s for s in (dt, adt, lam) if expr.has(s)]
-    points = [{}]
-    for s in syms:
-        points = [dict(p, **{s.name: v}) for p in points for v in SAMPLES[s]]
-    for p in points:
+    for p in _sample_points(syms):
         value = evaluate_float(expr, p, dtype=torch.float32)
         if not math.isfinite(value):
             at = ", ".join(f"{k} = {v:g}" for k, v in p.items())
@@ -301,11 +306,7 @@ def _check_samples(expr: sp.Expr, where: str, shown: str) -> None:
 
 def _check_decay(expr: sp.Expr, where: str, shown: str) -> None:
     """a_t is the log of a decay: ≤ 0 at every sample point of the domain."""
-    syms = [s for s in (dt, adt, lam) if expr.has(s)]
-    points = [{}]
-    for s in syms:
-        points = [dict(p, **{s.name: v}) for p in points for v in SAMPLES[s]]
-    for p in points:
+    for p in _sample_points([s for s in (dt, adt, lam) if expr.has(s)]):
         value = evaluate_float(expr, p)
         if value > 1e-12:
             at = ", ".join(f"{k} = {v:g}" for k, v in p.items()) or "every input"
