@@ -2,8 +2,8 @@
 from mamba3_gen.errors import BuildError, DeviceError, FileSystemError, InputError, Mamba3GenError, SpecError
 from mamba3_gen.version import __version__
 
-__all__ = ["__version__", "load", "cache_dir", "Mamba3GenError", "SpecError", "BuildError", "FileSystemError",
-           "InputError", "DeviceError"]
+__all__ = ["__version__", "load", "cache_dir", "Mamba3", "Mamba3GenError", "SpecError", "BuildError",
+           "FileSystemError", "InputError", "DeviceError"]
 
 
 def load(spec, arch=None, *, out_dir=None, force=False):
@@ -37,3 +37,12 @@ def cache_dir():
     from mamba3_gen.cache import cache_dir as _cache_dir
 
     return _cache_dir()
+
+
+def __getattr__(name):
+    # The layer imports torch: loaded on first use, so that `import mamba3_gen` stays cheap.
+    if name == "Mamba3":
+        from mamba3_gen.layer import Mamba3
+
+        return Mamba3
+    raise AttributeError(f"module 'mamba3_gen' has no attribute {name!r}")
