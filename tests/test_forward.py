@@ -49,12 +49,14 @@ from tests.helpers import (
     run_op,
     split_varlen,
     ssd_head,
+    to_device,
     state_slice,
     time_slice,
 )
 from tests.strategies import (
     CPU_TOL,
     GPU_TOL,
+    INTERPRET,
     _DTYPES,
     _gpu_spec_ok,
     _interpretable,
@@ -225,64 +227,135 @@ def test_constant_lambda_edges(lam_value, R, init, interp_kernels):
     assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
 
 
-@interpreter_only
+@pytest.fixture
+def edge_kernels(request):
+    """(kernel cache, device) for the edge-case tests below, which run on both: the interpreter's kernels on a
+    CPU-only machine, the GPU's on CUDA (their specs compute in fp32, so one tolerance holds on both)."""
+    if INTERPRET:
+        return request.getfixturevalue("interp_kernels"), "cpu"
+    return request.getfixturevalue("gpu_kernels"), "cuda"
+
+
+def _fp32(spec):
+    return respec(spec, dtypes={"input": "fp32", "compute": "fp32"})
+
+
+def _on(edge, spec, kw, final=None, steps=0):
+    """Run the forward on the edge fixture's device (inputs made on the CPU); returns the CPU results, and with
+    steps > 0 also the decode step's outputs over the first `steps` tokens from the initial states."""
+    cache, dev = edge
+    mod = cache(spec)
+    kwd = to_device(kw, dev)
+    res = to_device(dict(enumerate(run_op(mod, spec, kwd, final=final))), "cpu")
+    res = (res[0], res[1])
+    if not steps:
+        return res
+    st_, outs = kwd["initial_states"], []
+    for t in range(steps):
+        y, st_ = mod.mamba3_step(**token_inputs(kwd, t), state=st_)
+        outs.append(y.cpu())
+    return res, torch.stack(outs, 1)
+
+
 @not_in_spec_mode
 @pytest.mark.parametrize("rule", ["exp_trapezoidal", "custom"])
-def test_growth_is_computed_as_the_recurrence(rule, interp_kernels):
+def test_growth_is_computed_as_the_recurrence(rule, edge_kernels):
     """A·Δ > 0 (a growing step) is not clamped anywhere: forward, decode step and the float64 recurrence agree,
     within chunks and across them (L = 11, chunk 4), for one and for two lags."""
     weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt"]
-    spec = make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved")
+    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved"))
     kw = make_inputs(spec, 2, 11, 2, seed=2, with_initial_states=True, adt_range=(-0.5, 0.3))
     kw["adt"] = kw["adt"].abs() * torch.sign(torch.randn(kw["adt"].shape, generator=torch.Generator().manual_seed(0)))
     assert (kw["adt"] > 0).any()
-    mod = interp_kernels(spec)
     ref = naive_recurrence(spec, **kw)
-    assert_matches(run_op(mod, spec, kw), ref, CPU_TOL)
-    state = kw["initial_states"]
-    outs = []
-    for t in range(11):
-        y, state = mod.mamba3_step(**token_inputs(kw, t), state=state)
-        outs.append(y)
-    assert rel_err(torch.stack(outs, 1), ref[0]) <= CPU_TOL.rel
+    got, steps = _on(edge_kernels, spec, kw, steps=11)
+    assert_matches(got, ref, CPU_TOL)
+    assert rel_err(steps, ref[0]) <= CPU_TOL.rel
 
 
-@interpreter_only
 @not_in_spec_mode
 @pytest.mark.parametrize("rule", ["exp_euler", "exp_trapezoidal", "custom"])
-def test_decay_to_zero_inside_a_chunk(rule, interp_kernels):
+def test_decay_to_zero_inside_a_chunk(rule, edge_kernels):
     """A·Δ = −inf (the state decays to exactly zero) at token 5 of L = 12, chunk 4, and at a chunk's first token
     (8): forward, decode step and float64 recurrence agree and stay finite; it erases what came before, nothing
     else (issue 10 item 1: decays are segment sums, never differences of cumsums)."""
     weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt * exp(adt)"]
-    spec = make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved")
+    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved"))
     kw = make_inputs(spec, 2, 12, 2, seed=4, with_initial_states=True)
     kw["adt"][:, :, 5] = float("-inf")
     kw["adt"][:, :, 8] = float("-inf")
-    mod = interp_kernels(spec)
     ref = naive_recurrence(spec, **kw)
     assert torch.isfinite(ref[0]).all()
-    out = run_op(mod, spec, kw)
-    assert torch.isfinite(out[0]).all()
-    assert_matches(out, ref, CPU_TOL)
-    state, outs = kw["initial_states"], []
-    for t in range(12):
-        y, state = mod.mamba3_step(**token_inputs(kw, t), state=state)
-        outs.append(y)
-    assert rel_err(torch.stack(outs, 1), ref[0]) <= CPU_TOL.rel
+    got, steps = _on(edge_kernels, spec, kw, steps=12)
+    assert torch.isfinite(got[0]).all()
+    assert_matches(got, ref, CPU_TOL)
+    assert rel_err(steps, ref[0]) <= CPU_TOL.rel
 
 
-@interpreter_only
 @not_in_spec_mode
-def test_strong_then_weak_decay_in_one_chunk(interp_kernels):
+def test_strong_then_weak_decay_in_one_chunk(edge_kernels):
     """A chunk of 64 with A·Δ = −30 for its first half and −1e-3 after: the weak decays of the second half are sums
     over their own segment, not differences of cumsums near −960 (where fp32 keeps ~6e-5): fp32 ≤ 1e-4."""
-    spec = make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64)
-    spec = respec(spec, dtypes={"input": "fp32", "compute": "fp32"})
+    spec = _fp32(make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64))
     kw = make_inputs(spec, 1, 64, 1, seed=5)
     kw["adt"][:, :, :32] = -30.0
     kw["adt"][:, :, 32:] = -1e-3
-    assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+    assert_matches(_on(edge_kernels, spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
+_POISON_SPECS = {
+    "siso_trap_complex": dict(rule="exp_trapezoidal", N=16, P=8, R=1, G=2, chunk=8, init=True, varlen=True),
+    "mimo_two_lags": dict(rule="custom", weights=["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt"], N=16, P=8, R=2,
+                          G=2, chunk=4, init=True, varlen=True, rotation="halved"),
+}
+
+
+def _poison(kw: dict, name: str, b: int, t: int, value: float) -> tuple[str, int]:
+    """Write `value` into input `name` at batch row b, token t (group / head 1, every P or N entry); returns the
+    tensor's head-like axis and the index poisoned there, so the test knows which heads may change."""
+    x = kw[name]
+    if name in ("q", "k"):
+        x[b, t, ..., 1, :] = value  # (B, L, [R,] G, N): group 1
+        return "group", 1
+    if name in ("v", "angles"):
+        x[b, t, 1, 0] = value  # (B, L, H, P|S): head 1, one column
+        return "head", 1
+    x[b, 1, t] = value  # adt, dt, trap: (B, H, L)
+    return "head", 1
+
+
+@not_in_spec_mode
+@pytest.mark.parametrize("case", sorted(_POISON_SPECS))
+@pytest.mark.parametrize("name,value", [("v", float("nan")), ("v", float("inf")), ("k", float("nan")),
+                                        ("q", float("nan")), ("adt", float("nan")), ("dt", float("inf")),
+                                        ("trap", float("nan")), ("angles", float("nan"))])
+def test_nonfinite_input_is_causal(case, name, value, edge_kernels):
+    """Issue 10 item 3: a NaN or inf in one input at token t (of sequence 1, head 1) changes no output before t,
+    nothing in another sequence (batched and packed) and nothing in another head; for q, k and v the outputs that
+    turn non-finite are exactly those the float64 recurrence makes non-finite. L = 12 over chunks of 8 / 4, with
+    the token mid-chunk, so masked products inside a chunk are exercised (0·NaN must never reach an earlier row)."""
+    spec = _fp32(make_spec(**_POISON_SPECS[case]))
+    for varlen in (False, True):
+        if varlen:
+            kw = make_inputs(spec, 1, 0, 4, seed=11, nseq_lengths=[5, 9, 4], with_initial_states=True)
+            b, t0, t = 0, 5, 5 + 6  # token 6 of the second sequence
+        else:
+            kw = make_inputs(spec, 3, 12, 4, seed=11, with_initial_states=True)
+            b, t0, t = 1, 0, 6
+        clean = _on(edge_kernels, spec, kw, final=False)[0]
+        axis, idx = _poison(kw, name, b, t, value)
+        out = _on(edge_kernels, spec, kw, final=False)[0]  # (B, L, H, P)
+        heads = torch.arange(4)
+        mine = (heads // 2 == idx) if axis == "group" else (heads == idx)
+        same = torch.ones_like(out, dtype=torch.bool)
+        same[b, t:, mine] = False  # only this sequence's tokens from t on, in the heads reading the input, may change
+        if varlen:
+            same[b, 14:] = True  # the third sequence starts at token 14
+        assert torch.equal(out[same], clean[same]), f"{name}={value} at token {t} changed an output it cannot reach"
+        if name in ("q", "k", "v"):
+            ref = naive_recurrence(spec, **kw)[0]
+            assert torch.equal(torch.isfinite(out), torch.isfinite(ref)), f"{name}={value}: non-finite outputs differ"
+        assert not torch.isfinite(out[b, t, mine]).all(), f"{name}={value} at token {t} left its own output finite"
 
 
 # ------------------------------------------------------------------------------------------------------------------
