@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba3_gen.errors import InputError
+from mamba3_gen.runtime.checks import check_cu_seqlens
 from mamba3_gen.runtime.state import Mamba3State
 
 __all__ = ["Mamba3", "RMSNorm", "heavy_tail", "layer_reference"]
@@ -38,12 +39,12 @@ _OPS: dict = {}  # (canonical spec JSON, arch) -> generated module; kept off the
 
 
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
-    """f(u) = 1 + u for u >= 0, 1 / (1 − u) for u < 0 (math doc §1): positive, continuous, C¹ at 0.
+    """f(u) = 1 + u for u >= 0, 1 / (1 − u) for u < 0 (math doc §1): positive, continuous, C¹ at 0 (f' = 1 there).
 
-    Written as max(u, 0) + 1 / (1 − min(u, 0)), so that neither branch is evaluated where it is singular (u = 1) and
-    the gradient stays finite everywhere. Any shape and float dtype; returns the same.
+    The negative branch reads min(u, 0), so it is never evaluated at its pole (u = 1), and the gradient is finite and
+    exact everywhere, also at 0 (two clamps added would give 2 there). Any shape and float dtype; returns the same.
     """
-    return u.clamp(min=0) + torch.reciprocal(1 - u.clamp(max=0))
+    return torch.where(u >= 0, 1 + u, torch.reciprocal(1 - u.clamp(max=0)))
 
 
 class RMSNorm(nn.Module):
@@ -247,9 +248,9 @@ class Mamba3(nn.Module):
         """out_proj of the SSM output y (*lead, H, P), or of the per-rank y (*lead, R, H, P) with the output norm."""
         if self.is_outproj_norm:
             if self.mimo_rank > 1:  # per rank: norm, gate by silu(z ⊙ mimo_z_r), then contract with mimo_o
-                zr = None if z is None else (z.float().unsqueeze(-3) * self.mimo_z).flatten(-2)
+                zr = None if z is None else (z.float().unsqueeze(-3) * self.mimo_z.transpose(0, 1)).flatten(-2)
                 y = self.norm(y.float().flatten(-2), zr).unflatten(-1, (self.nheads, self.headdim))
-                y = (y * self.mimo_o).sum(-3)
+                y = (y * self.mimo_o.transpose(0, 1)).sum(-3)  # (H, R, P) -> (R, H, P)
             else:
                 y = self.norm(y.flatten(-2), None if z is None else z.flatten(-2)).unflatten(-1, y.shape[-2:])
         return self.out_proj(y.flatten(-2).to(dtype))
@@ -293,6 +294,11 @@ class Mamba3(nn.Module):
             raise InputError(f"u must be a tensor of shape (B, L, d_model={self.d_model}); got {got}")
         if not u.is_floating_point():
             raise InputError(f"u has dtype {u.dtype}; expected a float dtype (fp32, bf16, fp16)")
+        if cu_seqlens is not None:
+            cu_seqlens = check_cu_seqlens(cu_seqlens, u.device)
+            if u.shape[0] != 1:
+                raise InputError(f"with cu_seqlens the sequences are packed along L: u must be (1, L, d_model="
+                                 f"{self.d_model}); got shape {tuple(u.shape)}")
         state = None
         if inference_params is not None:
             _Inference.check(inference_params)

@@ -1,0 +1,438 @@
+"""The Mamba3 layer (mamba3_gen/layer.py): official parameters, forward == float64 reference, decode == forward.
+
+On the CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before any kernel
+is imported), in fp32 with tiny shapes: d_model 16, expand 2 (d_inner 32), headdim 8 (H = 4), d_state 16. Every
+parameter is drawn away from its initial value first, so that two parameters swapped (B_bias for C_bias, mimo_x for
+mimo_o) or a slice of in_proj taken from the wrong place changes the output. The generated op has no backward yet,
+so everything runs under torch.no_grad().
+
+The official facts (mamba_ssm/modules/mamba3.py at e9594ce, restated in ../shared/docs/mamba3-math.md §1): in_proj
+splits into z (d_inner) | x (d_inner) | B (R·G·N) | C (R·G·N) | dd_dt (H) | dd_A (H) | trap (H) | angles (S); the
+parameters are in_proj.weight, dt_bias (H,), B_bias and C_bias (H, R, N) [R = 1 for SISO], B_norm.weight and
+C_norm.weight (N,), D (H,), mimo_x, mimo_z, mimo_o (H, R, P) for MIMO only, norm.weight (d_inner,) with
+is_outproj_norm only, out_proj.weight (d_model, d_inner); dt_bias, the B/C biases, D and mimo_* are fp32 whatever
+the layer's dtype.
+
+Tolerance: ‖out − ref‖ ≤ 1e-4·‖ref‖ (+ 1e-5·√numel) and max|out − ref| ≤ 1e-4·max|ref| + 1e-5 (CPU_TOL), for the
+layer against its float64 reference and for decode against forward. The layer adds to the kernel's fp32 computation
+(budgeted at 1e-4 in tests/test_forward.py's docstring, observed ~1e-7) only short fp32 operations: in_proj and
+out_proj are dot products of 16 and 32 terms (worst-case relative error 32·6e-8 ≈ 2e-6 of the summed magnitudes,
+typically ~√32·6e-8 ≈ 3e-7), the RMSNorms, softplus and the heavy tail a few roundings each (~1e-7). Δ enters the
+exponent of a decay as A·Δ with |A·Δ| ≲ 2 here, so its 1e-7 relative error is a 2e-7 relative error of a weight.
+So the kernel's budget dominates and 1e-4 holds with a wide margin, while a wrong slice, parameter or formula
+changes the output by O(1). Decode against forward compares two fp32 computations of the same layer (each within
+the bound above of the same float64 value). States after a prefill are compared with the same tolerance (the angle
+as a circular error).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mamba3_gen
+from mamba3_gen.errors import InputError
+from mamba3_gen.layer import Mamba3, heavy_tail, layer_reference
+from mamba3_gen.runtime.state import Mamba3State
+from tests.helpers import SPECS_DIR, assert_matches
+from tests.strategies import CPU_TOL, interpreter_only
+
+D_MODEL = 16  # expand 2 → d_inner 32 = 4 heads of headdim 8
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# official parameters
+# ------------------------------------------------------------------------------------------------------------------
+def official_shapes(d_model: int, mimo_rank: int, outproj_norm: bool, N=128, P=64, G=1, rope_fraction=0.5,
+                    expand=2) -> dict:
+    """key → shape of the official module's state_dict (mamba_ssm/modules/mamba3.py, e9594ce) for a config; the
+    official SISO layer (is_mimo False) has rank 1 and no mimo_* parameters."""
+    d_inner = expand * d_model
+    H = d_inner // P
+    split = int(N * rope_fraction)
+    S = (split - split % 2) // 2
+    R = mimo_rank
+    shapes = {
+        "dt_bias": (H,), "B_bias": (H, R, N), "C_bias": (H, R, N),
+        "in_proj.weight": (2 * d_inner + 2 * N * G * R + 3 * H + S, d_model),
+        "B_norm.weight": (N,), "C_norm.weight": (N,), "D": (H,), "out_proj.weight": (d_model, d_inner),
+    }
+    if R > 1:
+        shapes.update({"mimo_x": (H, R, P), "mimo_z": (H, R, P), "mimo_o": (H, R, P)})
+    if outproj_norm:
+        shapes["norm.weight"] = (d_inner,)
+    return shapes
+
+
+# The released configurations at d_model 2048 (N 128, P 64, H 64, G 1, S 32), written out.
+OFFICIAL = {
+    ("siso_trap_complex", False): {
+        "dt_bias": (64,), "B_bias": (64, 1, 128), "C_bias": (64, 1, 128), "D": (64,),
+        "in_proj.weight": (8672, 2048),  # 2·4096 + 2·128 + 3·64 + 32
+        "B_norm.weight": (128,), "C_norm.weight": (128,), "out_proj.weight": (2048, 4096),
+    },
+    ("mimo_r4", False): {
+        "dt_bias": (64,), "B_bias": (64, 4, 128), "C_bias": (64, 4, 128), "D": (64,),
+        "mimo_x": (64, 4, 64), "mimo_z": (64, 4, 64), "mimo_o": (64, 4, 64),
+        "in_proj.weight": (9440, 2048),  # 2·4096 + 2·128·4 + 3·64 + 32
+        "B_norm.weight": (128,), "C_norm.weight": (128,), "out_proj.weight": (2048, 4096),
+    },
+}
+OFFICIAL[("siso_trap_complex", True)] = {**OFFICIAL[("siso_trap_complex", False)], "norm.weight": (4096,)}
+OFFICIAL[("mimo_r4", True)] = {**OFFICIAL[("mimo_r4", False)], "norm.weight": (4096,)}
+FP32_ALWAYS = {"dt_bias", "B_bias", "C_bias", "D", "mimo_x", "mimo_z", "mimo_o"}  # fp32 in any layer dtype
+
+
+@pytest.fixture(scope="module")
+def official_layers():
+    layers = {}
+
+    def get(name, outproj_norm, dtype=None):
+        key = (name, outproj_norm, dtype)
+        if key not in layers:
+            torch.manual_seed(0)
+            layers[key] = Mamba3(SPECS_DIR / f"{name}.yaml", 2048, is_outproj_norm=outproj_norm, dtype=dtype)
+        return layers[key]
+
+    return get
+
+
+@pytest.mark.parametrize("outproj_norm", [False, True])
+@pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
+def test_state_dict_is_official(official_layers, name, outproj_norm):
+    """The shipped official specs give exactly the official state_dict keys and shapes, and an official
+    checkpoint's tensors load with strict=True."""
+    layer = official_layers(name, outproj_norm)
+    got = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert got == OFFICIAL[(name, outproj_norm)]
+    R = 4 if name == "mimo_r4" else 1
+    assert official_shapes(2048, R, outproj_norm) == OFFICIAL[(name, outproj_norm)]  # the table's arithmetic
+    checkpoint = {k: torch.randn(s) for k, s in OFFICIAL[(name, outproj_norm)].items()}
+    layer.load_state_dict(checkpoint, strict=True)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in checkpoint.items())
+
+
+def test_official_dtypes(official_layers):
+    """in_proj, the norms and out_proj take the layer's dtype; dt_bias, the biases, D and mimo_* stay fp32."""
+    layer = official_layers("mimo_r4", True, torch.bfloat16)
+    for k, v in layer.state_dict().items():
+        want = torch.float32 if k in FP32_ALWAYS else torch.bfloat16
+        assert v.dtype == want, f"{k}: {v.dtype}, official {want}"
+
+
+@pytest.mark.parametrize("name,R", [("siso_trap_complex", 1), ("mimo_r4", 4)])
+def test_official_initialisation(name, R):
+    """Δ₀ = softplus(dt_bias) ∈ [dt_min, dt_max] (log-uniform, the floor below dt_min is inactive), B/C biases 1,
+    D 1, mimo_x = mimo_o = 1/R, mimo_z 1, norm weights 1; and in_proj's slices in the official order and widths."""
+    torch.manual_seed(0)
+    layer = Mamba3(SPECS_DIR / f"{name}.yaml", 2048, dt_min=1e-3, dt_max=1e-1, is_outproj_norm=True)
+    dt0 = F.softplus(layer.dt_bias.detach().double())
+    assert dt0.min() >= 1e-3 * (1 - 1e-6) and dt0.max() <= 1e-1 * (1 + 1e-6)
+    # log-uniform: the logs spread over most of [log 1e-3, log 1e-1] with 64 heads (a fixed uniform would not)
+    assert (dt0.log().max() - dt0.log().min()) > 0.8 * math.log(100)
+    ones = {"B_bias": 1.0, "C_bias": 1.0, "D": 1.0, "B_norm.weight": 1.0, "C_norm.weight": 1.0, "norm.weight": 1.0}
+    if R > 1:
+        ones.update({"mimo_x": 1 / R, "mimo_z": 1.0, "mimo_o": 1 / R})
+    sd = layer.state_dict()
+    for k, val in ones.items():
+        assert torch.all(sd[k] == val), k
+    H, GRN = 64, 128 * R
+    assert layer.in_proj_split == [("z", 4096), ("x", 4096), ("B", GRN), ("C", GRN), ("dd_dt", H), ("dd_A", H),
+                                   ("trap", H), ("angles", 32)]
+
+
+def test_dt_floor_applies():
+    """Δ₀ below dt_init_floor is raised to it (here every head: dt_max < floor)."""
+    layer = Mamba3(small_spec(), D_MODEL, dt_min=1e-6, dt_max=1e-5, dt_init_floor=1e-4)
+    assert torch.allclose(F.softplus(layer.dt_bias.detach().double()), torch.full((4,), 1e-4, dtype=torch.float64),
+                          rtol=1e-5)
+
+
+def test_heavy_tail():
+    """f(u) = 1 + u (u ≥ 0), 1 / (1 − u) (u < 0): values, continuity at 0, finite gradient at u = 1."""
+    u = torch.tensor([-3.0, -0.5, 0.0, 0.5, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    want = torch.tensor([0.25, 1 / 1.5, 1.0, 1.5, 2.0, 5.0], dtype=torch.float64)
+    f = heavy_tail(u)
+    assert torch.allclose(f, want, rtol=0, atol=1e-15)
+    f.sum().backward()
+    assert torch.allclose(u.grad, torch.tensor([1 / 16, 1 / 2.25, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# small layers: slices, forward == float64 reference
+# ------------------------------------------------------------------------------------------------------------------
+def small_spec(rule="exp_trapezoidal", R=1, G=1, kind="complex", rotation="pairwise", rope=0.5, chunk=8, **sections):
+    """A small spec dict (N 16, P 8, fp32); ``sections`` replace parts: discretization, inputs, options."""
+    doc = {
+        "name": "layer_test",
+        "discretization": {"rule": rule},
+        "state": {"kind": kind, "rotation": rotation, "rope_fraction": rope},
+        "dims": {"d_state": 16, "headdim": 8, "mimo_rank": R, "ngroups": G, "chunk_size": chunk},
+        "dtypes": {"input": "fp32", "compute": "fp32"},
+        "options": {"varlen": True, "initial_states": True},
+    }
+    for section, values in sections.items():
+        doc[section] = {**doc.get(section, {}), **values}
+    return doc
+
+
+TWO_LAG = {"rule": "custom", "lambda": "data",
+           "weights": ["lam * dt", "(1 - lam) * dt * exp(adt) * 2 / 3", "(1 - lam) * dt * exp(adt) / 3"]}
+
+# name -> (spec, is_outproj_norm)
+CASES = {
+    "siso_trap_pairwise": (small_spec(), False),
+    "mimo_r2_halved_g2": (small_spec(R=2, G=2, rotation="halved"), False),
+    "euler_real": (small_spec("exp_euler", kind="real"), False),
+    "zoh_real_no_skip": (small_spec("zoh", kind="real", options={"d_skip": False}), False),
+    "const_half_fullrope": (small_spec(rope=1.0, discretization={"lambda": "constant", "lambda_value": 0.5}), False),
+    "two_lag_custom_mimo": (small_spec(R=2, discretization=TWO_LAG), False),
+    "cute_encodings": (small_spec(inputs={"decay": "a", "trap": "lambda"}), False),
+    "no_z_gate_mimo": (small_spec(R=2, options={"z_gate": False}), False),
+    "outproj_norm_siso": (small_spec(), True),
+    "outproj_norm_mimo": (small_spec(R=2, rotation="halved"), True),
+    "outproj_norm_no_gate_mimo": (small_spec(R=2, options={"z_gate": False}), True),
+}
+
+_LAYERS: dict = {}
+
+
+def randomized(case: str) -> Mamba3:
+    """The case's layer, every parameter drawn away from its initial value (seeded)."""
+    if case not in _LAYERS:
+        spec, outproj_norm = CASES[case]
+        torch.manual_seed(1)
+        layer = Mamba3(spec, D_MODEL, is_outproj_norm=outproj_norm, layer_idx=0)
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name == "dt_bias":  # Δ ∈ [0.02, 0.5]: enough decay and rotation per token to matter
+                    dt0 = torch.exp(torch.empty_like(p).uniform_(math.log(0.02), math.log(0.5)))
+                    p.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+                elif name.endswith("_proj.weight"):
+                    pass  # nn.Linear's own random init
+                elif name in ("B_bias", "C_bias"):
+                    p.copy_(torch.randn_like(p))
+                else:  # norm weights, D, mimo_*: 1 ± 0.5
+                    p.copy_(1 + 0.5 * torch.randn_like(p))
+        _LAYERS[case] = layer
+    return _LAYERS[case]
+
+
+def test_slices_follow_the_spec():
+    """Rules that read no λ (or a constant λ) take no trap slice, a real state no angles, no z gate no z; the
+    rest is the official order."""
+    def names(spec, **kw):
+        return [n for n, _ in Mamba3(spec, D_MODEL, **kw).in_proj_split]
+
+    full = ["z", "x", "B", "C", "dd_dt", "dd_A", "trap", "angles"]
+    assert names(small_spec()) == full
+    assert names(small_spec("exp_euler")) == [n for n in full if n != "trap"]
+    assert names(small_spec("zoh", kind="real")) == ["z", "x", "B", "C", "dd_dt", "dd_A"]
+    assert names(small_spec(discretization={"lambda": "constant", "lambda_value": 0.5})) == \
+        [n for n in full if n != "trap"]
+    assert names(small_spec(rule="custom", discretization={"weights": ["dt", "dt * exp(adt)"]})) == \
+        [n for n in full if n != "trap"]
+    assert names(small_spec(options={"z_gate": False})) == full[1:]
+    layer = Mamba3(small_spec(R=2, options={"z_gate": False, "d_skip": False}), D_MODEL)
+    assert "mimo_z" not in layer.state_dict() and "D" not in layer.state_dict()
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_reference(case):
+    """Layer forward (fp32, generated kernel) == its float64 reference, B 2, L 11 (a chunk of 8 and a partial one)."""
+    layer = randomized(case)
+    u = torch.randn(2, 11, D_MODEL, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = layer(u)
+    ref, _ = layer_reference(layer, u)
+    assert out.shape == u.shape and out.dtype == u.dtype
+    assert_matches((out, None), (ref, None), CPU_TOL, what=case)
+
+
+@interpreter_only
+def test_outproj_norm_changes_the_output():
+    """The output norm is not a no-op on these inputs (so the cases above test it)."""
+    spec, _ = CASES["outproj_norm_siso"]
+    torch.manual_seed(3)
+    a = Mamba3(spec, D_MODEL, is_outproj_norm=True)
+    b = Mamba3(spec, D_MODEL)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k != "norm.weight"}, strict=True)
+    u = torch.randn(1, 5, D_MODEL)
+    with torch.no_grad():
+        ya, yb = a(u), b(u)
+    assert (ya - yb).abs().max() > 1e-2 * yb.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# decode: prefill + steps == forward
+# ------------------------------------------------------------------------------------------------------------------
+def inference_params():
+    """What the layer reads of mamba_ssm's InferenceParams."""
+    return SimpleNamespace(key_value_memory_dict={}, seqlen_offset=0)
+
+
+def check_state(got: Mamba3State, ref: Mamba3State, what: str):
+    problems = []
+    for f in Mamba3State._fields:
+        a, b = getattr(got, f), getattr(ref, f)
+        assert (a is None) == (b is None), f"{what}.{f}: present in one only"
+        if a is not None:
+            problems.append(CPU_TOL.check_angle(f"{what}.{f}", a, b) if f == "angle"
+                            else CPU_TOL.check(f"{what}.{f}", a, b))
+    problems = [p for p in problems if p]
+    assert not problems, "\n".join(problems)
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", ["siso_trap_pairwise", "mimo_r2_halved_g2", "euler_real", "two_lag_custom_mimo",
+                                  "outproj_norm_mimo"])
+def test_prefill_then_steps_equals_forward(case):
+    """Prefill 5 tokens through forward(inference_params) (the cache then holds the reference's final states), then
+    3 tokens at once (seqlen_offset 5), then single tokens alternating forward(u (B, 1, D), inference_params),
+    step(u (B, D), *cache) and step(u (B, 1, D), *cache): together equal to one forward over all 11 tokens."""
+    layer = randomized(case)
+    u = torch.randn(2, 11, D_MODEL, generator=torch.Generator().manual_seed(4))
+    params = inference_params()
+    with torch.no_grad():
+        full = layer(u)
+        outs = [layer(u[:, :5], inference_params=params)]
+        cache = params.key_value_memory_dict[0]
+        check_state(cache, layer_reference(layer, u[:, :5])[1], "cache after prefill")
+        params.seqlen_offset = 5
+        outs.append(layer(u[:, 5:8], inference_params=params))
+        for t in range(8, 11):
+            params.seqlen_offset = t
+            if t % 3 == 2:
+                y = layer(u[:, t:t + 1], inference_params=params)
+            elif t % 3 == 0:
+                y, *state = layer.step(u[:, t], *cache)
+                assert y.shape == (2, D_MODEL) and all(a is b for a, b in zip(state, cache))
+                y = y[:, None]
+            else:
+                y, *_ = layer.step(u[:, t:t + 1], *cache)
+                assert y.shape == (2, 1, D_MODEL)
+            outs.append(y)
+    assert_matches((torch.cat(outs, dim=1), None), (full, None), CPU_TOL, what=case)
+    check_state(cache, layer_reference(layer, u)[1], "cache after the last step")
+
+
+@interpreter_only
+def test_continuation_without_initial_states_steps():
+    """A spec without options.initial_states continues a cached sequence of several tokens one step at a time."""
+    spec = small_spec(options={"initial_states": False})
+    torch.manual_seed(5)
+    layer = Mamba3(spec, D_MODEL, layer_idx=3)
+    u = torch.randn(1, 7, D_MODEL)
+    params = inference_params()
+    with torch.no_grad():
+        full = layer(u)
+        first = layer(u[:, :4], inference_params=params)
+        params.seqlen_offset = 4
+        rest = layer(u[:, 4:], inference_params=params)
+    assert_matches((torch.cat([first, rest], dim=1), None), (full, None), CPU_TOL)
+
+
+@interpreter_only
+def test_step_input_shapes_and_cache():
+    """step takes (B, d_model) and (B, 1, d_model) with the same result; allocate_inference_cache gives the zero
+    state of the spec's layout; other shapes and grad mode are refused with the expected shape named."""
+    layer = randomized("mimo_r2_halved_g2")
+    u = torch.randn(3, D_MODEL)
+    a, b = layer.allocate_inference_cache(3), layer.allocate_inference_cache(3, max_seqlen=100)
+    assert a.angle.shape == (3, 4, 4) and a.ssm.shape == (3, 4, 8, 16) and a.k.shape == (3, 2, 4, 16)
+    assert a.v.shape == (3, 4, 8) and all(torch.count_nonzero(t) == 0 for t in a)
+    with torch.no_grad():
+        ya, *_ = layer.step(u, *a)
+        yb, *_ = layer.step(u[:, None], *b)
+    assert ya.shape == (3, D_MODEL) and yb.shape == (3, 1, D_MODEL)
+    assert torch.equal(ya, yb[:, 0]) and all(torch.equal(x, y) for x, y in zip(a, b))
+    with torch.no_grad(), pytest.raises(InputError, match=r"\(B, d_model=16\) or \(B, 1, d_model=16\); got shape"):
+        layer.step(torch.randn(3, 2, D_MODEL), *a)
+    with pytest.raises(InputError, match="torch.no_grad"):
+        layer.step(u, *a)
+    with torch.no_grad(), pytest.raises(InputError, match="state.ssm has shape"):
+        layer.step(u, a.angle, a.ssm[:2], a.k, a.v)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# packed sequences
+# ------------------------------------------------------------------------------------------------------------------
+@interpreter_only
+@pytest.mark.parametrize("case", ["siso_trap_pairwise", "outproj_norm_mimo"])
+def test_cu_seqlens(case):
+    """A pack of sequences (one empty, one shorter than a chunk) equals each sequence run alone and the float64
+    reference of the pack; a prefill of the pack caches each sequence's final state in its row."""
+    layer = randomized(case)
+    lengths = [3, 0, 9, 5]
+    cu = torch.tensor([0, 3, 3, 12, 17], dtype=torch.int32)
+    u = torch.randn(1, 17, D_MODEL, generator=torch.Generator().manual_seed(6))
+    params = inference_params()
+    with torch.no_grad():
+        packed = layer(u, cu_seqlens=cu)
+        cached = layer(u, cu_seqlens=cu, inference_params=params)
+        alone = [layer(u[:, s:s + n]) for s, n in zip(cu.tolist(), lengths)]
+    ref, ref_state = layer_reference(layer, u, cu_seqlens=cu)
+    assert_matches((packed, None), (ref, None), CPU_TOL, what="pack vs reference")
+    assert_matches((packed, None), (torch.cat(alone, dim=1), None), CPU_TOL, what="pack vs alone")
+    assert torch.equal(cached, packed)
+    cache = params.key_value_memory_dict[0]
+    assert cache.ssm.shape[0] == 4
+    check_state(cache, ref_state, "cache of the pack")
+    assert torch.count_nonzero(cache.ssm[1]) == 0  # the empty sequence keeps the zero state
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# errors and module plumbing
+# ------------------------------------------------------------------------------------------------------------------
+def test_constructor_errors():
+    with pytest.raises(InputError, match=r"expand·d_model = 2·10 = 20 channels .* headdim P=8"):
+        Mamba3(small_spec(), 10)
+    with pytest.raises(InputError, match=r"4 heads is not a multiple of ngroups G=8"):
+        Mamba3(small_spec(G=8), D_MODEL)
+    with pytest.raises(InputError, match=r"d_state= comes from the spec here \(dims.d_state\)"):
+        Mamba3(small_spec(), D_MODEL, d_state=64)
+    with pytest.raises(InputError, match="0 < dt_min <= dt_max"):
+        Mamba3(small_spec(), D_MODEL, dt_min=0.1, dt_max=0.01)
+    with pytest.raises(mamba3_gen.SpecError, match="mimo_rank"):
+        Mamba3(small_spec(R=9), D_MODEL)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        Mamba3(small_spec(), D_MODEL, dropuot=0.1)
+
+
+@interpreter_only
+def test_forward_errors():
+    layer = randomized("siso_trap_pairwise")
+    with torch.no_grad():
+        with pytest.raises(InputError, match=r"u must be a tensor of shape \(B, L, d_model=16\); got shape \(2, 16\)"):
+            layer(torch.randn(2, D_MODEL))
+        with pytest.raises(InputError, match=r"d_model=16\); got shape \(1, 3, 15\)"):
+            layer(torch.randn(1, 3, 15))
+        with pytest.raises(InputError, match=r"u must be \(1, L, d_model=16\); got shape \(2, 4, 16\)"):
+            layer(torch.randn(2, 4, D_MODEL), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+        no_idx = Mamba3(small_spec(), D_MODEL)
+        with pytest.raises(InputError, match="layer_idx"):
+            no_idx(torch.randn(1, 3, D_MODEL), inference_params=inference_params())
+        params = inference_params()
+        layer(torch.randn(2, 3, D_MODEL), inference_params=params)
+        params.seqlen_offset = 3
+        with pytest.raises(InputError, match=r"Mamba3State for 1 sequences"):
+            layer(torch.randn(1, 1, D_MODEL), inference_params=params)
+        with pytest.raises(InputError, match="seqlen_offset > 0"):
+            layer(torch.randn(1, 2, D_MODEL), cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32),
+                  inference_params=params)
+
+
+@interpreter_only
+def test_deepcopy_and_lazy_export():
+    """mamba3_gen.Mamba3 is the layer class; a deep copy (EMA, model surgery) is a working layer."""
+    assert mamba3_gen.Mamba3 is Mamba3
+    layer = randomized("euler_real")
+    twin = copy.deepcopy(layer)
+    u = torch.randn(1, 4, D_MODEL)
+    with torch.no_grad():
+        assert torch.equal(twin(u), layer(u))
