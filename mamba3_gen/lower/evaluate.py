@@ -41,9 +41,12 @@ def _eval(e, v: dict) -> torch.Tensor:
         if e.name not in v:
             raise ValueError(f"no value for symbol {e.name}")
         return v[e.name]
-    if e.is_Number:
+    if e.is_number:  # a constant (2, log(2), 2**(1/3)): one number, as the kernel printers write it
         dtype = next(iter(v.values())).dtype if v else torch.float64
-        return torch.tensor(float(e), dtype=dtype)
+        try:
+            return torch.tensor(float(e if e.is_Number else e.evalf(30)), dtype=dtype)
+        except TypeError:  # zoo, nan or a complex constant: not a real number
+            return torch.tensor(float("nan"), dtype=dtype)
     if isinstance(e, sp.Add):
         out = _eval(e.args[0], v)
         for a in e.args[1:]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from mamba3_gen.lower.evaluate import evaluate_float
-from mamba3_gen.spec.formula import adt, dt, formula_text, lam
+from mamba3_gen.spec.formula import MAX_POWER, FormulaError, adt, check_lowerable, dt, exact_constants, formula_text, lam
 from mamba3_gen.spec.model import Spec
 from mamba3_gen.spec.rules import Rule
 
@@ -119,7 +119,7 @@ class Lowered:
                "log-decay a_t": formula_text(self.log_decay)}
         for j, w in enumerate(self.weights):
             out[f"weight c_{j}(t) (token t-{j})"] = _show(w)
-        out.update({f"d/d{k}": formula_text(v) for k, v in self.derivatives.items()})
+        out.update({f"d/d{k}": _show(v) for k, v in self.derivatives.items()})
         return out
 
 
@@ -151,25 +151,62 @@ def _lower_cached(discretization_json: str) -> Lowered:
         subs = {lam: sp.Float(disc.lambda_value)}
     else:
         lam_source = "data"
-    log_decay = safe_formula(sp.simplify(rule.log_decay.subs(subs)), "discretization.log_decay")
-    _check_decay(log_decay, "discretization.log_decay", formula_text(rule.log_decay))
-    weights = tuple(safe_formula(sp.simplify(w.subs(subs)), f"discretization.weights[{j}]")
-                    for j, w in enumerate(rule.weights))
-    derivatives = {}
-    for name, e in [("a", rule.log_decay.subs(subs))] + [(f"c{j}", w.subs(subs)) for j, w in enumerate(rule.weights)]:
+    with_lam = f" with lam = {disc.lambda_value:g}" if subs else ""
+    fields = [("a", "discretization.log_decay", rule.log_decay)]
+    fields += [(f"c{j}", f"discretization.weights[{j}]", w) for j, w in enumerate(rule.weights)]
+    simple, safe, derivatives = {}, {}, {}
+    for name, where, written in fields:
+        simple[name] = _simplified(written.subs(subs), where, f"'{formula_text(written)}'{with_lam}")
+        safe[name] = safe_formula(simple[name], where)
+        if name == "a":
+            _check_decay(safe[name], where, formula_text(written))
+    # The backward's derivatives get the values' guard (series at removable singularities, refusals), after every
+    # value is known to be fine. One derivative lowers an exponent by one (by two halves: d/dx x**(-8/2)).
+    for name, where, written in fields:
         for sym in (dt, adt, lam):
-            if e.has(sym):
-                derivatives[f"{sym} {name}"] = sp.simplify(sp.diff(e, sym))
-    return Lowered(rule, lam_source, log_decay, weights, derivatives)
+            if simple[name].has(sym):
+                shown = f"the derivative d/d{sym} of {formula_text(written)}{with_lam}"
+                d = _simplified(sp.diff(simple[name], sym), where, shown, MAX_POWER + 2)
+                derivatives[f"{sym} {name}"] = safe_formula(d, where, shown=f"{shown}, {formula_text(d)},")
+    weights = tuple(safe[f"c{j}"] for j in range(len(rule.weights)))
+    return Lowered(rule, lam_source, safe["a"], weights, derivatives)
+
+
+def _exact_exponents(expr: sp.Expr) -> sp.Expr:
+    """Float exponents that are whole or half made exact: a constant λ substituted into exp(2*lam*log(1 + dt))
+    gives (1 + dt)**1.0, which no printer lowers; (1 + dt)**1 is 1 + dt."""
+    def exact(p):
+        n = 2 * float(p.exp)
+        return sp.Pow(p.base, sp.Rational(int(n), 2)) if n == int(n) else p
+    return expr.replace(lambda p: isinstance(p, sp.Pow) and p.exp.is_Float, exact)
+
+
+def _simplified(expr: sp.Expr, where: str, shown: str, max_power: int = MAX_POWER) -> sp.Expr:
+    """expr (a rule's formula with a constant λ substituted, or a derivative) simplified by sympy, and still in what
+    the kernels print (formula.check_lowerable, powers within ±``max_power``): simplify and a substituted λ may fold
+    factors into a higher power, or rewrite into functions outside the grammar (1 - tanh(x)**2 -> 1/cosh(x)**2).
+    When simplifying is what leaves the grammar, expr is kept as it is. Raises LoweringError starting with ``where``
+    and naming the formula (``shown``)."""
+    expr = _exact_exponents(exact_constants(expr))
+    simple = _exact_exponents(exact_constants(sp.simplify(expr)))
+    error = None
+    for candidate in (simple, expr):
+        try:
+            check_lowerable(candidate, shown, max_power)
+            return candidate
+        except FormulaError as e:
+            error = error or e
+    raise LoweringError(f"{where}: {error}") from None
 
 
 @functools.lru_cache(maxsize=1024)
-def safe_formula(expr: sp.Expr, where: str, precision: str = "fp32") -> sp.Expr:
+def safe_formula(expr: sp.Expr, where: str, precision: str = "fp32", shown: str | None = None) -> sp.Expr:
     """expr made safe to evaluate in ``precision`` ("fp32" for the kernels, "fp64" for the oracles) on the whole
     domain: each removable singularity becomes a Piecewise (Taylor series near the point, the formula away from it).
+    ``shown``: how messages name expr (default: its text; a derivative says whose derivative it is).
     Raises LoweringError, starting with ``where`` and the user's formula, for a value that is not a finite real
     number, a singularity that is not removable, or one whose neighbourhood neither form computes accurately."""
-    shown = formula_text(expr)
+    shown = formula_text(expr) if shown is None else shown
     expr = sp.sympify(expr)
     if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo, sp.I):
         raise LoweringError(f"{where}: {shown} is not a finite real number (it simplifies to {formula_text(expr)}); "

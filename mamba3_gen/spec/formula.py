@@ -59,6 +59,9 @@ FUNCTIONS = {
 }
 
 
+_LOWERED = frozenset(FUNCTIONS.values())
+
+
 class FormulaError(ValueError):
     """A formula that is not in the grammar; the message ends with what to write instead."""
 
@@ -86,9 +89,46 @@ def parse_formula(text, symbols: dict[str, sp.Symbol] | None = None) -> sp.Expr:
     except (ValueError, RecursionError, MemoryError):
         raise FormulaError(f"'{text}' cannot be parsed; try a shorter formula with fewer nested parentheses") from None
     try:
-        return _Converter(symbols, allowed).visit(tree.body)
+        expr = _Converter(symbols, allowed).visit(tree.body)
     except RecursionError:
         raise FormulaError("the formula is nested too deeply; try a shorter one") from None
+    expr = exact_constants(expr)
+    check_lowerable(expr, f"'{text}'")
+    return expr
+
+
+def check_lowerable(expr: sp.Expr, shown: str, max_power: int = MAX_POWER) -> None:
+    """Refuse what sympy made of a formula when no kernel can print it: sympy rewrites as it builds and simplifies
+    (``(dt*dt*dt)**3`` is dt**9, ``dt**8 * dt**8`` is dt**16, ``exp(9 * log(dt))`` is dt**9, ``sqrt(sqrt(dt))`` is
+    dt**(1/4), ``sqrt(dt**2)`` is Abs(dt), and simplify turns 1 - tanh(x)**2 into 1/cosh(x)**2), so the grammar's
+    limits are applied to the expression itself, not only to the text as written.
+
+    Allowed over the step symbols: + - * /, the functions of FUNCTIONS, and powers x**n or x**(n/2) (sqrt(x)**n)
+    with a whole n, |n| <= ``max_power`` (a kernel prints a power as a product of n factors). Constant subexpressions
+    are not looked into: kernels print them as numbers, and safe_formula refuses non-finite or complex ones.
+    ``shown``: how the message names the formula. Raises FormulaError."""
+    if not expr.free_symbols:
+        return
+    if expr.is_Symbol or isinstance(expr, (sp.Add, sp.Mul)) or expr.func in _LOWERED:
+        for arg in expr.args:
+            check_lowerable(arg, shown, max_power)
+        return
+    if isinstance(expr, sp.Pow):
+        ex = expr.exp
+        if ex.is_Rational and ex.q in (1, 2) and abs(ex.p) <= max_power:
+            check_lowerable(expr.base, shown, max_power)
+            return
+        what = (f"a power beyond ±{max_power}" if ex.is_Rational and ex.q in (1, 2)
+                else "a power that is neither whole nor a half")
+        raise FormulaError(f"{shown} contains {formula_text(expr)} once sympy combines its factors, {what}; try "
+                           f"whole-number powers within ±{max_power} (as written and combined) and sqrt(...)")
+    raise FormulaError(f"{shown} becomes {formula_text(expr)} once sympy rewrites it, which no kernel computes; try "
+                       f"writing it with + - * /, whole powers and {', '.join(FUNCTIONS)}")
+
+
+def exact_constants(expr: sp.Expr) -> sp.Expr:
+    """expr with sympy's named constants as numbers (exp(1) is E, which no printer knows)."""
+    return expr.xreplace({c: sp.Float(c.evalf(30), 30) for c in expr.atoms(sp.NumberSymbol)})
 
 
 class _Converter:
@@ -104,8 +144,11 @@ class _Converter:
             left, right = self.visit(node.left), self.visit(node.right)
             if isinstance(node.op, ast.Pow):
                 if not (right.is_Integer and abs(int(right)) <= MAX_POWER):
+                    fix = (f"a power within ±{MAX_POWER} (a kernel multiplies the factors out)" if right.is_Integer
+                           else "sqrt(...) for a power of 1/2" if right.is_Number
+                           else f"exp({ast.unparse(node.right)} * log(...))")
                     raise FormulaError(f"power '{ast.unparse(node)}' needs a whole-number exponent within "
-                                       f"±{MAX_POWER}; try exp({ast.unparse(node.right)} * log(...)) or a product")
+                                       f"±{MAX_POWER}; try {fix}")
                 return left ** right
             op = self._BINOPS.get(type(node.op))
             if op is None:

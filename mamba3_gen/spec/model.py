@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mamba3_gen.spec.rules import CUSTOM, PRESETS, Rule, make_rule, preset_rule
+from mamba3_gen.spec.rules import CUSTOM, MAX_LAGS, PRESETS, Rule, make_rule, preset_rule
 
 DType = Literal["bf16", "fp16", "fp32"]
 
@@ -34,8 +34,8 @@ class Discretization(_Strict):
     lambda_: Literal["data", "constant"] = Field(
         "data",
         alias="lambda",
-        description="rules whose formulas use lam only. data: λ_t = σ(trap_t) from the trap input; "
-        "constant: λ = lambda_value.",
+        description="rules whose formulas use lam only (written for a rule without lam, it is refused). "
+        "data: λ_t = σ(trap_t) from the trap input; constant: λ = lambda_value.",
     )
     lambda_value: float | None = Field(
         None, description="The constant λ in [0, 1] when lambda is 'constant' (0.5 is the classic trapezoid)."
@@ -49,6 +49,28 @@ class Discretization(_Strict):
         description="custom rules: c_0(t), c_1(t), ... (1 to 4 formulas over dt, adt, lam): c_j is the weight of "
         "token t-j's input in step t: H_t = exp(a_t) H_{t-1} + Σ_j c_j(t) v_{t-j} k_{t-j}ᵀ.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _formula_field_types(cls, data):
+        # A formula field of the wrong YAML type gets a message naming it, the type found and the YAML to write
+        # (pydantic's would say "input should be a valid list"); raised here, relative to the section, so that
+        # weights[j] points at its item.
+        if not isinstance(data, dict):
+            return data  # not a mapping: pydantic's section message
+        weights = data.get("weights")
+        if weights is not None and not isinstance(weights, list):
+            raise ValueError(f"weights: expected a list of 1 to {MAX_LAGS + 1} formulas (c_0 for token t, c_1 for "
+                             f"token t-1, ...), got {_type_of(weights)}; try weights: {_weights_example(weights)}")
+        for j, item in enumerate(weights or ()):
+            if item is None or isinstance(item, (list, dict)):  # other scalars: the loader's "write it in quotes"
+                raise ValueError(f"weights[{j}]: expected a formula (a string such as 'lam * dt'), got "
+                                 f"{_type_of(item)}; try one formula per item, quoted: weights: ['dt']")
+        log_decay = data.get("log_decay")
+        if log_decay is not None and not _is_formula_scalar(log_decay):
+            raise ValueError(f"log_decay: expected a formula (a string such as 'adt - 0.1 * dt'), got "
+                             f"{_type_of(log_decay)}; try log_decay: 'adt'")
+        return data
 
     @field_validator("log_decay", mode="before")
     @classmethod
@@ -86,12 +108,16 @@ class Discretization(_Strict):
                                      f"formulas); try rule: custom, or removing '{key}'")
         rule = self.resolved_rule()  # FormulaError (a ValueError) names weights[j] or log_decay
         if not rule.uses_lambda:
-            if self.lambda_ != "data":
+            # 'lambda: data' is the default, so the value alone cannot tell that a user wrote it: what was written
+            # is model_fields_set. A section with every field written is a dump (model_dump of a Spec, re-read
+            # by resolve_spec, a package's spec.json, the CuTe AOT's temporary YAML), not a user's choice.
+            written = self.model_fields_set if self.model_fields_set != set(type(self).model_fields) else set()
+            if self.lambda_ != "data" or "lambda_" in written:
                 raise ValueError(f"lambda: the rule {self.rule} does not use λ (its formulas have no lam); "
-                                 "try removing 'lambda', or rule: exp_trapezoidal")
-            if self.lambda_value is not None:
+                                 f"try removing 'lambda', or {_with_lambda(self.rule)}")
+            if self.lambda_value is not None or "lambda_value" in written:
                 raise ValueError(f"lambda_value: the rule {self.rule} does not use λ (its formulas have no lam); "
-                                 "try removing 'lambda_value', or rule: exp_trapezoidal")
+                                 f"try removing 'lambda_value', or {_with_lambda(self.rule)}")
         elif self.lambda_ == "constant":
             if self.lambda_value is None:
                 raise ValueError("lambda: 'constant' needs lambda_value in [0, 1]; try adding lambda_value: 0.5")
@@ -102,6 +128,40 @@ class Discretization(_Strict):
                 "lambda_value: only read when lambda: constant; try removing lambda_value, or setting lambda: constant"
             )
         return self
+
+
+def _with_lambda(rule: str) -> str:
+    """What to write for a rule that reads λ instead of ``rule``."""
+    return "weights that use lam, e.g. ['lam * dt', '(1 - lam) * dt * exp(adt)']" if rule == CUSTOM else (
+        "rule: exp_trapezoidal")
+
+
+def _is_formula_scalar(value) -> bool:
+    """A string, or a bare number (a formula too); not a boolean, list or mapping."""
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _type_of(value) -> str:
+    """The YAML type of a wrongly typed formula field, for a message: "'dt' (a string)", "a mapping"."""
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, str):
+        return f"'{value}' (a string)"
+    if isinstance(value, (int, float)):
+        return f"{value!r} (a number)"
+    if isinstance(value, dict):
+        return "a mapping" + (f" (keys {', '.join(map(str, list(value)[:4]))})" if value else "")
+    if isinstance(value, list):
+        return "a list"
+    return "nothing (null)" if value is None else repr(value)  # loader.Foreign names itself
+
+
+def _weights_example(value) -> str:
+    """The YAML list a non-list ``weights`` most likely meant: one formula in a list, or a mapping's values."""
+    items = list(value.values()) if isinstance(value, dict) else [value]
+    if items and len(items) <= MAX_LAGS + 1 and all(_is_formula_scalar(v) for v in items):
+        return "[" + ", ".join(f"'{v}'" for v in items) + "]"
+    return "['lam * dt', '(1 - lam) * dt * exp(adt)']"
 
 
 class State(_Strict):
