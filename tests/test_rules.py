@@ -21,7 +21,7 @@ from mamba3_gen.cli import app
 from mamba3_gen.lower.evaluate import evaluate_float
 from mamba3_gen.lower.lowering import SERIES_RADIUS, LoweringError, lower_discretization
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err, to_float64
-from mamba3_gen.spec.formula import FormulaError, parse_formula
+from mamba3_gen.spec.formula import FormulaError, dt as dt_sym, parse_formula
 from mamba3_gen.spec.loader import SpecError, load_spec_text
 from mamba3_gen.spec.rules import PRESETS, preset_rule
 from tests.cases import make_spec
@@ -247,3 +247,199 @@ def test_trapezoid_as_formulas_equals_the_preset(interp_kernels):
     assert rel_err(b, a) <= 1e-6
     for f in ("angle", "ssm", "k", "v"):
         assert rel_err(getattr(sb, f), getattr(sa, f)) <= 1e-6, f
+
+
+# ------------------------------------------------------------------------------- review: fields written in vain
+@pytest.mark.parametrize("rule", ["zoh", "exp_euler", "custom"])
+@pytest.mark.parametrize("written", ["lambda: data", "lambda: constant", "lambda_value: null", "lambda_value: 0.5"])
+def test_lambda_written_on_a_rule_without_lam_is_refused(rule, written, tmp_path):
+    """'lambda: data' is the default, yet written by hand on a rule that reads no λ it is refused like any other λ
+    setting there: the user believes it matters. Defaults (nothing written) and whole-section dumps still load."""
+    weights = "  weights: ['dt * exp(adt)']\n" if rule == "custom" else ""
+    src = f"name: x\ndiscretization:\n  rule: {rule}\n{weights}  {written}\n"
+    key = written.split(":")[0]
+    fix = "weights that use lam" if rule == "custom" else "rule: exp_trapezoidal"
+    with pytest.raises(SpecError) as e:
+        load_spec_text(src, filename="f.yaml")
+    line = 5 if rule == "custom" else 4
+    assert str(e.value) == (f"f.yaml:{line}: discretization.{key}: the rule {rule} does not use λ (its formulas "
+                            f"have no lam); try removing '{key}', or {fix}"
+                            + (", e.g. ['lam * dt', '(1 - lam) * dt * exp(adt)']" if rule == "custom" else ""))
+    path = tmp_path / "lam.yaml"
+    path.write_text(src)
+    res = CliRunner().invoke(app, ["check", str(path), "--no-aot"])
+    assert res.exit_code == 2 and f"{path}:{line}: discretization.{key}: the rule {rule}" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_lambda_defaulted_or_dumped_still_loads():
+    """What no person wrote is never refused: the default, and a section that spells out every field as model_dump
+    writes it (a Spec passed back to mamba3_gen.load, a package's spec.json, the CuTe AOT's temporary YAML)."""
+    import yaml
+
+    from mamba3_gen.spec.sources import resolve_spec
+    from tests.helpers import respec
+
+    spec = load_spec_text("name: x\ndiscretization:\n  rule: zoh\n")
+    assert spec.discretization.lambda_ == "data" and "lambda_" not in spec.discretization.model_fields_set
+    dump = spec.model_dump(mode="json", by_alias=True)
+    assert dump["discretization"]["lambda"] == "data"
+    assert resolve_spec(spec)[0] == spec and resolve_spec(dump)[0] == spec
+    assert load_spec_text(yaml.safe_dump(dump)) == spec
+    assert respec(spec, dtypes={"compute": "fp32"}).discretization == spec.discretization
+    assert lower_discretization(spec).lam_source == "none"
+    with pytest.raises(SpecError, match=r"^<dict>: discretization.lambda: the rule zoh does not use λ"):
+        resolve_spec({"name": "x", "discretization": {"rule": "zoh", "lambda": "data"}})
+
+
+WRONG_TYPES = {
+    "weights: dt * lam": ("weights", "'dt * lam' (a string); try weights: ['dt * lam']"),
+    "weights: {c0: lam * dt, c1: dt}": ("weights", "a mapping (keys c0, c1); try weights: ['lam * dt', 'dt']"),
+    "weights: 0.5": ("weights", "0.5 (a number); try weights: ['0.5']"),
+    "weights: true": ("weights", "true (a boolean); try weights: ['lam * dt', '(1 - lam) * dt * exp(adt)']"),
+}
+
+
+@pytest.mark.parametrize("line", list(WRONG_TYPES))
+def test_weights_not_a_list_is_named_with_its_type_and_an_example(line):
+    field, tail = WRONG_TYPES[line]
+    with pytest.raises(SpecError) as e:
+        load_spec_text(f"name: x\ndiscretization:\n  rule: custom\n  {line}\n", filename="f.yaml")
+    assert str(e.value) == (f"f.yaml:4: discretization.{field}: expected a list of 1 to 4 formulas (c_0 for token t, "
+                            f"c_1 for token t-1, ...), got {tail}")
+
+
+@pytest.mark.parametrize("body, field, got", [
+    ("  weights:\n    - dt\n    - [lam]\n", "weights[1]", "a list"),
+    ("  weights:\n    - dt\n    -\n", "weights[1]", "nothing (null)"),
+    ("  weights:\n    - dt\n    - c1: lam\n", "weights[1]", "a mapping (keys c1)"),
+    ("  log_decay: [adt]\n  weights: [dt]\n", "log_decay", "a list"),
+    ("  log_decay: true\n  weights: [dt]\n", "log_decay", "true (a boolean)"),
+])
+def test_formula_items_of_the_wrong_type_are_named(body, field, got):
+    with pytest.raises(SpecError) as e:
+        load_spec_text(f"name: x\ndiscretization:\n  rule: custom\n{body}", filename="f.yaml")
+    line = 6 if field == "weights[1]" else 4
+    example = "'lam * dt'); try one formula per item, quoted: weights: ['dt']" if field != "log_decay" else (
+        "'adt - 0.1 * dt'); try log_decay: 'adt'")
+    assert str(e.value) == (f"f.yaml:{line}: discretization.{field}: expected a formula (a string such as "
+                            f"{example.split(');')[0]}), got {got};{example.split(');')[1]}")
+
+
+# --------------------------------------------------------------------- review: the power limit after sympy
+COMBINED = {
+    "(dt*dt*dt)**3": "dt**9", "dt**8 * dt**8": "dt**16", "exp(9 * log(dt))": "dt**9", "(dt**8)**8": "dt**64",
+    "((dt**8)**8)**8": "dt**512", "dt*" * 60 + "dt": "dt**61", "sqrt(dt)**8 * sqrt(dt)": "dt**(9/2)",
+    "exp(-9 * log(1 + dt))": "(dt + 1)**(-9)",
+}
+NOT_LOWERABLE = {"sqrt(sqrt(dt))": "dt**(1/4)", "exp(0.3 * log(dt))": "dt**0.3", "dt * sqrt(dt**2)": "Abs(dt)"}
+
+
+@pytest.mark.parametrize("text", list(COMBINED) + list(NOT_LOWERABLE), ids=lambda t: re.sub(r"\W+", "_", t)[:30])
+def test_power_limit_holds_for_what_sympy_combines(text):
+    """sympy folds powers as it builds an expression: the ±8 limit (a kernel prints x**n as n factors; dt**512 would
+    be 512) and the grammar's functions are checked on the result, not only on the text as written."""
+    with pytest.raises(SpecError) as e:
+        load_spec_text(_custom(["dt", text]), filename="f.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"f.yaml:6: discretization.weights[1]: '{text}' "), msg
+    if text in COMBINED:
+        assert f"contains {COMBINED[text]} once sympy combines its factors, a power beyond ±8; try " in msg, msg
+    else:
+        assert f" {NOT_LOWERABLE[text]} once sympy " in msg and "; try " in msg, msg
+
+
+def test_power_limit_holds_after_a_constant_lambda_is_substituted():
+    """exp(18·lam·log(1 + dt)) is not a power as written; with λ = 0.5 it is (1 + dt)**9: refused by the lowering,
+    naming the formula and λ. A whole exponent from λ is made exact ((1 + dt)**1.0 would print nowhere)."""
+    def const(weight):
+        return load_spec_text(_custom([weight], extra="").replace(
+            "  rule: custom\n", "  rule: custom\n  lambda: constant\n  lambda_value: 0.5\n"))
+
+    with pytest.raises(LoweringError) as e:
+        lower_discretization(const("dt * exp(18 * lam * log(1 + dt))"))
+    assert str(e.value).startswith("discretization.weights[0]: 'dt*exp(18*lam*log(dt + 1))' with lam = 0.5 contains "
+                                   "(dt + 1)**9 once sympy combines its factors, a power beyond ±8; try "), e.value
+    (c0,) = lower_discretization(const("dt * exp(2 * lam * log(1 + dt))")).weights
+    assert sp.expand(c0 - dt_sym * (1 + dt_sym)) == 0
+
+
+def test_simplify_never_leaves_the_grammar():
+    """sympy's simplify writes 1 - tanh(x)**2 as 1/cosh(x)**2, which no kernel computes: the formula is then kept
+    as written; exp(1) (sympy's E) is a number. Both evaluate to the formula's value."""
+    low = lower_discretization(load_spec_text(_custom(["dt * (1 - tanh(dt)**2) * exp(1)"])))
+    (c0,) = low.weights
+    assert not c0.has(sp.cosh) and not c0.has(sp.E)
+    assert all(not d.has(sp.cosh) for d in low.derivatives.values())
+    assert evaluate_float(c0, {"dt": 0.7}) == pytest.approx(0.7 * (1 - math.tanh(0.7) ** 2) * math.e, rel=1e-15)
+
+
+def test_powers_within_the_limit_still_lower():
+    # a derivative may hold one more power than the limit (d/dadt of (1 - adt)**-8 has (1 - adt)**-9)
+    low = lower_discretization(load_spec_text(_custom(["dt**8", "sqrt(dt)**7 / (1 - adt)**8"])))
+    assert set(low.derivatives) == {"adt a", "dt c0", "dt c1", "adt c1"}
+    assert evaluate_float(low.derivatives["adt c1"], {"dt": 1.0, "adt": -1.0}) == pytest.approx(8 / 2**9, rel=1e-15)
+
+
+# ------------------------------------------------------------------------ review: derivatives are made safe too
+def test_zoh_derivatives_are_finite_at_and_near_zero():
+    """The backward's ∂c0/∂adt = Δ·(a·e^a − expm1(a))/a² and ∂c0/∂dt = expm1(a)/a are 0/0 at a = 0: they get the
+    values' guard (series near 0). Checked against exact values (mpmath, 250 digits; sympy's limit at 0) in float64
+    (within 1e-9: the series is cut for fp32, at PRECISIONS["fp32"] series tolerance 1e-9) and in fp32 (within 2e-6,
+    the fp32 closed-form tolerance the radius is chosen for), and against a float64 central difference of the
+    lowered value c0 (h = 1e-6: rounding ~2e-16/h = 2e-10, truncation ~h² = 1e-12)."""
+    import mpmath
+
+    from mamba3_gen.lower.lowering import PRECISIONS
+
+    low = lower_discretization(make_spec(rule="zoh", kind="real"))
+    (c0,) = low.weights
+    d_adt, d_dt = low.derivatives["adt c0"], low.derivatives["dt c0"]
+    assert isinstance(d_adt, sp.Piecewise) and isinstance(d_dt, sp.Piecewise)
+    radius = float(d_adt.args[0][1].args[1])
+    x = sp.Symbol("x", real=True)
+    at_zero = sp.limit(sp.diff((sp.exp(x) - 1) / x, x), x, 0)  # ∂c0/∂adt / dt at adt = 0
+    assert at_zero == sp.Rational(1, 2)
+    mpmath.mp.dps = 250
+    _, closed_tol, series_tol = PRECISIONS["fp32"]
+    dt_ = 0.7
+    for a in (0.0, -1e-30, -1e-12, -1e-6, -1e-3, -radius * (1 - 1e-9), -radius * (1 + 1e-9), -0.3, -1.0, -30.0):
+        A = mpmath.mpf(a)
+        exact_adt = dt_ * float(at_zero) if a == 0 else float(dt_ * (A * mpmath.exp(A) - mpmath.expm1(A)) / A**2)
+        exact_dt = 1.0 if a == 0 else float(mpmath.expm1(A) / A)
+        p = {"dt": dt_, "adt": a}
+        for d, exact in ((d_adt, exact_adt), (d_dt, exact_dt)):
+            got64 = evaluate_float(d, p)
+            got32 = evaluate_float(d, p, dtype=torch.float32)
+            assert math.isfinite(got64) and abs(got64 - exact) <= series_tol * max(1.0, abs(exact)), (a, got64, exact)
+            assert abs(got32 - exact) <= closed_tol * max(1.0, abs(exact)), (a, got32, exact)
+        h = 1e-6
+        if abs(abs(a) - SERIES_RADIUS) > 2 * h:  # both points on one side of c0's own series radius
+            up, down = (evaluate_float(c0, {"dt": dt_, "adt": a + s * h}) for s in (1, -1))
+            fd = (up - down) / (2 * h)
+            assert fd == pytest.approx(exact_adt, rel=1e-8, abs=1e-8), (a, fd, exact_adt)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_derivatives_are_finite_on_the_domain_and_at_padding(name):
+    low = lower_discretization(make_spec(rule=name, kind="real"))
+    assert low.derivatives, name
+    for d in low.derivatives.values():
+        for p in ({"dt": 0.0, "adt": 0.0, "lam": 0.0}, {"dt": 1e-4, "adt": -1e-30, "lam": 1.0},
+                  {"dt": 100.0, "adt": -1e3, "lam": 0.5}):
+            assert math.isfinite(evaluate_float(d, p, dtype=torch.float32)), (name, d, p)
+
+
+def test_unbounded_derivative_is_refused_with_file_line(tmp_path):
+    """dt·sqrt(−adt) is finite, its ∂/∂adt = −dt/(2·sqrt(−adt)) is not at adt = 0: refused, saying it is the
+    derivative the backward needs."""
+    path = tmp_path / "deriv.yaml"
+    path.write_text(_custom(["dt * sqrt(-adt)"]))
+    with pytest.raises(LoweringError) as e:
+        lower_discretization(load_spec_text(path.read_text()))
+    assert str(e.value) == (
+        "discretization.weights[0]: the derivative d/dadt of dt*sqrt(-adt), -dt/(2*sqrt(-adt)), is unbounded at "
+        "adt = 0 (not a removable singularity), and the backward reads this derivative; try a formula whose "
+        "denominator never vanishes for adt <= 0")
+    res = CliRunner().invoke(app, ["check", str(path), "--no-aot"])
+    assert res.exit_code == 2 and f"{path}:5: discretization.weights[0]: the derivative d/dadt" in res.output

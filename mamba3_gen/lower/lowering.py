@@ -10,8 +10,10 @@ limit there; a finite limit (a removable singularity, e.g. ZOH's Δ·expm1(a)/a 
 evaluates a Taylor series near the point, with a radius and an order chosen per formula so that both forms are
 accurate in the target precision (fp32 for the kernels, fp64 for the oracles); an infinite one is refused. A formula
 that is not finite in fp32 at sample points of the domain (its ends included: A·Δ = −1000, Δ = 100), unbounded at
-padding (Δ → 0, a → 0), or a log-decay that is positive somewhere, is refused too. Derivatives of the prologue with
-respect to Δ, A·Δ, λ are kept for the backward.
+padding (Δ → 0, a → 0), or a log-decay that is positive somewhere, is refused too. sympy's simplified form is kept
+only when it stays in what kernels print (formula.check_lowerable: powers within ±8, the grammar's functions).
+Derivatives of the prologue with respect to Δ, A·Δ, λ are kept for the backward, made safe the same way (ZOH's
+∂c0/∂adt gets its own series at adt = 0); a derivative that is unbounded is refused, naming it.
 
 How the chunked kernel uses the prologue (the math doc §5 generalised to J lags; every exponent is ≤ 0, so the
 weights are finite for every decay down to −inf): token s enters the output of token t ≥ s with weight
@@ -33,7 +35,8 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from mamba3_gen.lower.evaluate import evaluate_float
-from mamba3_gen.spec.formula import MAX_POWER, FormulaError, adt, check_lowerable, dt, exact_constants, formula_text, lam
+from mamba3_gen.spec.formula import (MAX_POWER, FormulaError, adt, check_lowerable, dt, exact_constants, formula_text,
+                                     lam)
 from mamba3_gen.spec.model import Spec
 from mamba3_gen.spec.rules import Rule
 
@@ -74,7 +77,7 @@ class Lowered:
     lam_source: str  # "data", "constant" or "none"
     log_decay: sp.Expr  # a_t
     weights: tuple[sp.Expr, ...]  # c_j(t), safe (removable singularities as Piecewise series)
-    derivatives: dict[str, sp.Expr] = field(default_factory=dict)
+    derivatives: dict[str, sp.Expr] = field(default_factory=dict)  # "adt c0": ∂c0/∂adt, safe as the values are
 
     @property
     def lags(self) -> int:
@@ -119,7 +122,9 @@ class Lowered:
                "log-decay a_t": formula_text(self.log_decay)}
         for j, w in enumerate(self.weights):
             out[f"weight c_{j}(t) (token t-{j})"] = _show(w)
-        out.update({f"d/d{k}": _show(v) for k, v in self.derivatives.items()})
+        for key, d in self.derivatives.items():  # key "adt c0": ∂c0/∂adt
+            sym, name = key.split()
+            out[f"∂{name}/∂{sym}"] = _show(d)
         return out
 
 
@@ -167,7 +172,11 @@ def _lower_cached(discretization_json: str) -> Lowered:
             if simple[name].has(sym):
                 shown = f"the derivative d/d{sym} of {formula_text(written)}{with_lam}"
                 d = _simplified(sp.diff(simple[name], sym), where, shown, MAX_POWER + 2)
-                derivatives[f"{sym} {name}"] = safe_formula(d, where, shown=f"{shown}, {formula_text(d)},")
+                try:
+                    derivatives[f"{sym} {name}"] = safe_formula(d, where, shown=f"{shown}, {formula_text(d)},")
+                except LoweringError as e:  # the value is fine: say why its derivative matters
+                    head, _, fix = str(e).partition("; try ")
+                    raise LoweringError(f"{head}, and the backward reads this derivative; try {fix}") from None
     weights = tuple(safe[f"c{j}"] for j in range(len(rule.weights)))
     return Lowered(rule, lam_source, safe["a"], weights, derivatives)
 
