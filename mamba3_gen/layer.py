@@ -54,8 +54,6 @@ class RMSNorm(nn.Module):
     ones; ``group_size`` splits the last dim into groups normalised separately (None: one group); there is no bias
     (so the state_dict holds only ``weight``). Computed in fp32; returns x's dtype, or fp32 when z is given (as the
     official layer's output norm, which feeds fp32 into the mimo_o contraction or out_proj's cast).
-
-    Args of forward: x (..., hidden) any float dtype; z None or broadcastable to x.
     """
 
     def __init__(self, hidden: int, eps: float = 1e-5, group_size: Optional[int] = None, device=None, dtype=None):
@@ -65,6 +63,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (..., hidden), any float dtype; z None or broadcastable to x. Returns x's shape: in x's dtype without z,
+        fp32 with z."""
         x32 = x.float()
         groups = x32.unflatten(-1, (-1, self.group_size))
         y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.float()
@@ -73,14 +73,11 @@ class RMSNorm(nn.Module):
         return y * F.silu(z.float())
 
 
-class _Inference:
-    """What an ``inference_params`` must offer (mamba_ssm's ``InferenceParams``): the cache dict and the offset."""
-
-    @staticmethod
-    def check(p) -> None:
-        if not hasattr(p, "key_value_memory_dict") or not hasattr(p, "seqlen_offset"):
-            raise InputError("inference_params must have key_value_memory_dict (a dict) and seqlen_offset (an int), "
-                             f"like mamba_ssm.utils.generation.InferenceParams; got {type(p).__name__}")
+def _check_inference_params(p) -> None:
+    """What the layer reads of mamba_ssm's ``InferenceParams``: the cache dict and the offset."""
+    if not hasattr(p, "key_value_memory_dict") or not hasattr(p, "seqlen_offset"):
+        raise InputError("inference_params must have key_value_memory_dict (a dict) and seqlen_offset (an int), like "
+                         f"mamba_ssm.utils.generation.InferenceParams; got {type(p).__name__}")
 
 
 class Mamba3(nn.Module):
@@ -301,7 +298,7 @@ class Mamba3(nn.Module):
                                  f"{self.d_model}); got shape {tuple(u.shape)}")
         state = None
         if inference_params is not None:
-            _Inference.check(inference_params)
+            _check_inference_params(inference_params)
             NS = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
             state = self._cache(inference_params, NS, u.device)
             if inference_params.seqlen_offset > 0:

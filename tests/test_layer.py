@@ -414,6 +414,8 @@ def test_forward_errors():
             layer(torch.randn(1, 3, 15))
         with pytest.raises(InputError, match=r"u must be \(1, L, d_model=16\); got shape \(2, 4, 16\)"):
             layer(torch.randn(2, 4, D_MODEL), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+        with pytest.raises(InputError, match="key_value_memory_dict .* and seqlen_offset"):
+            layer(torch.randn(1, 3, D_MODEL), inference_params={})
         no_idx = Mamba3(small_spec(), D_MODEL)
         with pytest.raises(InputError, match="layer_idx"):
             no_idx(torch.randn(1, 3, D_MODEL), inference_params=inference_params())
