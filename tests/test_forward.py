@@ -28,6 +28,8 @@ element), fp32 inputs ≤ 2e-3 relative (the dots run on tf32 operands, 11-bit m
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -70,6 +72,23 @@ from tests.strategies import (
     requires_option,
     specs,
 )
+
+# ------------------------------------------------------------------------------------------------------------------
+# both forwards: every test of this module runs with the fused kernel and with the chunk-parallel pair (issue 11)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module", params=["fused", "chunked"])
+def forward_kind(request):
+    """MAMBA3_GEN_FORWARD for the whole module run: `fused` (the default forward) then `chunked` (the states kernel
+    over state tiles, then the out kernel over chunks). Module-scoped so hypothesis' function-scoped-fixture check
+    does not apply; restored afterwards."""
+    old = os.environ.get("MAMBA3_GEN_FORWARD")
+    os.environ["MAMBA3_GEN_FORWARD"] = request.param
+    yield request.param
+    if old is None:
+        os.environ.pop("MAMBA3_GEN_FORWARD", None)
+    else:
+        os.environ["MAMBA3_GEN_FORWARD"] = old
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # interpreter (CPU) property tests

@@ -2,7 +2,8 @@
 # spec: mimo_r2_const_half_fullrope  sha256: 588f0c300720bfbd517f33a0f65b4a44b3eb08577431f14e80408d36d41d85b4
 # generator: mamba3-gen 0.1.0
 """Generated Mamba-3 ops for spec `mimo_r2_const_half_fullrope`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
-from .fwd import META, mamba3_forward, mamba3_fwd_kernel
+from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
 
-__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_step_kernel"]
+__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
+           "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

@@ -2,7 +2,8 @@
 # spec: mimo_r4  sha256: 80ed11c0f94fefae014ec7b28eaa551c7af64fce88d69e764874a1c8f517def9
 # generator: mamba3-gen 0.1.0
 """Generated Mamba-3 ops for spec `mimo_r4`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
-from .fwd import META, mamba3_forward, mamba3_fwd_kernel
+from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
 
-__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_step_kernel"]
+__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
+           "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

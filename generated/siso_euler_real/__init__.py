@@ -2,7 +2,8 @@
 # spec: siso_euler_real  sha256: 7189f8a9b4035942452cac1d937ced96fea1dd8e9673c3e2581aa73bc56d839a
 # generator: mamba3-gen 0.1.0
 """Generated Mamba-3 ops for spec `siso_euler_real`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
-from .fwd import META, mamba3_forward, mamba3_fwd_kernel
+from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
 
-__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_step_kernel"]
+__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
+           "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

@@ -2,7 +2,8 @@
 # spec: siso_trap_complex  sha256: 67508b674d10cb130c191e3aaf91675f4057e9972c3e9a1bd9a3d08f31559a92
 # generator: mamba3-gen 0.1.0
 """Generated Mamba-3 ops for spec `siso_trap_complex`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
-from .fwd import META, mamba3_forward, mamba3_fwd_kernel
+from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
 
-__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_step_kernel"]
+__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
+           "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

@@ -2,7 +2,8 @@
 # spec: zoh_real  sha256: 8da96338bc9eaa70e88a78e8c8669277888e24c88ed73ed0524c1f64fce81017
 # generator: mamba3-gen 0.1.0
 """Generated Mamba-3 ops for spec `zoh_real`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
-from .fwd import META, mamba3_forward, mamba3_fwd_kernel
+from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
 
-__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_step_kernel"]
+__all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
+           "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

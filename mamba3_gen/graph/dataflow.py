@@ -6,6 +6,13 @@ anti-dependencies (read -> later update of the same value). A stage is active on
 rotation for a real state, no gate without z, ...). The emission order inside each phase is a topological order
 that issues loads as early as the dependencies allow (memory latency hides behind the arithmetic that follows).
 The graph is validated after it is built and after it is pruned; `mamba3-gen check --graph` prints it.
+
+One stage list serves three kernels (``VARIANTS``): the fused forward (one program per sequence, head and P block
+walks every chunk with the state in registers) and the two kernels of the chunk-parallel forward: ``states``
+(sequential over chunks, its grid splits the state into P x N tiles; it stores the state entering each chunk, its Θ
+and carried tokens) and ``out`` (one program per chunk, head and P block: the chunk's output from the stored
+entering state). A stage names the variants it belongs to; each variant's graph is built, validated and ordered
+the same way.
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ from mamba3_gen.lower.lowering import Lowered
 from mamba3_gen.spec.model import Spec
 
 PHASES = ("prologue", "chunk", "epilogue")
+VARIANTS = ("fused", "states", "out")
+_ALL = VARIANTS
+_FUSED_STATES = ("fused", "states")
+_FUSED_OUT = ("fused", "out")
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Stage:
     loads: tuple[str, ...] = ()  # tensors read from memory
     stores: tuple[str, ...] = ()  # tensors written to memory
     when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
+    variants: tuple[str, ...] = _ALL  # the kernels this stage is part of
 
 
 def _complex(spec, low):
@@ -49,17 +61,25 @@ def _lags(spec, low):
 
 STAGES: tuple[Stage, ...] = (
     Stage("init_carry", "prologue", "carried Θ, H and the last J tokens' (k̂, v): zeros, or the initial states",
-          writes=("theta", "h", "prev"), loads=("init_angle", "init_ssm", "init_k", "init_v", "mimo_v")),
+          writes=("theta", "h", "prev"), loads=("init_angle", "init_ssm", "init_k", "init_v", "mimo_v"),
+          variants=_FUSED_STATES),
     Stage("fold_init", "prologue", "the first step on the initial state: its decay and the carried tokens' lag terms",
           reads=("prev",), updates=("h",), loads=("dt", "adt", "trap"),
-          when=lambda spec, low: spec.options.initial_states),
+          when=lambda spec, low: spec.options.initial_states, variants=_FUSED_STATES),
+    Stage("load_chunk_state", "prologue", "the state entering the chunk (after its first step), its Θ and the "
+          "carried tokens, as the states kernel stored them", writes=("theta", "h", "prev"),
+          loads=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v", "mimo_v"), variants=("out",)),
     Stage("load_steps", "chunk", "the rule's prologue (a, c_j) at each token t + s, s = 0..J, and at the chunk's "
           "first J steps", writes=("dt", "a", "cw", "cm"), loads=("dt", "adt", "trap")),
     Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves",
           writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias")),
     Stage("load_v", "chunk", "V rows, times MIMO_V per rank", writes=("v_rows",), loads=("v", "mimo_v")),
     Stage("load_gate", "chunk", "Z rows, times MIMO_Z per rank", writes=("z_rows",), loads=("z", "mimo_z"),
-          when=lambda spec, low: spec.options.z_gate),
+          when=lambda spec, low: spec.options.z_gate, variants=_FUSED_OUT),
+    # before angle_cumsum, state_update and carry_update move Θ, H and the carried tokens past the chunk
+    Stage("store_chunk_state", "chunk", "store the state entering the chunk (after its first step), its Θ and the "
+          "carried tokens, for the out kernel", reads=("theta", "h", "prev"),
+          stores=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v"), variants=("states",)),
     Stage("decay_weights", "chunk", "cumsum of a, key scale, band weights, weights into the chunk-end state and "
           "of the carried tokens", reads=("a", "cw", "cm"), writes=("cs", "weights")),
     Stage("angle_cumsum", "chunk", "Θ_t = Θ + cumsum(Δ·π·tanh(angle)) in fp32; cos, sin per row",
@@ -67,30 +87,31 @@ STAGES: tuple[Stage, ...] = (
     Stage("rotate", "chunk", "rotate Q and K by Θ_t (pairwise or halved layout)",
           reads=("cos", "sin"), updates=("q", "k"), when=_complex),
     Stage("intra_chunk", "chunk", "(Q Kᵀ ⊙ W) V: W = decay·key scale once all lags landed, band weights before",
-          reads=("q", "k", "v_rows", "cs", "weights"), writes=("y",)),
+          reads=("q", "k", "v_rows", "cs", "weights"), writes=("y",), variants=_FUSED_OUT),
     Stage("inter_chunk", "chunk", "y += exp(cs)·Q Hᵀ, the state entering the chunk (taken after its first step)",
-          reads=("q", "h", "cs"), updates=("y",)),
+          reads=("q", "h", "cs"), updates=("y",), variants=_FUSED_OUT),
     Stage("prev_tokens", "chunk", "y += the carried tokens' lagged terms that land after step c0 (J ≥ 2)",
-          reads=("q", "prev", "weights"), updates=("y",), when=lambda spec, low: low.lags > 1),
+          reads=("q", "prev", "weights"), updates=("y",), when=lambda spec, low: low.lags > 1, variants=_FUSED_OUT),
     Stage("skip", "chunk", "y += D·v", reads=("v_rows",), updates=("y",), loads=("D",),
-          when=lambda spec, low: spec.options.d_skip),
-    Stage("gate", "chunk", "y ⊙= silu(z)", reads=("z_rows",), updates=("y",), when=lambda spec, low: spec.options.z_gate),
+          when=lambda spec, low: spec.options.d_skip, variants=_FUSED_OUT),
+    Stage("gate", "chunk", "y ⊙= silu(z)", reads=("z_rows",), updates=("y",), when=lambda spec, low: spec.options.z_gate,
+          variants=_FUSED_OUT),
     Stage("reduce_ranks", "chunk", "out = Σ_r y_r ⊙ MIMO_Out_r", reads=("y",), writes=("out",), loads=("mimo_o",),
-          when=_mimo),
+          when=_mimo, variants=_FUSED_OUT),
     Stage("store_out", "chunk", "write the chunk's output", reads=("out",), stores=("out",),
-          when=_mimo),
+          when=_mimo, variants=_FUSED_OUT),
     Stage("store_y", "chunk", "write the chunk's output (one rank)", reads=("y",), stores=("out",),
-          when=lambda spec, low: not _mimo(spec, low)),
+          when=lambda spec, low: not _mimo(spec, low), variants=_FUSED_OUT),
     Stage("state_update", "chunk", "H = exp(cs_last + a_next)·H + (V ⊙ w_end)ᵀ K (+ the carried tokens' terms), "
           "taken after the next chunk's first step",
-          reads=("k", "v_rows", "weights", "prev"), updates=("h",)),
+          reads=("k", "v_rows", "weights", "prev"), updates=("h",), variants=_FUSED_STATES),
     Stage("carry_update", "chunk", "the chunk's last J tokens (k̂ rotated by their Θ, raw v) become the carried ones",
           optional_reads=("theta", "theta_t"), updates=("prev",), loads=("k", "k_bias", "v"),
-          when=lambda spec, low: low.lags > 1),  # one lag: final_states reads the last token from memory
+          when=lambda spec, low: low.lags > 1, variants=_FUSED_STATES),  # one lag: final_states reads it from memory
     Stage("final_states", "epilogue", "store Θ, H, and the last J tokens' k̂ and v",
           reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
           loads=("k", "k_bias", "v"),
-          when=lambda spec, low: spec.options.final_states),
+          when=lambda spec, low: spec.options.final_states, variants=_FUSED_STATES),
 )
 
 
@@ -98,7 +119,7 @@ class GraphError(AssertionError):
     pass
 
 
-def spec_tensors(spec: Spec, low: Lowered) -> frozenset[str]:
+def spec_tensors(spec: Spec, low: Lowered, variant: str = "fused") -> frozenset[str]:
     """The tensors a spec's forward kernel actually takes (the op passes None for the others): a stage may name a
     tensor that only some specs have (init_carry loads the initial angle only for a complex state with initial
     states), so its loads and stores are filtered by this set before they are shown."""
@@ -112,6 +133,10 @@ def spec_tensors(spec: Spec, low: Lowered) -> frozenset[str]:
         "init_k": opt.initial_states and lags, "init_v": opt.initial_states and lags,
         "final_ssm": opt.final_states, "final_angle": opt.final_states and cplx,
         "final_k": opt.final_states and lags, "final_v": opt.final_states and lags,
+        # the chunk-parallel forward's intermediates: the state entering each chunk, its Θ, the carried tokens
+        # that land after a chunk's first step (J >= 2)
+        "chunk_ssm": variant != "fused", "chunk_angle": variant != "fused" and cplx,
+        "chunk_k": variant != "fused" and low.lags > 1, "chunk_v": variant != "fused" and low.lags > 1,
     }
     return frozenset(name for name, used in present.items() if used)
 
@@ -194,9 +219,13 @@ def validate(g: nx.DiGraph) -> None:
             raise GraphError(f"{v} ({pv}) depends on {u} ({pu}), a later phase")
 
 
-def plan_kernel(spec: Spec, lowered: Lowered) -> KernelPlan:
-    validate(build_graph(STAGES))  # the full graph is well formed for every spec
-    active = [s for s in STAGES if s.when(spec, lowered)]
+def plan_kernel(spec: Spec, lowered: Lowered, variant: str = "fused") -> KernelPlan:
+    """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; one of {VARIANTS}")
+    for v in VARIANTS:  # each variant's full graph is well formed for every spec
+        validate(build_graph([s for s in STAGES if v in s.variants]))
+    active = [s for s in STAGES if variant in s.variants and s.when(spec, lowered)]
     g = build_graph(active)
     validate(g)
 
@@ -208,4 +237,4 @@ def plan_kernel(spec: Spec, lowered: Lowered) -> KernelPlan:
     for name in nx.lexicographical_topological_sort(g, key=priority):
         s = g.nodes[name]["stage"]
         order[s.phase].append(s)
-    return KernelPlan(g, order, spec_tensors(spec, lowered))
+    return KernelPlan(g, order, spec_tensors(spec, lowered, variant))

@@ -35,6 +35,20 @@ if INTERPRETING:  # bf16 dots and casts as a GPU computes them (the interpreter 
     _install_interpreter_fixes()
 
 
+FORWARDS = ("fused", "chunked")
+_STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def selected_forward() -> str:
+    """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (the default: one kernel, one program
+    per sequence, head and P block walks every chunk) or ``chunked`` (a states kernel over state tiles, then an
+    out kernel over every chunk at once)."""
+    name = os.environ.get("MAMBA3_GEN_FORWARD", "fused").strip().lower() or "fused"
+    if name not in FORWARDS:
+        raise InputError(f"MAMBA3_GEN_FORWARD={name!r}; expected one of {', '.join(FORWARDS)}")
+    return name
+
+
 def autotune_configs(configs: list) -> list:
     """The configs a generated kernel autotunes over: all of them, or only the first (the default) when the CPU
     interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles)."""
@@ -53,10 +67,12 @@ class ForwardOp:
     Returns out (B, L, H, P) in v's dtype, and with return_final_states also a Mamba3State (see state.py).
     """
 
-    def __init__(self, meta: dict, kernel):
+    def __init__(self, meta: dict, kernel, chunked=None):
         self.meta = meta
         self.kernel = kernel
+        self.chunked_kernels = chunked  # (states kernel, out kernel) of the chunk-parallel forward, or None
         self.op = self._register()
+        self.chunked_op = self._register("chunked") if chunked is not None else None
         self.__doc__ = f"Mamba-3 forward for spec {meta['name']!r}.\n\n" + (ForwardOp.__doc__ or "")
 
     def __repr__(self):
@@ -100,7 +116,13 @@ class ForwardOp:
             raise InputError(f"return_final_states=True but spec {m['name']!r} has options.final_states: false")
 
         init = initial_states if has_init else Mamba3State(None, None, None, None)
-        out, *final = self.op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
+        op = self.op
+        if selected_forward() == "chunked":
+            if self.chunked_op is None:
+                raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
+                                 "forward (built by an older generator); rebuild it")
+            op = self.chunked_op
+        out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
             return out
         layout = state_layout(m, NS, H)
@@ -140,20 +162,64 @@ class ForwardOp:
         )
         return (out, *states)
 
-    def _register(self):
+    def _launch_chunked(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                        init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+        """The chunk-parallel forward: the states kernel (grid: sequence, head, P block x pair block; sequential over
+        chunks) stores the state entering every chunk (after its first step), its Θ and, with two or more lags,
+        the carried tokens; then the out kernel (grid: chunk slot, head, P block) computes every chunk at once. A
+        packed batch gets L // C + NS slots (sequence s's chunk j is slot cu[s] // C + s + j), an upper bound
+        known from the shapes, so nothing is read back from the GPU."""
+        m = self.meta
+        B, L, H, P = v.shape
+        C, N, S, J, R = m["C"], m["N"], m["S"], m["J"], m["R"]
+        is_varlen = cu_seqlens is not None
+        NS = B if not is_varlen else cu_seqlens.shape[0] - 1
+        if is_varlen:
+            check_cu_seqlens_values(cu_seqlens, L)
+        NC = triton.cdiv(L, C)
+        slots = L // C + NS if is_varlen else B * NC
+        out, states = self._outputs(v, NS, return_final_states)
+        fin = [t if t.numel() else None for t in states]
+        angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
+        dev = v.device
+        chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[m.get("chunk_states_dtype", "fp32")])
+        chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S else None
+        chunk_k = torch.empty((slots, J - 1, R, H, N), device=dev, dtype=torch.float32) if J > 1 else None
+        chunk_v = torch.empty((slots, J - 1, H, P), device=dev, dtype=torch.float32) if J > 1 else None
+        states_kernel, out_kernel = self.chunked_kernels
+        args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
+                L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
+        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen)
+
+        def states_grid(cfg):
+            return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))
+
+        def out_grid(cfg):
+            return (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))
+
+        states_kernel[states_grid](*args, **flags)
+        if slots:
+            out_kernel[out_grid](*args, **flags)
+        return (out, *states)
+
+    def _register(self, forward: str = "fused"):
         """A torch.library custom op per spec, so the forward is one opaque node under torch.compile(fullgraph=True)."""
         m = self.meta
         # one op per build: spec, templates and target (two builds of one spec from other templates, e.g. in a
-        # notebook that edits a template, must not share the first one's kernel)
+        # notebook that edits a template, must not share the first one's kernel), and per forward
         name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
+        if forward != "fused":
+            name += f"_{forward}"
+        launch = self._launch if forward == "fused" else self._launch_chunked
         if name in _REGISTERED:
             return _REGISTERED[name]
 
         @torch.library.custom_op(name, mutates_args=(), schema=_OP_SCHEMA)
         def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
-            return self._launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states)
+            return launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                          init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states)
 
         @op.register_fake
         def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,

@@ -17,8 +17,9 @@ import jinja2
 from mamba3_gen.backends.templating import template_env, templates_hash
 from mamba3_gen.backends.device import DEFAULT_TARGET, Target, get_target
 from mamba3_gen.backends.printing import input_codes, print_prologue, triton_printer
-from mamba3_gen.backends.triton.resources import KernelConfig, StepConfig, choose_configs, choose_step_config
-from mamba3_gen.graph.dataflow import KernelPlan, plan_kernel
+from mamba3_gen.backends.triton.resources import (ChunkedConfig, KernelConfig, StepConfig, choose_chunked_configs,
+                                                   choose_configs, choose_step_config, chunk_states_dtype)
+from mamba3_gen.graph.dataflow import VARIANTS, KernelPlan, plan_kernel
 from mamba3_gen.lower.lowering import Lowered, lower_discretization
 from mamba3_gen.spec.loader import load_spec, spec_hash
 from mamba3_gen.spec.model import Spec
@@ -30,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_DIR = templates_dir("triton")  # the checkout's templates/, or the copy inside an installed wheel
 GENERATED_DIR = REPO_ROOT / "generated"  # the checkout's committed examples; build() defaults to default_out_dir()
 KERNEL_NAME = "mamba3_fwd_kernel"
+STATES_KERNEL_NAME = "mamba3_chunk_states_kernel"  # the chunk-parallel forward: per-chunk entering states
+OUT_KERNEL_NAME = "mamba3_chunk_out_kernel"  # ... and the outputs of every chunk from them
 STEP_KERNEL_NAME = "mamba3_step_kernel"
 
 
@@ -51,6 +54,8 @@ class Lowering:
     target: Target
     configs: list[KernelConfig]
     step_config: StepConfig | None = None
+    plans: dict[str, KernelPlan] | None = None  # every kernel variant's plan: fused, states, out
+    chunked_configs: dict[str, list[ChunkedConfig]] | None = None
 
     @property
     def dims(self) -> dict:
@@ -71,6 +76,7 @@ class Lowering:
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
             "arch": self.target.arch, "template_hash": template_hash()[:12],
+            "chunk_states_dtype": chunk_states_dtype(s),
         }
 
 
@@ -87,7 +93,9 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
         raise BuildError(f"dims.chunk_size: chunk_size·mimo_rank={rows} is below {target.min_dot_k}, the smallest "
                          f"tensor-core dot on {target.name}; try chunk_size: {-(-target.min_dot_k // d.mimo_rank)}, or --arch interpreter for CPU runs")
     low = Lowering(spec, lowered, plan, target, [])
+    low.plans = {v: plan if v == "fused" else plan_kernel(spec, lowered, v) for v in VARIANTS}
     low.configs = choose_configs(low)
+    low.chunked_configs = choose_chunked_configs(low)
     low.step_config = choose_step_config(low)
     return low
 
@@ -104,8 +112,9 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
         "spec_hash": spec_hash(low.spec), "version": __version__, "template_hash": template_hash(),
         "spec_path": spec_path,
     }
-    ctx = dict(spec=low.spec, lowered=low.lowered, plan=low.plan, header=header, meta=low.meta(),
-               configs=low.configs, kernel_name=KERNEL_NAME, J=low.lowered.lags,
+    ctx = dict(spec=low.spec, lowered=low.lowered, plan=low.plan, plans=low.plans, header=header, meta=low.meta(),
+               configs=low.configs, chunked_configs=low.chunked_configs, kernel_name=KERNEL_NAME,
+               states_kernel_name=STATES_KERNEL_NAME, out_kernel_name=OUT_KERNEL_NAME, J=low.lowered.lags,
                prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered),
                shifted_input_codes=[input_codes(low.spec, low.lowered, suffix=f"_s{k}") for k in range(low.lowered.lags + 1)],
                chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()], **low.dims)
@@ -117,9 +126,10 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
             f"# generator: mamba3-gen {__version__}\n"
             f'"""Generated Mamba-3 ops for spec `{low.spec.name}`: ``mamba3_forward(...)`` (chunked prefill) and '
             '``mamba3_step(...)`` (decode, one token)."""\n'
-            f"from .fwd import META, mamba3_forward, {KERNEL_NAME}\n"
+            f"from .fwd import META, mamba3_forward, {KERNEL_NAME}, {STATES_KERNEL_NAME}, {OUT_KERNEL_NAME}\n"
             f"from .step import mamba3_step, {STEP_KERNEL_NAME}\n\n"
-            f'__all__ = ["META", "mamba3_forward", "mamba3_step", "{KERNEL_NAME}", "{STEP_KERNEL_NAME}"]\n')
+            f'__all__ = ["META", "mamba3_forward", "mamba3_step", "{KERNEL_NAME}", "{STATES_KERNEL_NAME}",\n'
+            f'           "{OUT_KERNEL_NAME}", "{STEP_KERNEL_NAME}"]\n')
     spec_json = json.dumps(low.spec.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
     # the CuTe DSL twin of the decode step (its tiling covers every state shape)
     from mamba3_gen.backends.cute.build import render_step

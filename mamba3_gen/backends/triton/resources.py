@@ -159,3 +159,69 @@ def choose_step_config(low) -> StepConfig:
     num_warps = max(1, min(8, tile // 1024))  # one warp per 1024 values of H: 16-byte vector loads, no spills
     # Head-major grid: 94.9 % vs 91.3 % of the copy ceiling at R=1, B=256, but 59 % vs 62 % at R=4 (same run).
     return StepConfig(block_p, num_warps, head_major=d["R"] == 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the chunk-parallel forward (MAMBA3_GEN_FORWARD=chunked): a states kernel over [BLOCK_P, BLOCK_K] tiles of the state
+# (BLOCK_K rotation pairs: dims dim_a and dim_b of each), sequential over chunks; an out kernel per chunk slot
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkedConfig:
+    block_p: int
+    num_warps: int
+    num_stages: int
+    smem_estimate: int
+    block_k: int | None = None  # states kernel only: rotation pairs per tile
+    maxnreg: int | None = None
+
+
+def chunk_states_dtype(spec) -> str:
+    """dtype of the per-chunk entering states the states kernel writes and the out kernel reads. The out kernel
+    uses them only as an operand of the readout dot Q·Hᵀ, which rounds H to the compute dtype: with bf16 operands
+    a bf16 copy loses nothing (the fused kernel rounds its register state the same way) and halves the traffic;
+    with tf32 / fp32 operands the copy stays fp32 (bf16 has 8 mantissa bits, fewer than tf32's 10; fp16 has
+    tf32's mantissa but overflows at 65504). The carried state itself stays fp32 in registers either way."""
+    return "bf16" if spec.dtypes.compute == "bf16" else "fp32"
+
+
+def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
+    """Autotune configs of the two chunked kernels; the first of each is the default (the interpreter's only one).
+
+    On a GPU (picked from the sm_90a AOT report of siso_trap_complex, benchmarks/NOTES.md "Issue 11": no spills
+    at any of these; the 4-warp states tiles of 64 x 32 and the 4-warp out kernel spilled): states kernel tiles of
+    the full P block x 32 pairs with 8 warps first (N = 128: 2 pair blocks per head), then smaller tiles for more
+    programs at small batch (B1 L16384: NS·H·(P/BLOCK_P)·(N/2/BLOCK_K) = 32·2·2 .. 32·4·4); out kernel with the
+    full P block (a P split recomputes Q Kᵀ) and 8 warps, then the half block. In the interpreter the default tiles
+    split both P and the pairs, so the CPU tests exercise several tiles per head."""
+    d, spec, target = low.dims, low.spec, low.target
+    rows, bn2, bp = d["C"] * d["R"], d["BN2"], d["BP"]
+    compute, cplx_siso, real = spec.dtypes.compute, spec.is_complex and d["R"] == 1, not spec.is_complex
+    if not target.is_gpu:
+        states = [(max(1, bp // 4), max(1, bn2 // 4), 4, None)]
+        out = [(max(1, bp // 4), 4, None)]
+    else:
+        lo = max(16, target.min_dot_k)
+        bk = max(lo, min(bn2, 32))
+        bp_half = max(lo, bp // 2)
+        states = [(bp, bk, 8, None), (bp_half, bk, 8, None), (bp_half, max(lo, bk // 2), 2, None),
+                  (max(lo, bp // 4), max(lo, bk // 2), 2, None)]
+        out = [(bp, 8, None), (bp_half, 8, None)]
+        if compute == "bf16":  # bf16 operands with fewer than 8 warps gave wrong results in the fused kernel (Triton
+            states = [(p, k, 8, m) for p, k, w, m in states]  # 3.6, H100): kept off here until timed on a GPU
+    limit = target.smem_per_block
+    res = {"states": [], "out": []}
+    for p, k, w, m in dict.fromkeys(states):
+        est = smem_bytes(rows, k, p, compute, cplx_siso, real)
+        if est <= limit:
+            res["states"].append(ChunkedConfig(p, w, 1, est, block_k=k, maxnreg=m))
+    for p, w, m in dict.fromkeys(out):
+        est = smem_bytes(rows, bn2, p, compute, cplx_siso, real)
+        if est <= limit:
+            res["out"].append(ChunkedConfig(p, w, 1, est, maxnreg=m))
+    for kind, shapes in (("states", states), ("out", out)):  # none fits: the smallest (the fused kernel, with the
+        if not res[kind]:                                       # out kernel's tiles, was refused already if so)
+            p, *rest = min(shapes, key=lambda sh: sh[0] * (sh[1] if kind == "states" else bn2))
+            k = rest[0] if kind == "states" else None
+            res[kind].append(ChunkedConfig(p, rest[-2], 1, smem_bytes(rows, k or bn2, p, compute, cplx_siso, real),
+                                           block_k=k, maxnreg=rest[-1]))
+    return res
