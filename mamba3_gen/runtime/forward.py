@@ -49,6 +49,16 @@ def selected_forward() -> str:
     return name
 
 
+def chunk_states_dtype(meta: dict) -> str:
+    """dtype of the chunked forward's per-chunk entering states: the spec's choice (META["chunk_states_dtype"]:
+    bf16 with bf16 dot operands, else fp32), or MAMBA3_GEN_CHUNK_STATES=bf16|fp32 (read at each call; bf16 halves
+    the largest intermediate's traffic at the cost of rounding the state the readout dot sees to 8 mantissa bits)."""
+    name = os.environ.get("MAMBA3_GEN_CHUNK_STATES", "").strip().lower() or meta.get("chunk_states_dtype", "fp32")
+    if name not in _STATE_DTYPES:
+        raise InputError(f"MAMBA3_GEN_CHUNK_STATES={name!r}; expected one of {', '.join(_STATE_DTYPES)}")
+    return name
+
+
 def autotune_configs(configs: list) -> list:
     """The configs a generated kernel autotunes over: all of them, or only the first (the default) when the CPU
     interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles)."""
@@ -182,7 +192,7 @@ class ForwardOp:
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
         dev = v.device
-        chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[m.get("chunk_states_dtype", "fp32")])
+        chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[chunk_states_dtype(m)])
         chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S else None
         chunk_k = torch.empty((slots, J - 1, R, H, N), device=dev, dtype=torch.float32) if J > 1 else None
         chunk_v = torch.empty((slots, J - 1, H, P), device=dev, dtype=torch.float32) if J > 1 else None

@@ -1,0 +1,89 @@
+"""The chunk-parallel forward (issue 11, MAMBA3_GEN_FORWARD=chunked) beyond what tests/test_forward.py runs with it:
+the varlen slot map (sequence s's chunk j is slot cu[s] // C + s + j, found by binary search in the out kernel) with
+empty sequences, sequences ending on chunk boundaries and many sequences; L = 0; a three-lag rule; the bf16
+per-chunk states switch; the selection variable's errors. CPU interpreter, fp32."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mamba3_gen.errors import InputError
+from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
+from tests.helpers import assert_matches, make_spec, run_op
+from tests.strategies import CPU_TOL, interpreter_only, not_in_spec_mode
+
+pytestmark = [interpreter_only, not_in_spec_mode]
+
+
+@pytest.fixture
+def forward(monkeypatch):
+    def use(name: str):
+        monkeypatch.setenv("MAMBA3_GEN_FORWARD", name)
+
+    return use
+
+
+def test_varlen_slot_map(forward, interp_kernels):
+    """Packed sequences of lengths 0, C, 1, 2C + 1, 0, C − 1, 3 (chunk 4): every slot the map gives is found by the
+    out kernel's search, slots past a sequence's last chunk do nothing, and the result is the oracle's."""
+    spec = make_spec(rule="exp_trapezoidal", N=16, P=8, R=1, chunk=4, init=True, varlen=True)
+    kw = make_inputs(spec, 1, 0, 2, seed=3, nseq_lengths=[0, 4, 1, 9, 0, 3, 3], with_initial_states=True)
+    forward("chunked")
+    assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
+def test_empty_input(forward, interp_kernels):
+    """L = 0: no out-kernel launch; the final states are the initial ones."""
+    spec = make_spec(rule="exp_trapezoidal", N=16, P=8, R=1, chunk=4, init=True)
+    kw = make_inputs(spec, 2, 0, 2, seed=1, with_initial_states=True)
+    forward("chunked")
+    out, state = run_op(interp_kernels(spec), spec, kw, final=True)
+    assert out.shape[1] == 0
+    assert torch.equal(state.ssm, kw["initial_states"].ssm.to(state.ssm.dtype))
+
+
+def test_three_lags_mimo(forward, interp_kernels):
+    """A rule reading three previous tokens (two carried tokens stored per chunk), R = 2, chunks of 2 (shorter than
+    the lags: carried tokens move down), split into several tiles."""
+    spec = make_spec(rule="custom", weights=["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt", "0.125 * dt * lam"],
+                     N=16, P=8, R=2, chunk=2, init=True, varlen=True, rotation="halved")
+    forward("chunked")
+    mod = interp_kernels(spec)
+    kw = make_inputs(spec, 2, 9, 2, seed=7, with_initial_states=True)
+    assert_matches(run_op(mod, spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+    kw = make_inputs(spec, 1, 0, 2, seed=8, nseq_lengths=[3, 1, 0, 6], with_initial_states=True)
+    assert_matches(run_op(mod, spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
+def test_bf16_chunk_states(forward, monkeypatch, interp_kernels):
+    """MAMBA3_GEN_CHUNK_STATES=bf16 stores the per-chunk entering states in bf16: the output moves by about bf16's
+    rounding of the inter-chunk term, the final states (carried in fp32 registers) not at all."""
+    spec = make_spec(rule="exp_trapezoidal", N=16, P=8, R=1, chunk=4, init=True)
+    kw = make_inputs(spec, 2, 13, 2, seed=2, with_initial_states=True)
+    forward("chunked")
+    mod = interp_kernels(spec)
+    out32, st32 = run_op(mod, spec, kw, final=True)
+    monkeypatch.setenv("MAMBA3_GEN_CHUNK_STATES", "bf16")
+    out16, st16 = run_op(mod, spec, kw, final=True)
+    assert 0 < rel_err(out16, out32) < 1e-2
+    assert torch.equal(st16.ssm, st32.ssm)
+
+
+def test_selection_errors(forward, interp_kernels):
+    spec = make_spec(rule="exp_euler", kind="real", N=16, P=8, chunk=4)
+    kw = make_inputs(spec, 1, 5, 1, seed=0)
+    forward("both")
+    with pytest.raises(InputError, match="MAMBA3_GEN_FORWARD"):
+        run_op(interp_kernels(spec), spec, kw)
+
+
+def test_default_is_fused(monkeypatch):
+    from mamba3_gen.runtime.forward import selected_forward
+
+    monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)
+    assert selected_forward() == "fused"
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", " Chunked ")
+    assert selected_forward() == "chunked"
+    assert os.environ["MAMBA3_GEN_FORWARD"] == " Chunked "
