@@ -280,9 +280,9 @@ def _on(edge, spec, kw, final=None, steps=0):
 @pytest.mark.parametrize("rule", ["exp_trapezoidal", "custom"])
 def test_growth_is_computed_as_the_recurrence(rule, edge_kernels):
     """A·Δ > 0 (a growing step) is not clamped anywhere: forward, decode step and the float64 recurrence agree,
-    within chunks and across them (L = 11, chunk 4), for one and for two lags."""
+    within chunks and across them (L = 11, chunk 8), for one and for two lags."""
     weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt"]
-    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved"))
+    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=8, init=True, rotation="halved"))
     kw = make_inputs(spec, 2, 11, 2, seed=2, with_initial_states=True, adt_range=(-0.5, 0.3))
     kw["adt"] = kw["adt"].abs() * torch.sign(torch.randn(kw["adt"].shape, generator=torch.Generator().manual_seed(0)))
     assert (kw["adt"] > 0).any()
@@ -295,11 +295,11 @@ def test_growth_is_computed_as_the_recurrence(rule, edge_kernels):
 @not_in_spec_mode
 @pytest.mark.parametrize("rule", ["exp_euler", "exp_trapezoidal", "custom"])
 def test_decay_to_zero_inside_a_chunk(rule, edge_kernels):
-    """A·Δ = −inf (the state decays to exactly zero) at token 5 of L = 12, chunk 4, and at a chunk's first token
+    """A·Δ = −inf (the state decays to exactly zero) at token 5 of L = 12, chunk 8, and at a chunk's first token
     (8): forward, decode step and float64 recurrence agree and stay finite; it erases what came before, nothing
     else (issue 10 item 1: decays are segment sums, never differences of cumsums)."""
     weights = None if rule != "custom" else ["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt * exp(adt)"]
-    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=4, init=True, rotation="halved"))
+    spec = _fp32(make_spec(rule=rule, weights=weights, N=16, P=8, R=2, chunk=8, init=True, rotation="halved"))
     kw = make_inputs(spec, 2, 12, 2, seed=4, with_initial_states=True)
     kw["adt"][:, :, 5] = float("-inf")
     kw["adt"][:, :, 8] = float("-inf")
@@ -323,9 +323,9 @@ def test_strong_then_weak_decay_in_one_chunk(edge_kernels):
 
 
 _POISON_SPECS = {
-    "siso_trap_complex": dict(rule="exp_trapezoidal", N=16, P=8, R=1, G=2, chunk=8, init=True, varlen=True),
+    "siso_trap_complex": dict(rule="exp_trapezoidal", N=16, P=8, R=1, G=2, chunk=16, init=True, varlen=True),
     "mimo_two_lags": dict(rule="custom", weights=["dt * lam", "0.5 * dt * exp(adt)", "0.25 * dt"], N=16, P=8, R=2,
-                          G=2, chunk=4, init=True, varlen=True, rotation="halved"),
+                          G=2, chunk=8, init=True, varlen=True, rotation="halved"),
 }
 
 
@@ -351,8 +351,9 @@ def _poison(kw: dict, name: str, b: int, t: int, value: float) -> tuple[str, int
 def test_nonfinite_input_is_causal(case, name, value, edge_kernels):
     """Issue 10 item 3: a NaN or inf in one input at token t (of sequence 1, head 1) changes no output before t,
     nothing in another sequence (batched and packed) and nothing in another head; for q, k and v the outputs that
-    turn non-finite are exactly those the float64 recurrence makes non-finite. L = 12 over chunks of 8 / 4, with
-    the token mid-chunk, so masked products inside a chunk are exercised (0·NaN must never reach an earlier row)."""
+    turn non-finite are exactly those the float64 recurrence makes non-finite. L = 12 over chunks of 16 / 8 (16 rows,
+    the smallest tensor-core dot), with the token mid-chunk, so masked products inside a chunk are exercised (0·NaN
+    must never reach an earlier row)."""
     spec = _fp32(make_spec(**_POISON_SPECS[case]))
     for varlen in (False, True):
         if varlen:

@@ -302,7 +302,7 @@ def test_bf16_state_error_bound_over_1000_steps(rule, step_kernels):
     in-place steps of heads that decay slowly (α ≥ 0.999, where rounding errors add up) and fast, real state, fp32
     inputs; it also prints the measured errors next to the bound."""
     cache, dev = step_kernels
-    spec = respec(_step_spec(make_spec(rule=rule, kind="real", N=16, P=16, chunk=8, d_skip=False, z_gate=False)),
+    spec = respec(_step_spec(make_spec(rule=rule, kind="real", N=16, P=16, chunk=16, d_skip=False, z_gate=False)),
                   dtypes={"state": "bf16", "input": "fp32", "compute": "fp32"})
     module = cache(spec)
     L1, steps, B, H = 8, 1000, 2, 4
