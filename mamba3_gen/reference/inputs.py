@@ -174,8 +174,10 @@ def to_float64(d: dict) -> dict:
 # Argument plumbing shared by the references (no recurrence math here)
 # ----------------------------------------------------------------------------------------------------------------
 def _f64(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # float64 on the default device: the CPU, unless a GPU run sets torch.set_default_device("cuda") for speed
-    return None if x is None else x.detach().to(torch.get_default_device(), F64)
+    # float64 on the default device: the CPU, unless a GPU run sets torch.set_default_device("cuda") for speed.
+    # Not detached: autograd through the references gives the float64 gradients the backward is tested against
+    # (a cast is differentiable; a tensor that needs no grad costs nothing more).
+    return None if x is None else x.to(torch.get_default_device(), F64)
 
 
 def _check(cond: bool, msg: str) -> None:
