@@ -4,6 +4,7 @@
 """Generated Mamba-3 ops for spec `two_lag_complex`: ``mamba3_forward(...)`` (chunked prefill) and ``mamba3_step(...)`` (decode, one token)."""
 from .fwd import META, mamba3_forward, mamba3_fwd_kernel, mamba3_chunk_states_kernel, mamba3_chunk_out_kernel
 from .step import mamba3_step, mamba3_step_kernel
+from . import bwd as _bwd  # noqa: F401  (registers the forward's autograd formula)
 
 __all__ = ["META", "mamba3_forward", "mamba3_step", "mamba3_fwd_kernel", "mamba3_chunk_states_kernel",
            "mamba3_chunk_out_kernel", "mamba3_step_kernel"]

@@ -20,6 +20,7 @@ from mamba3_gen.backends.printing import input_codes, print_prologue, triton_pri
 from mamba3_gen.backends.triton.resources import (ChunkedConfig, KernelConfig, StepConfig, choose_chunked_configs,
                                                    choose_configs, choose_step_config, chunk_states_dtype)
 from mamba3_gen.graph.dataflow import VARIANTS, KernelPlan, plan_kernel
+from mamba3_gen.lower.derivatives import prologue_derivatives
 from mamba3_gen.lower.lowering import Lowered, lower_discretization
 from mamba3_gen.spec.loader import load_spec, spec_hash
 from mamba3_gen.spec.model import Spec
@@ -119,6 +120,10 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
                shifted_input_codes=[input_codes(low.spec, low.lowered, suffix=f"_s{k}") for k in range(low.lowered.lags + 1)],
                chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()], **low.dims)
     fwd = env.get_template("fwd.py.jinja").render(**ctx)
+    # the backward (issue 12): its kernels, and the rule's prologue derivatives printed for them
+    bwd = env.get_template("bwd.py.jinja").render(**ctx, derivatives=[
+        (sym, [(name, triton_printer().doprint(e)) for name, e in terms])
+        for sym, terms in prologue_derivatives(low.lowered)])
     step = env.get_template("step.py.jinja").render(
         **{**ctx, "kernel_name": STEP_KERNEL_NAME, "step_config": low.step_config,
            "d_skip": low.spec.options.d_skip, "z_gate": low.spec.options.z_gate})
@@ -127,14 +132,15 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
             f'"""Generated Mamba-3 ops for spec `{low.spec.name}`: ``mamba3_forward(...)`` (chunked prefill) and '
             '``mamba3_step(...)`` (decode, one token)."""\n'
             f"from .fwd import META, mamba3_forward, {KERNEL_NAME}, {STATES_KERNEL_NAME}, {OUT_KERNEL_NAME}\n"
-            f"from .step import mamba3_step, {STEP_KERNEL_NAME}\n\n"
+            f"from .step import mamba3_step, {STEP_KERNEL_NAME}\n"
+            "from . import bwd as _bwd  # noqa: F401  (registers the forward's autograd formula)\n\n"
             f'__all__ = ["META", "mamba3_forward", "mamba3_step", "{KERNEL_NAME}", "{STATES_KERNEL_NAME}",\n'
             f'           "{OUT_KERNEL_NAME}", "{STEP_KERNEL_NAME}"]\n')
     spec_json = json.dumps(low.spec.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
     # the CuTe DSL twin of the decode step (its tiling covers every state shape)
     from mamba3_gen.backends.cute.build import render_step
 
-    return {"__init__.py": init, "fwd.py": fwd, "step.py": step, "spec.json": spec_json,
+    return {"__init__.py": init, "fwd.py": fwd, "bwd.py": bwd, "step.py": step, "spec.json": spec_json,
             "step_cute.py": render_step(low, header)}
 
 

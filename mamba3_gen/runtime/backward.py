@@ -1,0 +1,243 @@
+"""Host side of the generated backward (issue 12): the autograd formula of a spec's forward op.
+
+The forward's op (runtime/forward.py, one per spec) gets ``register_autograd`` here; its backward calls a second
+custom op (``mamba3_gen::bwd_...``, with a fake implementation) so that ``torch.compile(fullgraph=True)`` traces
+forward and backward as two opaque nodes. Only the forward's inputs are saved, and ``ctx.saved_tensors`` is read
+once, so ``torch.utils.checkpoint(..., use_reentrant=False)`` works.
+
+The math (``../shared/docs/mamba3-math.md`` §2 recurrence, §4 MIMO, §5 chunked form). Per (sequence, head), with
+u_s = Σ_r v_{s,r} k̂_{s,r}ᵀ (v_{s,r} = v_s ⊙ mimo_v_r), H_t = exp(a_t) H_{t−1} + Σ_j c_j(t) u_{t−j}, y_{t,r} = H_t q̂_{t,r}
+and G_t = ∂L/∂H_t (dY_t q̂_tᵀ summed over ranks, plus exp(a_{t+1}) G_{t+1}, plus ∂L/∂H_final at the end):
+
+    dq̂_{t,r} = H_tᵀ dY_{t,r}     d u_s = Σ_j c_j(s+j) G_{s+j}     ∂L/∂c_j(t) = ⟨G_t, u_{t−j}⟩
+    ∂L/∂a_r = Σ_{t ≥ r} (⟨q̂_t, dq̂_t⟩ − Σ_j c_j(t)·∂L/∂c_j(t))  (+ ⟨∂L/∂H_final, H_final⟩ at the last token)
+
+The last line holds because every term of L carries the factor exp(Σ_{e<r≤t} a_r) of an input landing at step e
+and read at step t (the initial state lands before the first step): ∂/∂a_r counts the terms with t ≥ r, minus those
+with e ≥ r; it equals exp(a_r)·⟨G_r, H_{r−1}⟩ without forming H per token.
+
+Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
+  1. the forward's states kernel, run again: E_c, the state entering chunk c (after its first step), its Θ and
+     the final state, in fp32 (recomputed, not saved);
+  2. dstate: sequential over chunks backwards, grid (sequence, head, P block x pair block): dX_c = ∂L/∂E_{c+1};
+  3. chunk: one program per (chunk slot, head), all chunks at once: the chunk's forward again, then dq̂, dk̂, dv,
+     dz, the coefficient gradients dc_j, ⟨q̂, dq̂⟩, the rotation's backward (dq̃, dk̃, dΘ_t);
+  4. steps: per (sequence, head) backwards: da (reverse cumsum), the rule's prologue derivatives (sympy, printed by
+     the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
+     reverse angle cumsum, the initial states' gradients.
+Then plain torch reductions: per-head dq̃, dk̃ summed over the heads of a group (GQA) and over tokens for the biases,
+per-chunk partials of D and the MIMO projections summed.
+
+Supported: every spec feature but rules with two or more lags (J ≥ 2): their backward is refused when a gradient is
+requested (``InputError`` naming discretization.weights).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from mamba3_gen.errors import InputError
+from mamba3_gen.runtime.state import Mamba3State, state_layout
+
+__all__ = ["attach_backward", "BackwardOp", "unsupported_reason"]
+
+_GRAD_NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v", "mimo_z",
+               "mimo_o", "init_angle", "init_ssm", "init_k", "init_v")
+_BWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor adt, Tensor dt, Tensor? trap, Tensor q_bias, Tensor k_bias, "
+    "Tensor? angles, Tensor? D, Tensor? z, Tensor? mimo_v, Tensor? mimo_z, Tensor? mimo_o, Tensor? init_angle, "
+    "Tensor? init_ssm, Tensor? init_k, Tensor? init_v, Tensor? cu_seqlens, Tensor? dout, Tensor? d_angle, "
+    "Tensor? d_ssm, Tensor? d_k, Tensor? d_v) -> (" + ", ".join(["Tensor"] * len(_GRAD_NAMES)) + ")"
+)
+_ATTACHED: dict = {}  # forward op name -> BackwardOp (a build shared by several loaded modules attaches once)
+
+
+def unsupported_reason(meta: dict) -> str | None:
+    """Why a spec has no backward yet (None when it has one): the message names the spec field."""
+    if meta["J"] > 1:
+        return (f"spec {meta['name']!r}: the generated backward supports rules with at most one lag (one or two "
+                f"weights); discretization.weights has {meta['J'] + 1}, so this spec has no backward yet "
+                "(issue 12); use it under torch.no_grad(), or a rule with at most two weights")
+    return None
+
+
+def attach_backward(forward, dstate_kernel, chunk_kernel, steps_kernel) -> "BackwardOp":
+    """Register the generated backward as the autograd formula of ``forward``'s ops (fused and chunked)."""
+    bwd = BackwardOp(forward, dstate_kernel, chunk_kernel, steps_kernel)
+    for op in (forward.op, forward.chunked_op):
+        if op is None:
+            continue
+        name = op._name if hasattr(op, "_name") else str(op)
+        if name in _ATTACHED:
+            continue
+        op.register_autograd(bwd.backward, setup_context=bwd.setup_context)
+        _ATTACHED[name] = bwd
+    forward.backward = bwd
+    return bwd
+
+
+class BackwardOp:
+    """The backward of one spec's forward op: ``setup_context``/``backward`` for ``register_autograd`` and the
+    registered ``bwd_...`` op that launches the kernels (module docstring)."""
+
+    def __init__(self, forward, dstate_kernel, chunk_kernel, steps_kernel):
+        self.forward = forward
+        self.meta = forward.meta
+        self.kernels = (dstate_kernel, chunk_kernel, steps_kernel)
+        self.op = self._register()
+
+    # -- autograd ------------------------------------------------------------------------------------------------
+    def setup_context(self, ctx, inputs, output):
+        reason = unsupported_reason(self.meta)
+        if reason is not None:
+            raise InputError(reason)
+        ctx.save_for_backward(*inputs[:19])  # the 18 layer/state inputs and cu_seqlens; nothing else is kept
+
+    def backward(self, ctx, dout, d_angle, d_ssm, d_k, d_v):
+        saved = ctx.saved_tensors  # read once (activation checkpointing recomputes the forward on this access)
+
+        def grad(x):  # an unused output's gradient is None; an absent final state is an empty tensor
+            return None if x is None or x.numel() == 0 else x
+
+        grads = self.op(*saved, grad(dout), grad(d_angle), grad(d_ssm), grad(d_k), grad(d_v))
+        return (*[None if g.numel() == 0 else g for g in grads], None, None)
+
+    # -- the registered backward op ------------------------------------------------------------------------------
+    def _register(self):
+        m = self.meta
+        name = f"mamba3_gen::bwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
+        if name in _ATTACHED:
+            return _ATTACHED[name].op
+
+        @torch.library.custom_op(name, mutates_args=(), schema=_BWD_SCHEMA)
+        def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle, init_ssm,
+               init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+            return self._launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                                init_angle, init_ssm, init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v)
+
+        @op.register_fake
+        def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle, init_ssm,
+              init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+            inputs = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle,
+                      init_ssm, init_k, init_v)
+            return tuple(torch.empty((0,), device=v.device) if x is None else torch.empty_like(x) for x in inputs)
+
+        _ATTACHED[name] = self
+        return op
+
+    def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                init_angle, init_ssm, init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+        """Gradients of every input (module docstring), each in its input's shape and dtype; an empty tensor for an
+        input that was None. Shapes: as the forward op takes them (ForwardOp's docstring)."""
+        m = self.meta
+        B, L, H, P = v.shape
+        C, N, S, J, R, G = m["C"], m["N"], m["S"], m["J"], m["R"], m["G"]
+        dev, f32 = v.device, torch.float32
+        is_varlen = cu_seqlens is not None
+        NS = cu_seqlens.shape[0] - 1 if is_varlen else B
+        NC = triton.cdiv(L, C)
+        slots = L // C + NS if is_varlen else B * NC
+        has_init = init_ssm is not None
+        layout = state_layout(m, NS, H)
+        has_dfinal = any(x is not None for x in (d_angle, d_ssm, d_k, d_v)) and m["final_states"]
+        if has_dfinal:  # the ones not used are zero
+            d_angle, d_ssm, d_k, d_v = [
+                (x.contiguous() if x is not None else torch.zeros(layout[f][0], device=dev, dtype=f32))
+                if layout[f] is not None else None
+                for f, x in zip(Mamba3State._fields, (d_angle, d_ssm, d_k, d_v))]
+        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
+        angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
+        search = max(0, NS - 1).bit_length()
+
+        def zeros(*shape):
+            return torch.zeros(shape, device=dev, dtype=f32)
+
+        def empty(*shape):
+            return torch.empty(shape, device=dev, dtype=f32)
+
+        # 1. the forward's states kernel again: E_c, Θ before each chunk, and the final state (fp32)
+        chunk_ssm = empty(slots, H, P, N)
+        chunk_angle = empty(slots, H, S) if S else None
+        store_final = m["final_states"] and has_dfinal
+        fin = [None] * 4
+        if store_final:
+            fin = [torch.empty(layout[f][0], device=dev, dtype=f32) if layout[f] is not None else None
+                   for f in Mamba3State._fields]
+        states_kernel = self.forward.chunked_kernels[0]
+        states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
+            init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, None, None, cu_seqlens,
+            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=store_final, IS_VARLEN=is_varlen)
+
+        dstate_kernel, chunk_kernel, steps_kernel = self.kernels
+        # 2. dX_c backwards over the chunks
+        dchunk = empty(slots, H, P, N)
+        dinit_ssm = empty(NS, H, P, N) if has_init else None
+        de0 = empty(NS, H, P, N) if has_init else None
+        dstate_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
+            chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
+            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
+
+        # 3. every chunk at once
+        dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
+        dv, dz = empty(B, L, H, P), (empty(B, L, H, P) if z is not None else None)
+        dtheta = empty(B, L, H, S) if S else None
+        qdq = empty(B, H, L)
+        dc = zeros(B, H, J + 1, L)
+        dD_part = zeros(slots, H) if D is not None else None
+        dmv_part = zeros(slots, H, R, P) if R > 1 else None
+        dmz_part = zeros(slots, H, R, P) if R > 1 and z is not None else None
+        dmo_part = zeros(slots, H, R, P) if R > 1 else None
+        if slots:
+            chunk_kernel[(slots, H)](
+                q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
+                chunk_ssm, chunk_angle, None, None, dchunk, d_k, d_v,
+                dq_h, dk_h, dv, dz, dtheta, qdq, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
+                L, H, G, NC, NS, search, *angle_strides, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen,
+                BLOCK_P=m["BP"])
+
+        # 4. per-token step gradients, angles, initial states
+        dadt, ddt = empty(B, H, L), empty(B, H, L)
+        dtrap = empty(B, H, L) if trap is not None else None
+        dangles = empty(B, L, H, S) if S else None
+        has_init_tokens = has_init and J >= 1
+        dinit_angle = empty(NS, H, S) if has_init and S else None
+        dinit_k = empty(*layout["k"][0]) if has_init_tokens else None
+        dinit_v = empty(*layout["v"][0]) if has_init_tokens else None
+        dinit_mv = zeros(NS, H, R, P) if has_init_tokens and R > 1 else None
+        steps_kernel[(NS, H)](
+            adt, dt, trap, angles, mimo_v, init_k, init_v, fin[1], d_angle, d_ssm, d_k, d_v, de0,
+            qdq, dc, dtheta, dadt, ddt, dtrap, dangles, dinit_angle, dinit_k, dinit_v, dinit_mv, cu_seqlens,
+            L, H, G, *angle_strides, HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
+
+        # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)
+        def qk_grads(d_h):
+            d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
+            d_bias = d_h.sum((0, 1)).permute(1, 0, 2)  # (H, R, N): the bias is added per head before the rotation
+            return (d_in[:, :, 0], d_bias[:, 0]) if R == 1 else (d_in, d_bias)
+
+        dq, dq_bias = qk_grads(dq_h)
+        dk, dk_bias = qk_grads(dk_h)
+        dmv = None
+        if R > 1:
+            dmv = dmv_part.sum(0) + (dinit_mv.sum(0) if dinit_mv is not None else 0)
+        grads = {
+            "q": dq, "k": dk, "v": dv, "adt": dadt, "dt": ddt, "trap": dtrap, "q_bias": dq_bias, "k_bias": dk_bias,
+            "angles": dangles, "D": dD_part.sum(0) if dD_part is not None else None, "z": dz, "mimo_v": dmv,
+            "mimo_z": dmz_part.sum(0) if dmz_part is not None else None,
+            "mimo_o": dmo_part.sum(0) if dmo_part is not None else None,
+            "init_angle": dinit_angle, "init_ssm": dinit_ssm, "init_k": dinit_k, "init_v": dinit_v,
+        }
+        inputs = dict(zip(_GRAD_NAMES, (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z,
+                                        mimo_o, init_angle, init_ssm, init_k, init_v)))
+        out = []
+        for name in _GRAD_NAMES:
+            x, g = inputs[name], grads[name]
+            if x is None:
+                out.append(torch.empty((0,), device=dev))
+            elif g is None:  # an input whose value cannot change the outputs (e.g. a state this spec never reads)
+                out.append(torch.zeros_like(x))
+            else:
+                out.append(g.reshape(x.shape).to(x.dtype))
+        return tuple(out)
