@@ -206,8 +206,13 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
         states = [(bp, bk, 8, None), (bp_half, bk, 8, None), (bp_half, max(lo, bk // 2), 2, None),
                   (max(lo, bp // 4), max(lo, bk // 2), 2, None)]
         out = [(bp, 8, None), (bp_half, 8, None)]
-        if compute == "bf16":  # bf16 operands with fewer than 8 warps gave wrong results in the fused kernel (Triton
-            states = [(p, k, 8, m) for p, k, w, m in states]  # 3.6, H100): kept off here until timed on a GPU
+        if compute == "bf16":
+            # Only the defaults: autotuning the bf16-operand chunked kernels over these tiles hit an illegal memory
+            # access on the H200 (siso_trap_complex, B2 L1024 H8 and B8 L4096 H32; tf32 and Euler real were fine),
+            # while the defaults alone ran and matched the fused kernel; the failing tile is not isolated yet
+            # (NOTES.md, issue 11). Fewer than 8 warps with bf16 operands also gave wrong results in the fused
+            # kernel (Triton 3.6, H100).
+            states, out = states[:1], out[:1]
     limit = target.smem_per_block
     res = {"states": [], "out": []}
     for p, k, w, m in dict.fromkeys(states):
