@@ -9,20 +9,21 @@ The math (``../shared/docs/mamba3-math.md`` §2 recurrence, §4 MIMO, §5 chunke
 u_s = Σ_r v_{s,r} k̂_{s,r}ᵀ (v_{s,r} = v_s ⊙ mimo_v_r), H_t = exp(a_t) H_{t−1} + Σ_j c_j(t) u_{t−j}, y_{t,r} = H_t q̂_{t,r}
 and G_t = ∂L/∂H_t (dY_t q̂_tᵀ summed over ranks, plus exp(a_{t+1}) G_{t+1}, plus ∂L/∂H_final at the end):
 
-    dq̂_{t,r} = H_tᵀ dY_{t,r}     d u_s = Σ_j c_j(s+j) G_{s+j}     ∂L/∂c_j(t) = ⟨G_t, u_{t−j}⟩
-    ∂L/∂a_r = Σ_{t ≥ r} (⟨q̂_t, dq̂_t⟩ − Σ_j c_j(t)·∂L/∂c_j(t))  (+ ⟨∂L/∂H_final, H_final⟩ at the last token)
+    dq̂_{t,r} = H_tᵀ dY_{t,r}     d u_s = Σ_j c_j(s+j) G_{s+j}     ∂L/∂c_j(t) = ⟨G_t, u_{t−j}⟩     ∂L/∂a_t = exp(a_t)·⟨G_t, H_{t−1}⟩
 
-The last line holds because every term of L carries the factor exp(Σ_{e<r≤t} a_r) of an input landing at step e
-and read at step t (the initial state lands before the first step): ∂/∂a_r counts the terms with t ≥ r, minus those
-with e ≥ r; it equals exp(a_r)·⟨G_r, H_{r−1}⟩ without forming H per token.
+each in the chunked form of the forward (E_c, the state entering chunk c after its first step; dX_c = ∂L/∂E_{c+1}):
+∂L/∂a_t is computed per chunk as that inner product expanded over the chunk's tokens (stage bwd_stages/dda), not as
+a reverse cumsum of ⟨q̂, dq̂⟩ − Σ_j c_j·dc_j over the sequence: that identity is exact but subtracts long sums, so a
+step with a strong decay (small true gradient) got an error of fp32 roundoff times those sums, which the chain rule
+through A·Δ (inputs.decay = a) then multiplies by |A| (measured: 1e-3 relative on dt).
 
 Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
   1. the forward's states kernel, run again: E_c, the state entering chunk c (after its first step), its Θ and
      the final state, in fp32 (recomputed, not saved);
   2. dstate: sequential over chunks backwards, grid (sequence, head, P block x pair block): dX_c = ∂L/∂E_{c+1};
   3. chunk: one program per (chunk slot, head), all chunks at once: the chunk's forward again, then dq̂, dk̂, dv,
-     dz, the coefficient gradients dc_j, ⟨q̂, dq̂⟩, the rotation's backward (dq̃, dk̃, dΘ_t);
-  4. steps: per (sequence, head) backwards: da (reverse cumsum), the rule's prologue derivatives (sympy, printed by
+     dz, the coefficient gradients dc_j, da, the rotation's backward (dq̃, dk̃, dΘ_t);
+  4. steps: per (sequence, head) backwards: da at the first step, the rule's prologue derivatives (sympy, printed by
      the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
      reverse angle cumsum, the initial states' gradients.
 Then plain torch reductions: per-head dq̃, dk̃ summed over the heads of a group (GQA) and over tokens for the biases,
@@ -155,19 +156,15 @@ class BackwardOp:
         def empty(*shape):
             return torch.empty(shape, device=dev, dtype=f32)
 
-        # 1. the forward's states kernel again: E_c, Θ before each chunk, and the final state (fp32)
+        # 1. the forward's states kernel again: E_c and Θ before each chunk (fp32)
         chunk_ssm = empty(slots, H, P, N)
         chunk_angle = empty(slots, H, S) if S else None
-        store_final = m["final_states"] and has_dfinal
         fin = [None] * 4
-        if store_final:
-            fin = [torch.empty(layout[f][0], device=dev, dtype=f32) if layout[f] is not None else None
-                   for f in Mamba3State._fields]
         states_kernel = self.forward.chunked_kernels[0]
         states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
             init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, None, None, cu_seqlens,
-            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=store_final, IS_VARLEN=is_varlen)
+            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen)
 
         dstate_kernel, chunk_kernel, steps_kernel = self.kernels
         # 2. dX_c backwards over the chunks
@@ -183,7 +180,7 @@ class BackwardOp:
         dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
         dv, dz = empty(B, L, H, P), (empty(B, L, H, P) if z is not None else None)
         dtheta = empty(B, L, H, S) if S else None
-        qdq = empty(B, H, L)
+        da = empty(B, H, L)
         dc = zeros(B, H, J + 1, L)
         dD_part = zeros(slots, H) if D is not None else None
         dmv_part = zeros(slots, H, R, P) if R > 1 else None
@@ -193,7 +190,7 @@ class BackwardOp:
             chunk_kernel[(slots, H)](
                 q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
                 chunk_ssm, chunk_angle, None, None, dchunk, d_k, d_v,
-                dq_h, dk_h, dv, dz, dtheta, qdq, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
+                dq_h, dk_h, dv, dz, dtheta, da, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
                 L, H, G, NC, NS, search, *angle_strides, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen,
                 BLOCK_P=m["BP"])
 
@@ -207,8 +204,8 @@ class BackwardOp:
         dinit_v = empty(*layout["v"][0]) if has_init_tokens else None
         dinit_mv = zeros(NS, H, R, P) if has_init_tokens and R > 1 else None
         steps_kernel[(NS, H)](
-            adt, dt, trap, angles, mimo_v, init_k, init_v, fin[1], d_angle, d_ssm, d_k, d_v, de0,
-            qdq, dc, dtheta, dadt, ddt, dtrap, dangles, dinit_angle, dinit_k, dinit_v, dinit_mv, cu_seqlens,
+            adt, dt, trap, angles, mimo_v, init_ssm, init_k, init_v, d_angle, d_ssm, d_k, d_v, de0,
+            da, dc, dtheta, dadt, ddt, dtrap, dangles, dinit_angle, dinit_k, dinit_v, dinit_mv, cu_seqlens,
             L, H, G, *angle_strides, HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
 
         # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)

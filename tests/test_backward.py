@@ -1,0 +1,349 @@
+"""The generated backward (issue 12) against float64 autograd through the naive recurrence.
+
+CPU (TRITON_INTERPRET=1, fp32): every gradient of the generated op — q, k, v, adt, dt, trap, q_bias, k_bias, angles,
+D, z, mimo_v, mimo_z, mimo_o and the initial states — against autograd through `naive_recurrence` in float64
+(mamba3_gen.reference), for a loss that projects the output and every final state on fixed random weights (so every
+gradient path is exercised, the final states' included). Random specs (presets and drawn formula rules, real and
+complex state, both rotations, MIMO R ≤ 8, GQA, D, z, both input encodings), random sizes (L = 1, L off the chunk
+grid, several chunks, varlen packs with empty sequences, random initial states); fixed cases for the same edges;
+a finite-difference check that needs no oracle; torch.compile(fullgraph=True); activation checkpointing; the
+refusal of rules with two or more lags. The AOT test (marked `aot`) compiles the backward kernels for sm_90a in a
+subprocess (never in an interpreter process) and requires no register spills at the default config.
+
+Tolerance: ‖g − g_ref‖ ≤ 1e-4·‖g_ref‖ (+ 1e-5·√numel, only so an all-zero reference compares) for every gradient.
+Justification: as in tests/test_forward.py, the kernels compute in fp32 (unit roundoff 6e-8) what the oracle computes
+in float64 from the same fp32 inputs. The backward's amplifiers are the forward's — in-chunk decays exp(segment sum)
+with |segment| ≤ 20·C (≈ 2e-5 relative on a weight), Θ over a chunk, dots over N ≤ 32, P ≤ 24, C·R ≤ 64 terms — plus
+one of its own: da_t is a reverse cumulative sum over the whole sequence of per-token terms ⟨q̂, dq̂⟩ − Σ_j c_j·dc_j,
+whose rounding grows like √L·6e-8 ≈ 5e-7 relative for the L ≤ 60 drawn here. Observed errors are 1e-7 to 1e-6, so
+1e-4 keeps a margin of ≥ 100x while a wrong term (a missing lag, decay or chain-rule factor: ≥ 1e-3) fails.
+Decays of exactly −inf are not drawn (tests/test_forward.py has them for the forward): with inputs.decay = a the
+chain rule through A·Δ multiplies by A = −inf, which is 0·∞ in the oracle's autograd as well.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from mamba3_gen.errors import InputError
+from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
+from mamba3_gen.runtime.state import Mamba3State
+from tests.helpers import make_spec, respec
+from tests.strategies import draw_inputs, examples, input_kwargs, interpreter_only, specs
+
+REPO = Path(__file__).resolve().parents[1]
+REL = 1e-4  # justified in the module docstring
+ATOL = 1e-5
+STATE_FIELDS = Mamba3State._fields
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------------
+def _leaves(kw: dict, dtype=None) -> dict:
+    """A copy of make_inputs' dict whose floating tensors (the initial states' too) are fresh leaves needing grad,
+    cast to `dtype` when given (float64 for the oracle)."""
+    def leaf(x):
+        if x is None:
+            return None
+        y = x.detach().clone() if dtype is None else x.detach().to(dtype)
+        return y.requires_grad_()
+
+    out = {}
+    for key, val in kw.items():
+        if isinstance(val, Mamba3State):
+            out[key] = Mamba3State(*[leaf(x) for x in val])
+        elif isinstance(val, torch.Tensor) and val.is_floating_point():
+            out[key] = leaf(val)
+        else:
+            out[key] = val
+    return out
+
+
+def _named_leaves(kw: dict):
+    for key, val in kw.items():
+        if isinstance(val, Mamba3State):
+            for f, x in zip(STATE_FIELDS, val):
+                if x is not None:
+                    yield f"initial_states.{f}", x
+        elif isinstance(val, torch.Tensor) and val.is_floating_point():
+            yield key, val
+
+
+def _loss(out, state, weights: dict):
+    """Σ out·w_out + Σ_f final_f·w_f (float64): a generic linear functional of every output."""
+    loss = (out.double() * weights["out"]).sum()
+    if state is not None:
+        for f in STATE_FIELDS:
+            x = getattr(state, f)
+            if x is not None:
+                loss = loss + (x.double() * weights[f]).sum()
+    return loss
+
+
+def _weights(out, state, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = {"out": torch.randn(out.shape, generator=g, dtype=torch.float64)}
+    if state is not None:
+        for f in STATE_FIELDS:
+            x = getattr(state, f)
+            if x is not None:
+                w[f] = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return w
+
+
+def kernel_and_reference_grads(module, spec, kw: dict, final: bool):
+    """{name: (kernel gradient, float64 reference gradient)} for every floating input of `kw`."""
+    mine, ref = _leaves(kw), _leaves(kw, torch.float64)
+    res = module.mamba3_forward(**mine, return_final_states=final)
+    out, state = res if final else (res, None)
+    rout, rstate = naive_recurrence(spec, **ref)
+    w = _weights(out, state)
+    _loss(out, state, w).backward()
+    _loss(rout, rstate if final else None, w).backward()
+    return {name: (x.grad, y.grad) for (name, x), (_, y) in zip(_named_leaves(mine), _named_leaves(ref))}
+
+
+def grad_problems(grads: dict) -> list[str]:
+    bad = []
+    for name, (g, r) in grads.items():
+        if r is None:
+            r = torch.zeros_like(g) if g is not None else None  # an input the outputs do not depend on
+        if g is None:
+            if r is not None and r.abs().max() > 0:
+                bad.append(f"{name}: no gradient from the kernel")
+            continue
+        g, r = g.detach().double(), r.detach().double()
+        if g.shape != r.shape:
+            bad.append(f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}")
+        elif not torch.isfinite(g).all():
+            bad.append(f"{name}: {int((~torch.isfinite(g)).sum())} non-finite values")
+        elif torch.linalg.vector_norm(g - r) > REL * torch.linalg.vector_norm(r) + ATOL * g.numel() ** 0.5:
+            bad.append(f"{name}: rms ratio {rel_err(g, r):.3e} > {REL:g} (|ref| {torch.linalg.vector_norm(r):.3e})")
+    return bad
+
+
+def assert_grads_match(module, spec, kw, final):
+    grads = kernel_and_reference_grads(module, spec, kw, final)
+    problems = grad_problems(grads)
+    assert not problems, "\n".join(problems)
+    return grads
+
+
+def _fp32(spec):
+    return respec(spec, dtypes={"compute": "fp32"})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# property test: random specs (formula rules included) and inputs vs float64 autograd
+# ------------------------------------------------------------------------------------------------------------------
+@interpreter_only
+@examples(25)
+@given(spec=specs(), data=st.data())
+def test_gradients_match_float64_autograd(spec, data, interp_kernels):
+    """Every gradient of the generated op equals float64 autograd through the naive recurrence (RMS ratio ≤ 1e-4)."""
+    from mamba3_gen.lower.lowering import lower_discretization
+
+    assume(lower_discretization(spec).lags <= 1)  # rules with two or more lags are refused (test below)
+    size = data.draw(input_kwargs(spec), label="size")
+    assume("extreme_decays" not in size)  # module docstring: −inf decays have no finite chain rule through A·Δ
+    kw = draw_inputs(spec, size)
+    final = spec.options.final_states and data.draw(st.booleans(), label="final")
+    assert_grads_match(interp_kernels(spec), spec, kw, final)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# fixed edge cases
+# ------------------------------------------------------------------------------------------------------------------
+_EDGE_SPECS = {
+    "trap_complex_pairwise": dict(rule="exp_trapezoidal", kind="complex"),
+    "euler_real": dict(rule="exp_euler", kind="real", z_gate=False),
+    "zoh_complex_halved": dict(rule="zoh", kind="complex", rotation="halved", d_skip=False),
+    "formula_two_weights": dict(rule="custom", weights=["dt * sigmoid(adt)", "0.5 * dt * tanh(dt) * exp(adt)"],
+                                log_decay="adt - 0.1 * dt", kind="complex", rope=1.0),
+    "mimo_r4_trap": dict(rule="exp_trapezoidal", kind="complex", rotation="halved", R=4, G=2),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", sorted(_EDGE_SPECS))
+@pytest.mark.parametrize("L", [1, 4, 11])  # one token; exactly one chunk; off the chunk grid (C = 4)
+def test_edges_with_initial_states(name, L, interp_kernels):
+    """L = 1, one chunk, L off the chunk grid, random initial states and every final state differentiated."""
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True))
+    H = 2 * spec.dims.ngroups
+    kw = make_inputs(spec, 2, L, H, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["trap_complex_pairwise", "mimo_r4_trap"])
+def test_varlen_pack_with_empty_sequences(name, interp_kernels):
+    """A pack of sequences, empty ones included (their initial states' gradients are the final states'), one shorter
+    than a chunk and one spanning three chunks."""
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True, varlen=True))
+    kw = make_inputs(spec, 1, 0, 2 * spec.dims.ngroups, seed=3, with_initial_states=True,
+                     nseq_lengths=[5, 0, 3, 9, 0])
+    grads = assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+    # an empty sequence's final state is its initial one: its gradient passes through bit for bit
+    got, ref = grads["initial_states.ssm"]
+    for i in (1, 4):
+        assert torch.equal(got[i], ref[i].float()), f"empty sequence {i}"
+
+
+@interpreter_only
+def test_chunked_forward_has_the_same_backward(interp_kernels, monkeypatch):
+    """MAMBA3_GEN_FORWARD=chunked: the chunk-parallel forward's op carries the same autograd formula."""
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", "chunked")
+    spec = _fp32(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=4, init=True))
+    kw = make_inputs(spec, 1, 9, 2, seed=5, with_initial_states=True)
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# finite differences: no oracle involved
+# ------------------------------------------------------------------------------------------------------------------
+@interpreter_only
+def test_directional_finite_differences(interp_kernels):
+    """⟨∇L, δ⟩ from the backward equals (L(x + hδ) − L(x − hδ)) / 2h for random directions δ over every input at once
+    (initial states included), all in the fp32 op. Tolerance 1e-3 relative: the central difference's truncation error
+    is h²·L'''/6 ≈ 1e-6 relative at h = 1e-3 on these O(1) inputs, and its rounding ≈ 6e-8·|L|·√n / (2h) ≈ 3e-4·|L|
+    for n ≈ 10³ summed terms; a gradient with one wrong term is off by ≥ 1e-2."""
+    spec = _fp32(make_spec(rule="exp_trapezoidal", kind="complex", N=8, P=4, chunk=4, init=True, G=1))
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 1, 6, 2, seed=11, with_initial_states=True, dt_range=(0.05, 0.5))
+    x = _leaves(kw)
+    res = module.mamba3_forward(**x, return_final_states=True)
+    w = _weights(*res, seed=2)
+    _loss(*res, w).backward()
+    names = [n for n, _ in _named_leaves(x)]
+    g = torch.Generator().manual_seed(7)
+    for trial in range(3):
+        direction = {n: torch.randn(t.shape, generator=g) for n, t in _named_leaves(x)}
+        dot = sum((t.grad.double() * direction[n].double()).sum() for n, t in _named_leaves(x)).item()
+        h = 1e-3
+
+        def shifted(sign):
+            moved = {}
+            for key, val in kw.items():
+                if isinstance(val, Mamba3State):
+                    moved[key] = Mamba3State(*[None if t is None else t + sign * h * direction[f"{key}.{f}"]
+                                               for f, t in zip(STATE_FIELDS, val)])
+                elif key in direction:
+                    moved[key] = val + sign * h * direction[key]
+                else:
+                    moved[key] = val
+            with torch.no_grad():
+                return _loss(*module.mamba3_forward(**moved, return_final_states=True), w).item()
+
+        fd = (shifted(1) - shifted(-1)) / (2 * h)
+        assert abs(fd - dot) <= 1e-3 * max(abs(dot), 1.0), f"trial {trial}: fd {fd:.6g} vs backward {dot:.6g} ({names})"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# autograd integration: torch.compile, activation checkpointing, refusals
+# ------------------------------------------------------------------------------------------------------------------
+def _small_case(interp_kernels):
+    spec = _fp32(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=4, init=True))
+    return spec, interp_kernels(spec), make_inputs(spec, 1, 7, 2, seed=13, with_initial_states=True)
+
+
+@interpreter_only
+def test_activation_checkpointing(interp_kernels):
+    """torch.utils.checkpoint(use_reentrant=False) recomputes the forward when the backward reads the saved tensors
+    (once): the gradients are bit for bit those of a plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    spec, module, kw = _small_case(interp_kernels)
+
+    def run(ckpt: bool):
+        x = _leaves(kw)
+        layer_in = {k: v for k, v in x.items() if k != "initial_states"}
+
+        def f(**inputs):
+            out, st = module.mamba3_forward(**inputs, initial_states=x["initial_states"], return_final_states=True)
+            return out, st.ssm
+
+        out, ssm = checkpoint(f, use_reentrant=False, **layer_in) if ckpt else f(**layer_in)
+        (out.square().sum() + ssm.sum()).backward()
+        return {n: t.grad for n, t in _named_leaves(x)}
+
+    plain, ckpt = run(False), run(True)
+    for name in plain:
+        assert plain[name] is not None and torch.equal(plain[name], ckpt[name]), name
+
+
+@interpreter_only
+def test_torch_compile_fullgraph(interp_kernels):
+    """torch.compile(fullgraph=True) traces the forward op and its backward op (fake implementations) with no graph
+    break, and gives the eager gradients."""
+    spec, module, kw = _small_case(interp_kernels)
+
+    def f(q, k, v, adt, dt, trap, angles, z):
+        out = module.mamba3_forward(q, k, v, adt, dt, trap=trap, q_bias=kw["q_bias"], k_bias=kw["k_bias"],
+                                    angles=angles, D=kw["D"], z=z)
+        return out.square().sum()
+
+    names = ("q", "k", "v", "adt", "dt", "trap", "angles", "z")
+    eager_in = [kw[n].clone().requires_grad_() for n in names]
+    f(*eager_in).backward()
+    compiled_in = [kw[n].clone().requires_grad_() for n in names]
+    try:
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        compiled(*compiled_in).backward()
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        if "interpret" in str(e).lower():
+            pytest.skip(f"torch.compile cannot trace the interpreter's launch: {type(e).__name__}: {e}")
+        raise
+    for name, a, b in zip(names, eager_in, compiled_in):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7), name
+
+
+@interpreter_only
+def test_two_lag_rule_is_refused_naming_the_field(interp_kernels):
+    """A rule with three weights (J = 2) has no backward yet: asking for a gradient raises InputError naming
+    discretization.weights; under torch.no_grad the forward still runs."""
+    spec = _fp32(make_spec(rule="custom", weights=["dt", "0.5 * dt * exp(adt)", "0.25 * dt * exp(adt)"],
+                           kind="real", N=16, P=8, chunk=4))
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 1, 5, 2, seed=0)
+    with torch.no_grad():
+        assert module.mamba3_forward(**kw).shape == kw["v"].shape
+    x = _leaves(kw)
+    with pytest.raises(InputError, match=r"discretization\.weights has 3"):
+        module.mamba3_forward(**x)
+
+
+def test_no_template_names_a_rule():
+    """The backward's templates, like the forward's, read the rule only through the lowering (tests/test_rules.py
+    checks every template; this one fails first when a backward file is the one that does)."""
+    from mamba3_gen.spec.rules import PRESETS
+
+    files = [REPO / "templates/triton/bwd.py.jinja", *sorted((REPO / "templates/triton/bwd_stages").glob("*.jinja"))]
+    for path in files:
+        text = path.read_text()
+        for name in PRESETS:
+            assert name not in text, f"{path.name} names the rule {name!r}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# AOT: the backward kernels compile for sm_90a without spills (a subprocess without the interpreter)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.aot
+@pytest.mark.parametrize("name", ["siso_trap_complex", "siso_euler_real", "mimo_r4"])
+def test_backward_kernels_compile_for_sm90a_without_spills(name):
+    from mamba3_gen.backends.triton.aot_backward import backward_compile_report
+
+    rows = backward_compile_report(REPO / "specs" / f"{name}.yaml", "sm_90a")
+    assert {r["kernel"] for r in rows} == {"dstate", "chunk", "steps"}
+    for r in rows:
+        assert r["registers"] <= 255 and r["shared"] <= 232448, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} {r['kernel']} spills: {r}"
