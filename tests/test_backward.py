@@ -320,6 +320,32 @@ def test_two_lag_rule_is_refused_naming_the_field(interp_kernels):
         module.mamba3_forward(**x)
 
 
+@interpreter_only
+def test_chunk_kernel_out_of_shared_memory_is_a_clear_error(interp_kernels, monkeypatch):
+    """When the backward's chunk kernel does not fit the GPU's shared memory (the complex SISO specs on an H200:
+    248 KB for 227 KB), the user gets a DeviceError naming the spec and the fields that shrink the tile, not
+    Triton's OutOfResources. The interpreter never runs out, so a stub kernel raises what the GPU compile raised."""
+    from triton.runtime.errors import OutOfResources
+
+    from mamba3_gen.errors import DeviceError
+
+    spec = _fp32(make_spec(rule="exp_trapezoidal", N=16, P=8, chunk=4))
+    module = interp_kernels(spec)
+    bwd = module.mamba3_forward.backward
+
+    class _TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(253952, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(bwd, "kernels", (bwd.kernels[0], _TooBig(), bwd.kernels[2]))
+    x = _leaves(make_inputs(spec, 1, 5, 2, seed=0))
+    out = module.mamba3_forward(**x)
+    with pytest.raises(DeviceError, match=r"chunk kernel does not fit.*dims\.chunk_size"):
+        out.sum().backward()
+
+
 def test_no_template_names_a_rule():
     """The backward's templates, like the forward's, read the rule only through the lowering (tests/test_rules.py
     checks every template; this one fails first when a backward file is the one that does)."""

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
-from mamba3_gen.errors import InputError
+from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 
 __all__ = ["attach_backward", "BackwardOp", "unsupported_reason"]
@@ -187,12 +188,21 @@ class BackwardOp:
         dmz_part = zeros(slots, H, R, P) if R > 1 and z is not None else None
         dmo_part = zeros(slots, H, R, P) if R > 1 else None
         if slots:
-            chunk_kernel[(slots, H)](
-                q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
-                chunk_ssm, chunk_angle, None, None, dchunk, d_k, d_v,
-                dq_h, dk_h, dv, dz, dtheta, da, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
-                L, H, G, NC, NS, search, *angle_strides, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen,
-                BLOCK_P=m["BP"])
+            try:
+                chunk_kernel[(slots, H)](
+                    q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
+                    chunk_ssm, chunk_angle, None, None, dchunk, d_k, d_v,
+                    dq_h, dk_h, dv, dz, dtheta, da, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
+                    L, H, G, NC, NS, search, *angle_strides, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen,
+                    BLOCK_P=m["BP"])
+            except OutOfResources as e:
+                # One program holds a whole chunk x P x N: large complex specs exceed a GPU's shared memory (the
+                # kernel is not split yet, NOTES.md issue 12). Say which fields would shrink it.
+                raise DeviceError(
+                    f"spec {m['name']!r}: the backward's chunk kernel does not fit this GPU ({e}); its tile is "
+                    f"dims.chunk_size·mimo_rank = {C * R} rows x d_state = {N} x headdim = {P}: a smaller "
+                    "dims.chunk_size, d_state or headdim fits; the forward and the decode step are not affected"
+                ) from e
 
         # 4. per-token step gradients, angles, initial states
         dadt, ddt = empty(B, H, L), empty(B, H, L)
