@@ -22,6 +22,7 @@ from typing import Callable
 import networkx as nx
 
 from mamba3_gen.lower.lowering import Lowered
+from mamba3_gen.signature import features, presence
 from mamba3_gen.spec.model import Spec
 
 PHASES = ("prologue", "chunk", "epilogue")
@@ -123,16 +124,10 @@ def spec_tensors(spec: Spec, low: Lowered, variant: str = "fused") -> frozenset[
     """The tensors a spec's forward kernel actually takes (the op passes None for the others): a stage may name a
     tensor that only some specs have (init_carry loads the initial angle only for a complex state with initial
     states), so its loads and stores are filtered by this set before they are shown."""
-    opt, R = spec.options, spec.dims.mimo_rank
-    lags, cplx = low.lags > 0, spec.is_complex
+    cplx = spec.is_complex
     present = {
-        "q": True, "k": True, "v": True, "adt": True, "dt": True, "q_bias": True, "k_bias": True, "out": True,
-        "trap": spec.has_trap_input, "angles": cplx, "D": opt.d_skip, "z": opt.z_gate,
-        "mimo_v": R > 1, "mimo_o": R > 1, "mimo_z": R > 1 and opt.z_gate,
-        "init_ssm": opt.initial_states, "init_angle": opt.initial_states and cplx,
-        "init_k": opt.initial_states and lags, "init_v": opt.initial_states and lags,
-        "final_ssm": opt.final_states, "final_angle": opt.final_states and cplx,
-        "final_k": opt.final_states and lags, "final_v": opt.final_states and lags,
+        # the layer inputs, out and the initial/final state fields: from the signature table
+        **presence(features(spec)._replace(lags=low.lags)),
         # the chunk-parallel forward's intermediates: the state entering each chunk, its Θ, the carried tokens
         # that land after a chunk's first step (J >= 2)
         "chunk_ssm": variant != "fused", "chunk_angle": variant != "fused" and cplx,

@@ -40,17 +40,14 @@ from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.state import Mamba3State, state_layout
+from mamba3_gen.signature import GRAD_NAMES, backward_schema
 
 __all__ = ["attach_backward", "BackwardOp", "unsupported_reason"]
 
-_GRAD_NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v", "mimo_z",
-               "mimo_o", "init_angle", "init_ssm", "init_k", "init_v")
-_BWD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor adt, Tensor dt, Tensor? trap, Tensor q_bias, Tensor k_bias, "
-    "Tensor? angles, Tensor? D, Tensor? z, Tensor? mimo_v, Tensor? mimo_z, Tensor? mimo_o, Tensor? init_angle, "
-    "Tensor? init_ssm, Tensor? init_k, Tensor? init_v, Tensor? cu_seqlens, Tensor? dout, Tensor? d_angle, "
-    "Tensor? d_ssm, Tensor? d_k, Tensor? d_v) -> (" + ", ".join(["Tensor"] * len(_GRAD_NAMES)) + ")"
-)
+# The gradients' names (the forward's tensor inputs but cu_seqlens) and the op's schema, from the signature table
+# (mamba3_gen/signature.py); the op's Python parameters below are checked against it by tests/test_signature.py.
+_GRAD_NAMES = GRAD_NAMES
+_BWD_SCHEMA = backward_schema()
 _ATTACHED: dict = {}  # forward op name -> BackwardOp (a build shared by several loaded modules attaches once)
 
 
@@ -93,7 +90,7 @@ class BackwardOp:
         reason = unsupported_reason(self.meta)
         if reason is not None:
             raise InputError(reason)
-        ctx.save_for_backward(*inputs[:19])  # the 18 layer/state inputs and cu_seqlens; nothing else is kept
+        ctx.save_for_backward(*inputs[:len(_GRAD_NAMES) + 1])  # layer/state inputs and cu_seqlens; nothing else is kept
 
     def backward(self, ctx, dout, d_angle, d_ssm, d_k, d_v):
         saved = ctx.saved_tensors  # read once (activation checkpointing recomputes the forward on this access)

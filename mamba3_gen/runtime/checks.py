@@ -8,8 +8,10 @@ import torch
 
 from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.state import Mamba3State, state_layout
+from mamba3_gen.signature import LAYER_ARGS, LAYER_INPUTS, features
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_TO_FP32 = ("D", "mimo_v", "mimo_z", "mimo_o")  # inputs converted to fp32 on the host (besides the biases)
 
 
 def expect(name: str, t, shape: tuple, device=None, dtypes=FLOATS, contiguous=True):
@@ -131,51 +133,32 @@ def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, t
     check_device(dev)
     N, P, R, G, S = meta["N"], meta["P"], meta["R"], meta["G"], meta["S"]
     B, tail = lead[0], tuple(lead[1:])
-    out = {"v": expect("v", v, lead + (H, P), dev)}
-    qk_shape = lead + ((G, N) if R == 1 else (R, G, N))
-    out["q"] = expect("q", q, qk_shape, dev)
-    out["k"] = expect("k", k, qk_shape, dev)
-    step_shape = (B, H) + tail
-    out["adt"] = expect("adt", adt, step_shape, dev)
-    out["dt"] = expect("dt", dt, step_shape, dev)
-    if meta["has_trap"]:
-        out["trap"] = expect("trap", trap, step_shape, dev)
-    else:
-        absent(meta, "trap", trap, f"takes λ from its rule ({meta['lambda']})")
-        out["trap"] = None
-    bias_shape = (H, N) if R == 1 else (H, R, N)
-    for name, t in (("q_bias", q_bias), ("k_bias", k_bias)):
-        t = torch.zeros(bias_shape, device=dev) if t is None else t
-        out[name] = expect(name, t, bias_shape, dev).float()
-    if S:
-        # Angles are often shared by all heads (a (..., 1, S) tensor expanded over H): kernels take their strides,
-        # so that stride-0 view is read as it is instead of being copied H times.
-        angles = expect("angles", angles, lead + (H, S), dev, contiguous=False)
-        out["angles"] = angles if angles.stride(-1) == 1 else angles.contiguous()
-    else:
-        absent(meta, "angles", angles, "has a real state (no rotation)")
-        out["angles"] = None
-    if meta["d_skip"]:
-        out["D"] = expect("D", D, (H,), dev).float()
-    else:
-        absent(meta, "D", D, "has no D skip (options.d_skip: false)")
-        out["D"] = None
-    if meta["z_gate"]:
-        out["z"] = expect("z", z, lead + (H, P), dev)
-    else:
-        absent(meta, "z", z, "has no z gate (options.z_gate: false)")
-        out["z"] = None
-    out.update(mimo_v=None, mimo_z=None, mimo_o=None)
-    if R > 1:
-        out["mimo_v"] = expect("mimo_v", mimo_v, (H, R, P), dev).float()
-        out["mimo_o"] = expect("mimo_o", mimo_o, (H, R, P), dev).float()
-        if meta["z_gate"]:
-            out["mimo_z"] = expect("mimo_z", mimo_z, (H, R, P), dev).float()
+    given = dict(zip(LAYER_INPUTS, (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)))
+    # each input's shape rule (the table in mamba3_gen/signature.py documents them); which inputs the spec takes,
+    # and why it refuses the others, come from that table
+    qk = lead + ((G, N) if R == 1 else (R, G, N))
+    step, bias, mimo = (B, H) + tail, (H, N) if R == 1 else (H, R, N), (H, R, P)
+    shapes = {"q": qk, "k": qk, "v": lead + (H, P), "adt": step, "dt": step, "trap": step, "q_bias": bias,
+              "k_bias": bias, "angles": lead + (H, S), "D": (H,), "z": lead + (H, P), "mimo_v": mimo, "mimo_z": mimo,
+              "mimo_o": mimo}
+    f = features(meta)
+    out = {}
+    for arg in sorted(LAYER_ARGS, key=lambda a: a.name != "v"):  # v first, as the other shapes are read off it
+        name, t = arg.name, given[arg.name]
+        if not arg.used(f):
+            absent(meta, name, t, arg.absent_why(meta))
+            out[name] = None
+        elif name in ("q_bias", "k_bias"):  # zeros when not given
+            t = torch.zeros(bias, device=dev) if t is None else t
+            out[name] = expect(name, t, bias, dev).float()
+        elif name == "angles":
+            # Angles are often shared by all heads (a (..., 1, S) tensor expanded over H): kernels take their strides,
+            # so that stride-0 view is read as it is instead of being copied H times.
+            t = expect(name, t, shapes[name], dev, contiguous=False)
+            out[name] = t if t.stride(-1) == 1 else t.contiguous()
         else:
-            absent(meta, "mimo_z", mimo_z, "has no z gate")
-    else:
-        for name, t in (("mimo_v", mimo_v), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
-            absent(meta, name, t, "is SISO (mimo_rank 1)")
+            t = expect(name, t, shapes[name], dev)
+            out[name] = t.float() if name in _TO_FP32 else t
     return out
 
 

@@ -15,16 +15,14 @@ import triton
 from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout
+from mamba3_gen.signature import LAYER_INPUTS, forward_schema
 
-# The layer inputs in the order the kernels and the registered ops take them.
-_LAYER_INPUTS = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v", "mimo_z", "mimo_o")
+# The layer inputs in the order the kernels and the registered ops take them, and the op's schema: both from the
+# signature table (mamba3_gen/signature.py); the op's Python parameters below are checked against it by
+# tests/test_signature.py.
+_LAYER_INPUTS = LAYER_INPUTS
 _REGISTERED: dict = {}  # op name -> registered custom op (one per spec and target, shared by its loaded modules)
-_OP_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor adt, Tensor dt, Tensor? trap, Tensor q_bias, Tensor k_bias, "
-    "Tensor? angles, Tensor? D, Tensor? z, Tensor? mimo_v, Tensor? mimo_z, Tensor? mimo_o, Tensor? init_angle, "
-    "Tensor? init_ssm, Tensor? init_k, Tensor? init_v, Tensor? cu_seqlens, bool return_final_states) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
+_OP_SCHEMA = forward_schema()
 
 
 # Generated kernels are decorated at import; TRITON_INTERPRET=1 then runs them on the CPU (triton.jit reads it too).

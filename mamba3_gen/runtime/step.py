@@ -15,6 +15,7 @@ import triton
 from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import check_cute_device, check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout, zero_state
+from mamba3_gen.signature import LAYER_INPUTS
 
 BACKENDS = ("triton", "cute")
 
@@ -90,7 +91,8 @@ class StepOp:
         return out, (state if inplace and isinstance(state, Mamba3State) else st_out)
 
     def launch(self, x: dict, out, st_in: Mamba3State, st_out: Mamba3State, inplace: bool):
-        """The bare Triton launch on checked tensors (what a CUDA graph of the step captures)."""
+        """The bare Triton launch on checked tensors (what a CUDA graph of the step captures): the layer inputs in
+        the signature table's order (mamba3_gen/signature.py), out, the state in and out, then the scalars."""
         B, H, _ = x["v"].shape
         dev = x["v"].device
         counters = self._counters.get((B * H, dev))
@@ -99,8 +101,7 @@ class StepOp:
         blocks = triton.cdiv(self.meta["P"], self.block_p)
         grid = (H, B, blocks) if self.head_major else (B, H, blocks)
         self.kernel[grid](
-            x["q"], x["k"], x["v"], x["adt"], x["dt"], x["trap"], x["q_bias"], x["k_bias"], x["angles"], x["D"],
-            x["z"], x["mimo_v"], x["mimo_z"], x["mimo_o"], out, *st_in, *st_out, H, self.meta["G"],
+            *(x[n] for n in LAYER_INPUTS), out, *st_in, *st_out, H, self.meta["G"],
             *_angle_strides(x["angles"]), counters, IN_PLACE=inplace, BLOCK_P=self.block_p,
             HEAD_MAJOR=self.head_major, STREAM=self.stream,
             num_warps=self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {}),

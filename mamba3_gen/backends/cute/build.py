@@ -15,6 +15,7 @@ import jinja2
 from mamba3_gen.backends.printing import cute_printer, input_codes, print_prologue
 from mamba3_gen.backends.templating import template_env, templates_hash
 from mamba3_gen.paths import templates_dir
+from mamba3_gen.signature import cute_roles, features
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_DIR = templates_dir("cute")  # the checkout's templates/, or the copy inside an installed wheel
@@ -58,38 +59,10 @@ def arg_roles(meta: dict) -> dict:
     """{kernel pointer argument: (role, alignment in bytes)} in the host function's order; role is the element
     type: 'input' (the input dtype), 'state' (the state dtype) or 'fp32'; alignment None means the element size
     (scalar accesses only), 16 marks tensors read with 16-byte vectors (the adapter checks the address)."""
-    R, S, carries = meta["R"], meta["S"], meta["J"] > 0
-    vec_align = VECTOR_BYTES
-    roles: dict = {}
-    roles["q"] = ("input", vec_align)
-    roles["k"] = ("input", vec_align)
-    roles["v"] = ("input", None)
-    roles["adt"] = ("fp32", None)
-    roles["dt"] = ("fp32", None)
-    if meta["has_trap"]:
-        roles["trap"] = ("fp32", None)
-    roles["q_bias"] = ("fp32", vec_align)
-    roles["k_bias"] = ("fp32", vec_align)
-    if S:
-        roles["angles"] = ("fp32", None)
-    if meta["d_skip"]:
-        roles["D"] = ("fp32", None)
-    if meta["z_gate"]:
-        roles["z"] = ("input", None)
-    if R > 1:
-        roles["mimo_v"] = ("fp32", None)
-        if meta["z_gate"]:
-            roles["mimo_z"] = ("fp32", None)
-        roles["mimo_o"] = ("fp32", None)
-    roles["out"] = ("input", None)
-    for suffix in ("_in", "_out"):
-        if S:
-            roles["angle" + suffix] = ("fp32", None)
-        roles["ssm" + suffix] = ("state", vec_align)
-        if carries:
-            roles["k" + suffix] = ("state", vec_align)
-            roles["v" + suffix] = ("state", None)
-    return roles
+    # the pointers and their element types from the signature table (mamba3_gen/signature.py); q, k, the biases and
+    # the state's ssm and k are read with 16-byte vectors
+    vectors = ("q", "k", "q_bias", "k_bias", "ssm_in", "ssm_out", "k_in", "k_out")
+    return {name: (role, VECTOR_BYTES if name in vectors else None) for name, role in cute_roles(features(meta))}
 
 
 SCALAR_ARGS = ("B", "H", "angles_sb", "angles_sh")

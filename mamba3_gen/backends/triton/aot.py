@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mamba3_gen.signature import features, pointer_types
+
 __all__ = ["AOTCompileError", "compile_report", "kernel_signature", "ptxas_stats", "main"]
 
 _ERROR_LINES = 20  # lines of a compiler error kept in the raised message
@@ -54,32 +56,10 @@ def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, di
       tensors.
     """
     io = "*bf16" if spec.dtypes.input == "bf16" else "*fp32"
-    f32 = "*fp32"
     opt = spec.options
-    R = spec.dims.mimo_rank
-    complex_ = spec.is_complex
-    shift = spec.lags > 0
-    ptr_types = {
-        "q_ptr": io, "k_ptr": io, "v_ptr": io, "out_ptr": io,
-        "adt_ptr": f32, "dt_ptr": f32,
-        "trap_ptr": f32 if spec.has_trap_input else None,
-        "q_bias_ptr": f32, "k_bias_ptr": f32,
-        "angles_ptr": f32 if complex_ else None,
-        "d_ptr": f32 if opt.d_skip else None,
-        "z_ptr": io if opt.z_gate else None,
-        "mimo_v_ptr": f32 if R > 1 else None,
-        "mimo_z_ptr": f32 if R > 1 and opt.z_gate else None,
-        "mimo_o_ptr": f32 if R > 1 else None,
-        "init_angle_ptr": f32 if opt.initial_states and complex_ else None,
-        "init_ssm_ptr": f32 if opt.initial_states else None,
-        "init_k_ptr": f32 if opt.initial_states and shift else None,
-        "init_v_ptr": f32 if opt.initial_states and shift else None,
-        "final_angle_ptr": f32 if opt.final_states and complex_ else None,
-        "final_ssm_ptr": f32 if opt.final_states else None,
-        "final_k_ptr": f32 if opt.final_states and shift else None,
-        "final_v_ptr": f32 if opt.final_states and shift else None,
-        "cu_seqlens_ptr": "*i32" if opt.varlen else None,
-    }
+    # the op's pointers, from the signature table (mamba3_gen/signature.py): None for one the spec passes as None;
+    # the state fields are compiled as fp32 pointers
+    ptr_types = pointer_types(features(spec), io, state="*fp32")
     consts = {
         "HAS_INIT": bool(opt.initial_states), "STORE_FINAL": bool(opt.final_states),
         "IS_VARLEN": bool(opt.varlen), "BLOCK_P": int(block_p),
