@@ -16,6 +16,7 @@ import pytest
 
 import mamba3_gen
 from mamba3_gen import cache as cache_mod
+from mamba3_gen.backends.triton.build import PACKAGE_FILES
 from mamba3_gen.errors import FileSystemError
 from mamba3_gen.files import atomic_write, sha256_bytes
 from mamba3_gen.spec.loader import spec_hash
@@ -40,7 +41,7 @@ def entry_folders(root: Path) -> list[Path]:
 def assert_complete(folder: Path) -> dict:
     """Every file the manifest lists is there with its sha256, and no temporary file is left over."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"__init__.py", "fwd.py", "step.py", "step_cute.py", "spec.json"}
+    assert set(manifest["files"]) == set(PACKAGE_FILES)
     for name, digest in manifest["files"].items():
         assert sha256_bytes((folder / name).read_bytes()) == digest, f"{folder.name}/{name} is not the file built"
     assert not list(folder.glob(".*.tmp")), "a temporary file was left behind"

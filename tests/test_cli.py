@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 
 import mamba3_gen.cli as cli
 from mamba3_gen.cli import app
+from mamba3_gen.backends.triton.build import PACKAGE_FILES
 from mamba3_gen.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "specs" / "mimo_r4.yaml"
-FILES = ("__init__.py", "fwd.py", "step.py", "step_cute.py", "spec.json")
+FILES = PACKAGE_FILES
 
 try:  # click < 8.2 mixes stderr into stdout unless told not to; later versions always keep them apart
     runner = CliRunner(mix_stderr=False)

@@ -35,6 +35,8 @@ KERNEL_NAME = "mamba3_fwd_kernel"
 STATES_KERNEL_NAME = "mamba3_chunk_states_kernel"  # the chunk-parallel forward: per-chunk entering states
 OUT_KERNEL_NAME = "mamba3_chunk_out_kernel"  # ... and the outputs of every chunk from them
 STEP_KERNEL_NAME = "mamba3_step_kernel"
+# the files of one spec's package, in the order render() returns them (tests and docs read this list)
+PACKAGE_FILES = ("__init__.py", "fwd.py", "bwd.py", "step.py", "spec.json", "step_cute.py")
 
 
 def _next_pow2(x: int) -> int:
@@ -140,8 +142,10 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
     # the CuTe DSL twin of the decode step (its tiling covers every state shape)
     from mamba3_gen.backends.cute.build import render_step
 
-    return {"__init__.py": init, "fwd.py": fwd, "bwd.py": bwd, "step.py": step, "spec.json": spec_json,
-            "step_cute.py": render_step(low, header)}
+    files = {"__init__.py": init, "fwd.py": fwd, "bwd.py": bwd, "step.py": step, "spec.json": spec_json,
+             "step_cute.py": render_step(low, header)}
+    assert tuple(files) == PACKAGE_FILES
+    return files
 
 
 def build(spec_path: str | Path, out_dir: str | Path | None = None, arch: str = DEFAULT_TARGET,
