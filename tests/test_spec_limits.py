@@ -98,6 +98,35 @@ def test_module_shadowing_names(name):
     assert line.endswith(f"try name: {name}_layer")
 
 
+@pytest.mark.parametrize("name", ["cuda", "yaml", "fsspec", "pygments", "shellingham", "markdown_it", "mdurl",
+                                  "annotated_types", "click", "rich", "cutlass", "mpmath"])
+def test_transitive_dependency_module_names(name):
+    """Modules of the requirements' requirements (cuda from cuda-python via nvidia-cutlass-dsl, ...) are refused too."""
+    (line,) = problems(f"name: {name}\n")
+    assert line == (f"x.yaml:1: name: '{name}' is the name of the importable module {name}, which the generated "
+                    f"package would shadow (or be shadowed by); try name: {name}_layer")
+
+
+def test_reserved_names_cover_the_dependency_closure():
+    """The fixed list holds every import name of the installed closure of mamba3-gen's requirements, so a spec is
+    valid or not the same way wherever it is checked (the closure is also consulted at run time)."""
+    from mamba3_gen.spec.model import RESERVED_NAMES, dependency_module_names
+
+    closure = dependency_module_names()
+    assert {"torch", "cuda", "fsspec", "pygments", "shellingham"} <= closure  # found transitively, through metadata
+    assert closure <= RESERVED_NAMES, f"add to RESERVED_NAMES: {sorted(closure - RESERVED_NAMES)}"
+
+
+def test_unrelated_installed_packages_do_not_reserve_names():
+    """Only the closure of mamba3-gen's requirements is read from the metadata: its extras (the test extra) and
+    distributions it does not require play no part."""
+    from mamba3_gen.spec.model import dependency_module_names
+
+    assert "hypothesis" not in dependency_module_names()  # the test extra is not a requirement
+    assert dependency_module_names("no-such-distribution-here") == frozenset()
+    assert load_spec_text("name: zoh_real\n").name == "zoh_real"
+
+
 def test_soft_keywords_are_valid_names():
     assert load_spec_text("name: match\n").name == "match"  # importable: generated.match
 

@@ -5,7 +5,9 @@ knowledge are checked by validators here, device limits (shared memory) are chec
 """
 from __future__ import annotations
 
+import functools
 import keyword
+import re
 import sys
 from typing import Literal
 
@@ -246,14 +248,70 @@ class Options(_Strict):
 MAX_NAME = 64  # characters of spec.name: it becomes a folder, a module and part of a custom op's name
 
 # Top-level modules a generated package must not shadow (generated/<name>/ is imported as <name> when generated/
-# is on sys.path): the standard library, builtins, mamba3-gen's own packages and folders, and its dependencies.
-# A fixed list, not a look at what is installed here, so that a spec is valid or not the same way everywhere.
+# is on sys.path): the standard library, builtins, mamba3-gen's own packages and folders, and the import names of every
+# distribution in the closure of its requirements (transitive ones included: cuda from cuda-python, which
+# nvidia-cutlass-dsl pulls in; yaml; fsspec and pygments; shellingham). A fixed list, so that a spec is valid or not the
+# same way everywhere; dependency_module_names() derives the closure from the installed metadata, is added to it (a
+# newer dependency that brings a new module is still refused), and tests/test_spec_limits.py checks that the fixed
+# list covers it. Packages installed here that mamba3-gen does not require play no part.
 RESERVED_NAMES = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {
     "mamba3_gen", "generated", "tests", "benchmarks", "specs", "templates", "docs",
-    "torch", "triton", "numpy", "pydantic", "pydantic_core", "ruamel", "sympy", "mpmath", "networkx", "jinja2",
-    "markupsafe", "typer", "click", "rich", "platformdirs", "filelock", "cutlass", "nvidia", "pytest", "hypothesis",
-    "setuptools", "pip", "wheel", "pkg_resources", "typing_extensions",
+    # direct requirements
+    "torch", "torchgen", "functorch", "triton", "numpy", "pydantic", "ruamel", "sympy", "isympy", "networkx", "jinja2",
+    "typer", "platformdirs", "filelock", "cutlass", "nvidia", "nvidia_cutlass_dsl",
+    # their requirements, transitively (pydantic, sympy, jinja2, typer and rich, torch, nvidia-cutlass-dsl)
+    "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions", "mpmath", "markupsafe", "click",
+    "rich", "shellingham", "pygments", "markdown_it", "mdurl", "annotated_doc", "fsspec", "setuptools",
+    "_distutils_hack", "pkg_resources", "cuda", "cuda_bindings", "cuda_core", "cuda_pathfinder", "yaml",
+    "optree", "opt_einsum",
+    # the test extra and the packaging tools
+    "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "hypothesis", "sortedcontainers", "attr", "attrs",
+    "pip", "wheel",
 }
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def dependency_module_names(root: str = "mamba3-gen") -> frozenset[str]:
+    """The top-level import names of every installed distribution in the closure of `root`'s requirements (extras
+    and requirements whose environment markers do not hold here left out). Empty when `root` is not installed."""
+    from importlib import metadata
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - packaging comes with pip and setuptools
+        Requirement = None
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(_dist_key(dist), set()).add(module)
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        dist = todo.pop()
+        if _dist_key(dist) in seen:
+            continue
+        seen.add(_dist_key(dist))
+        try:
+            requirements = metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requirements:
+            if Requirement is not None:
+                req = Requirement(text)
+                if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                    continue
+                todo.append(req.name)
+            elif ";" not in text:
+                todo.append(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", text.strip()).group(0))
+    seen.discard(_dist_key(root))
+    return frozenset(m for dist in seen for m in modules_of.get(dist, ()) if m.isidentifier())
+
+
+def is_reserved_name(name: str) -> bool:
+    return name in RESERVED_NAMES or name in dependency_module_names()
 
 
 class Spec(_Strict):
@@ -276,7 +334,7 @@ class Spec(_Strict):
                              f"module and an op name); try name: {better}")
         if keyword.iskeyword(name):  # soft keywords (match, case, type) are valid module names
             raise ValueError(f"'{name}' is a Python keyword, so generated.{name} cannot be imported; try name: {better}")
-        if name in RESERVED_NAMES:
+        if is_reserved_name(name):
             raise ValueError(f"'{name}' is the name of the importable module {name}, which the generated package "
                              f"would shadow (or be shadowed by); try name: {better}")
         return name
