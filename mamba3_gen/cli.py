@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from mamba3_gen.backends.device import DEFAULT_TARGET, arch_help  # data only: the targets' table
 from mamba3_gen.version import __version__
 
 app = typer.Typer(
@@ -178,7 +179,7 @@ def build(
                             "checkout, or ./generated when mamba3-gen is installed from a wheel).",
         file_okay=False)] = None,
     arch: Annotated[str, typer.Option(help="Target GPU architecture whose limits the kernels must fit: "
-                                           "sm_90a, sm_80, sm_89, sm_120, or interpreter (CPU).")] = "sm_90a",
+                                           + arch_help() + ".")] = DEFAULT_TARGET,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n",
                                           help="Validate and render, but write nothing; list what would change.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace a package built from another spec with the "
@@ -414,7 +415,7 @@ def check(
     spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) to check, e.g. specs/mimo_r4.yaml.",
                                              metavar="SPEC")],
     arch: Annotated[str, typer.Option(help="Target GPU architecture for the shared-memory check and the AOT "
-                                           "report: sm_90a, sm_80, sm_89, sm_120, or interpreter.")] = "sm_90a",
+                                           "report: " + arch_help() + ".")] = DEFAULT_TARGET,
     graph: Annotated[bool, typer.Option("--graph", help="Also print the kernel's stage graph: each stage, the "
                                                          "stages it depends on, and the tensors loaded/stored.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with everything instead of text.")] = False,

@@ -125,6 +125,23 @@ def test_missing_file_and_bad_arch(tmp_path):
     assert result.stderr.strip().startswith("--arch: unknown target 'sm_70'; try one of: sm_90a")
 
 
+@pytest.mark.parametrize("command", ["build", "check"])
+def test_every_target_is_accepted_and_listed(command):
+    """The CLI's --arch takes every name mamba3_gen.load(arch=...) takes (one table: device.TARGETS), sm_86
+    included, and --help lists them all."""
+    from mamba3_gen.backends.device import TARGETS
+    from mamba3_gen.cache import resolve_arch
+
+    help_text = " ".join(invoke(command, "--help").stdout.split())
+    for name in TARGETS:
+        assert resolve_arch(name) == name  # load() accepts it
+        assert name in help_text
+    args = ("--dry-run",) if command == "build" else ("--no-aot", "--json")
+    result = invoke(command, SPEC, "--arch", "sm_86", *args)
+    assert result.exit_code == 0, result.output
+    assert "unknown target" not in result.output
+
+
 def test_check_prints_derived_quantities():
     result = invoke("check", SPEC, "--no-aot")
     assert result.exit_code == 0, result.output

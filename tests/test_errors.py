@@ -93,7 +93,7 @@ def test_build_error_for_a_spec_that_does_not_lower(cache):
 def test_build_error_for_an_unknown_arch(cache):
     with pytest.raises(BuildError) as info:
         mamba3_gen.load(TINY, arch="sm_70")
-    assert str(info.value) == ("arch: unknown target 'sm_70'; try one of: sm_90a, sm_80, sm_89, sm_120, "
+    assert str(info.value) == ("arch: unknown target 'sm_70'; try one of: sm_90a, sm_80, sm_86, sm_89, sm_120, "
                                "interpreter")
 
 
