@@ -51,17 +51,33 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _fail(lines: list[str], code: int = USER_ERROR) -> typer.Exit:
-    for line in lines:
-        typer.echo(line, err=True)
+def _fail(lines: list[str], code: int = USER_ERROR, as_json: bool = False) -> typer.Exit:
+    """Print the problem lines (stderr; with ``as_json``, one JSON object on stdout) and return the Exit to raise."""
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "errors": [_problem_fields(line) for line in lines]}, indent=2))
+    else:
+        for line in lines:
+            typer.echo(line, err=True)
     return typer.Exit(code)
 
 
-def _check_arch(arch: str) -> None:
+def _problem_fields(line: str) -> dict[str, Any]:
+    """{file, line, field, message} of a ``file:line: field: message`` line (file and line None for a line about an
+    option, such as ``--arch: ...``)."""
+    m = re.match(r"^(?P<file>.*?):(?P<line>[0-9]+): (?P<field>[^ ]+?): (?P<message>.*)$", line, re.S)
+    if m:
+        return {"file": m["file"], "line": int(m["line"]), "field": m["field"], "message": m["message"]}
+    field, sep, message = line.partition(": ")
+    if sep and " " not in field:
+        return {"file": None, "line": None, "field": field, "message": message}
+    return {"file": None, "line": None, "field": None, "message": line}
+
+
+def _check_arch(arch: str, as_json: bool = False) -> None:
     from mamba3_gen.backends.device import TARGETS
 
     if arch not in TARGETS:
-        raise _fail([f"--arch: unknown target '{arch}'; try one of: {', '.join(TARGETS)}"])
+        raise _fail([f"--arch: unknown target '{arch}'; try one of: {', '.join(TARGETS)}"], as_json=as_json)
 
 
 def _yaml_line(spec_path: str, dotted: str) -> int:
@@ -119,25 +135,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (Mamba3GenError, LoweringError, ValueError)
 
 
-def _load(spec_path: str):
-    """Load a spec or exit 2 with its problem lines."""
+def _load(spec_path: str, as_json: bool = False):
+    """Load a spec or exit 2 with its problem lines (as JSON with ``as_json``)."""
     from mamba3_gen.spec.loader import SpecError, load_spec
 
     try:
         return load_spec(spec_path)
     except SpecError as e:
-        raise _fail(_problem_lines(spec_path, e)) from None
+        raise _fail(_problem_lines(spec_path, e), as_json=as_json) from None
 
 
-def _lower(spec_path: str, arch: str):
-    """(spec, lowering) of a spec for ``arch``, or exit 2 with the problem lines."""
+def _lower(spec_path: str, arch: str, as_json: bool = False):
+    """(spec, lowering) of a spec for ``arch``, or exit 2 with the problem lines (as JSON with ``as_json``)."""
     from mamba3_gen.backends.triton.build import lower
 
-    spec = _load(spec_path)
+    spec = _load(spec_path, as_json)
     try:
         return spec, lower(spec, arch)
     except _user_errors() as e:
-        raise _fail(_problem_lines(spec_path, e)) from None
+        raise _fail(_problem_lines(spec_path, e), as_json=as_json) from None
 
 
 def _size(n: int) -> str:
@@ -418,7 +434,9 @@ def check(
                                            "report: " + arch_help() + ".")] = DEFAULT_TARGET,
     graph: Annotated[bool, typer.Option("--graph", help="Also print the kernel's stage graph: each stage, the "
                                                          "stages it depends on, and the tensors loaded/stored.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with everything instead of text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with everything instead of text; "
+                                                         "for an invalid spec, {\"ok\": false, \"errors\": [{file, "
+                                                         "line, field, message}, ...]} (exit code 2).")] = False,
     aot: Annotated[bool, typer.Option("--aot/--no-aot", help="Compile every autotune config ahead of time for the "
                                                               "target and report registers, spills and shared memory "
                                                               "(takes a while; no GPU needed).")] = True,
@@ -437,8 +455,8 @@ def check(
     from mamba3_gen.graph.dataflow import PHASES
     from mamba3_gen.spec.loader import spec_hash, yaml_value
 
-    _check_arch(arch)
-    spec, low = _lower(spec_path, arch)
+    _check_arch(arch, as_json)
+    spec, low = _lower(spec_path, arch, as_json)
     target = low.target
     d = spec.dims
     dims = low.dims
@@ -477,6 +495,7 @@ def check(
     if as_json:
         plan = low.plan
         obj = {
+            "ok": True,
             "spec_path": spec_path,
             "spec": spec.model_dump(mode="json", by_alias=True),
             "defaults": [k for k, _, dflt, section in _resolved(spec) if dflt and not section],

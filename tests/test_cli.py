@@ -125,6 +125,25 @@ def test_missing_file_and_bad_arch(tmp_path):
     assert result.stderr.strip().startswith("--arch: unknown target 'sm_70'; try one of: sm_90a")
 
 
+def test_check_json_errors_are_json(tmp_path):
+    """With --json an invalid spec, a missing file or an unknown --arch is one JSON object on stdout, listing each
+    error's file, line, field and message; the exit code stays 2 and stderr says nothing."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndims:\n  d_state: 7\n")
+    result = invoke("check", "--json", bad, "--no-aot")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ""
+    assert json.loads(result.stdout) == {"ok": False, "errors": [
+        {"file": str(bad), "line": 3, "field": "dims.d_state",
+         "message": "N=7 is odd (the state is split into two halves); try d_state: 8"}]}
+    for args in ([tmp_path / "nope.yaml"], [SPEC, "--arch", "sm_70"]):
+        result = invoke("check", "--json", "--no-aot", *args)
+        assert result.exit_code == 2
+        (error,) = json.loads(result.stdout)["errors"]
+        assert set(error) == {"file", "line", "field", "message"} and "try " in error["message"]
+    assert json.loads(invoke("check", "--json", "--no-aot", SPEC).stdout)["ok"] is True
+
+
 @pytest.mark.parametrize("command", ["build", "check"])
 def test_every_target_is_accepted_and_listed(command):
     """The CLI's --arch takes every name mamba3_gen.load(arch=...) takes (one table: device.TARGETS), sm_86
