@@ -127,6 +127,21 @@ def test_unrelated_installed_packages_do_not_reserve_names():
     assert load_spec_text("name: zoh_real\n").name == "zoh_real"
 
 
+@pytest.mark.parametrize("text, line", [
+    ("name: y\nnull: 2\n", "x.yaml:2: null: key null is not a name; try one of: name, discretization, state, "
+                            "dims, dtypes, inputs, options"),
+    ("name: y\n~: 2\n", "x.yaml:2: null: key null is not a name; try one of: name, discretization, state, dims, "
+                         "dtypes, inputs, options"),
+    ("name: y\n\ndims:\n  d_state: 8\n  true: 3\n", "x.yaml:5: dims.true: key true is not a name; try one of: "
+                                                    "d_state, headdim, mimo_rank, ngroups, chunk_size"),
+    ("name: y\ndims:\n  2: 3\n", "x.yaml:3: dims.2: key 2 is not a name; try one of: d_state, headdim, mimo_rank, "
+                                 "ngroups, chunk_size"),
+])
+def test_non_string_keys_are_shown_as_written_on_their_line(text, line):
+    """A key that is not a string is shown as YAML writes it (null, true, 2; not None or 1) on the key's own line."""
+    assert problems(text) == [line]
+
+
 def test_soft_keywords_are_valid_names():
     assert load_spec_text("name: match\n").name == "match"  # importable: generated.match
 

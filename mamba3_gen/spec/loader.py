@@ -405,7 +405,11 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
     if kind == "extra_forbidden":
         msg = f"unknown key '{key}'; try {_suggest_key(loc)}"
     elif kind == "invalid_key":
-        msg = f"key {yaml_value(value)} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
+        # pydantic's loc holds str(key) (or 1 for true): point at the key itself, and show it as written in YAML.
+        written = yaml_value(value)
+        line, _ = _find_line(doc, loc[:-1] + (value,))
+        field = f"{_dotted(loc[:-1])}.{written}" if loc[:-1] else written
+        msg = f"key {written} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
     elif kind == "missing":
         line, _ = _find_line(doc, loc[:-1])
         hint = "my_layer" if key == "name" else (example or "...")
