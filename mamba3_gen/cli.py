@@ -208,7 +208,8 @@ def build(
     give the same bytes. Files are replaced atomically under a lock of the package, so concurrent builds are safe.
 
     A package folder belongs to one spec: a build refuses to replace a package whose spec.json holds another spec
-    (--force replaces it), and two SPECs with the same name in one call are both refused. A bad spec, a refused
+    (--force replaces it), and two SPECs with the same name in one call are both refused; a file given twice is
+    built once. A bad spec, a refused
     package or a failed write prints 'file:line: field: problem; try fix' lines; the other specs are still built,
     and the command exits with code 2 at the end.
     """
@@ -221,6 +222,19 @@ def build(
     root = out if out is not None else default_out_dir()
     if root.exists() and not root.is_dir():
         raise _fail([f"--out: {root} is a file, not a directory; try another --out directory"])
+    # One file given twice (also as another path to it) is built once, with a note.
+    first: dict[Path, str] = {}
+    for spec_path in specs:
+        try:
+            key = Path(spec_path).resolve()
+        except (OSError, RuntimeError):
+            key = Path(os.path.abspath(spec_path))
+        if key in first:
+            same = "" if first[key] == spec_path else f" (as {first[key]})"
+            typer.echo(f"note: {spec_path} was given more than once{same}; building it once", err=True)
+        else:
+            first[key] = spec_path
+    specs = list(first.values())
     verb = "checking" if dry_run else "building"
     plural = "spec" if len(specs) == 1 else "specs"
     typer.echo(f"{verb} {len(specs)} {plural} for {arch} into {_shown(root)}/" + (" (dry run)" if dry_run else ""))
@@ -247,7 +261,7 @@ def build(
         prefix = f"[{i}/{len(specs)}] {spec_path}"
         if spec_path in clash:
             name, paths = clash[spec_path]
-            others = ", ".join(p for p in paths if p != spec_path) or "itself (given twice)"
+            others = ", ".join(p for p in paths if p != spec_path)
             fail(prefix, [f"{spec_path}:{_yaml_line(spec_path, 'name')}: name: '{name}' is also the name of "
                           f"{others}; both would be written to {_shown(root / name)}/; try giving each spec its own "
                           "name"])

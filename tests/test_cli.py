@@ -294,6 +294,20 @@ def test_build_refuses_two_specs_with_one_name(tmp_path):
     assert (out / "fine" / "fwd.py").is_file()  # the others are still built
 
 
+def test_build_one_file_given_twice_builds_it_once(tmp_path, monkeypatch):
+    """The same spec twice (also as another path to the same file) is built once, with a note; not refused as
+    'also the name of itself'."""
+    monkeypatch.chdir(SPEC.parent)
+    out = tmp_path / "gen"
+    result = invoke("build", SPEC, SPEC, f"./{SPEC.name}", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "building 1 spec for" in result.stdout and "[1/1]" in result.stdout
+    assert "also the name of" not in result.output
+    assert result.stderr.splitlines() == [f"note: {SPEC} was given more than once; building it once",
+                                          f"note: ./{SPEC.name} was given more than once (as {SPEC}); building it once"]
+    assert (out / "mimo_r4" / "fwd.py").is_file()
+
+
 def test_build_refuses_another_specs_package_unless_forced(tmp_path):
     out = tmp_path / "gen"
     assert invoke("build", SPEC, "--out", out).exit_code == 0
