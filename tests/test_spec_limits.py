@@ -142,6 +142,31 @@ def test_non_string_keys_are_shown_as_written_on_their_line(text, line):
     assert problems(text) == [line]
 
 
+LONG = "a" * 5000
+
+
+@pytest.mark.parametrize("text", [
+    f"name: {LONG.upper()}\n", f"name: x\nstate:\n  kind: {LONG}\n", f"name: x\ndims:\n  d_state: {LONG}\n",
+    f"name: x\ndtypes:\n  compute: {LONG}\n", f"{LONG}\n", f"name: x\ndims:\n  d_state: !foo {LONG}\n",
+    f"name: x\ndims:\n  d_state: {'9' * 5000}\n",
+])
+def test_long_values_are_clipped_in_messages(text):
+    """A 5000-character value is echoed as its first 80 characters, '…' and its length (not a 5000-character
+    line); the advice stays short and valid; a whole number Python will not convert is a problem line, not a crash."""
+    (line,) = problems(text)
+    assert len(line) < 400, line
+    assert "a" * 81 not in line.lower()
+    if "9" * 5000 not in text:
+        assert "… (5000 characters)" in line or "… (50" in line
+
+
+def test_clip():
+    from mamba3_gen.spec.loader import clip
+
+    assert clip("short") == "short" and clip("a" * 80) == "a" * 80
+    assert clip("a" * 81) == "a" * 80 + "… (81 characters)"
+
+
 def test_soft_keywords_are_valid_names():
     assert load_spec_text("name: match\n").name == "match"  # importable: generated.match
 

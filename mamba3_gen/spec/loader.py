@@ -22,7 +22,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, CommentedSet, Tagge
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from mamba3_gen.errors import SpecError
-from mamba3_gen.spec.model import Spec
+from mamba3_gen.spec.model import MAX_NAME, Spec
 from mamba3_gen.version import __version__
 
 __all__ = ["SpecError", "load_spec", "load_spec_text", "spec_hash", "json_schema"]
@@ -189,9 +189,16 @@ def _parse_yaml(text: str, filename: str) -> Any:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = (e.problem or e.context or "invalid YAML").strip()
-        raise SpecError([_line(filename, line, "yaml", f"{_one_line(problem)}; try {_yaml_hint(problem)}")]) from None
+        raise SpecError([_line(filename, line, "yaml",
+                               f"{clip(_one_line(problem), 2 * MAX_SHOWN)}; try {_yaml_hint(problem)}")]) from None
     except YAMLError as e:
-        raise SpecError([_line(filename, 1, "yaml", f"{_one_line(str(e))}; try fixing the YAML syntax")]) from None
+        raise SpecError([_line(filename, 1, "yaml", f"{clip(_one_line(str(e)), 2 * MAX_SHOWN)}; try fixing the YAML "
+                               "syntax")]) from None
+    except ValueError:  # Python refuses to convert a whole number of more than 4300 digits
+        long = re.search(r"[0-9][0-9_]{4300,}", text)
+        line = text.count("\n", 0, long.start()) + 1 if long else 1
+        raise SpecError([_line(filename, line, "yaml", "a whole number of more than 4300 digits cannot be read; try "
+                               "a number of the size the field needs (see `mamba3-gen schema`)")]) from None
     except RecursionError:
         raise SpecError([_line(filename, 1, "yaml", "the document is nested too deeply to read; try the flat sections "
                                "of specs/*.yaml (section: key: value)")]) from None
@@ -232,7 +239,7 @@ def _plain(node: Any) -> Any:
     if isinstance(node, TaggedScalar):
         if tag == _STR_TAG:
             return str(node.value)
-        return Foreign(f"a value tagged {tag} ({node.value!r}); custom YAML tags are not read")
+        return Foreign(f"a value tagged {tag} ({_repr(node.value)}); custom YAML tags are not read")
     if tag and tag.startswith("!") and isinstance(node, (CommentedMap, CommentedSeq)):
         return Foreign(f"a {'mapping' if isinstance(node, dict) else 'list'} tagged {tag}; custom YAML tags are not read")
     if isinstance(node, (set, frozenset, CommentedSet)):
@@ -406,7 +413,7 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
         msg = f"unknown key '{key}'; try {_suggest_key(loc)}"
     elif kind == "invalid_key":
         # pydantic's loc holds str(key) (or 1 for true): point at the key itself, and show it as written in YAML.
-        written = yaml_value(value)
+        written = _written(value)
         line, _ = _find_line(doc, loc[:-1] + (value,))
         field = f"{_dotted(loc[:-1])}.{written}" if loc[:-1] else written
         msg = f"key {written} is not a name; try one of: {', '.join(_keys_of(_model_at(loc[:-1]) or Spec))}"
@@ -450,7 +457,7 @@ def _translate(err: dict[str, Any], doc: Any, filename: str) -> tuple[int, str]:
         msg = f"expected true or false, got {_typed(value)}; try {key}: {fix or example or 'true'}"
     elif kind in ("string_type",):
         if loc and isinstance(loc[-1], int):  # an item of a list of formulas
-            msg = f"expected a string, got {_typed(value)}; try writing it in quotes: '{yaml_value(value)}'"
+            msg = f"expected a string, got {_typed(value)}; try writing it in quotes: '{_written(value)}'"
         else:
             msg = f"expected a string, got {_typed(value)}; try {key}: {example or _fix_name(value)}"
     elif kind == "string_pattern_mismatch":
@@ -515,7 +522,8 @@ def _fix_name(value: Any) -> str:
     name = re.sub(r"[^a-z0-9_]+", "_", value.strip().lower()).strip("_")
     if not name:
         return "my_layer"
-    return name if name[0].isalpha() else f"layer_{name}"
+    name = name if name[0].isalpha() else f"layer_{name}"
+    return name[:MAX_NAME].rstrip("_")  # the advice is itself a valid name
 
 
 def _typed(value: Any) -> str:
@@ -525,9 +533,9 @@ def _typed(value: Any) -> str:
     if isinstance(value, str):
         return f"{_describe(value)} (a string)"
     if isinstance(value, int):
-        return f"{value} (a whole number)"
+        return f"{_repr(value)} (a whole number)"
     if isinstance(value, float):
-        return f"{value!r} (a decimal number)"
+        return f"{_repr(value)} (a decimal number)"
     return _describe(value)
 
 
@@ -542,20 +550,44 @@ def _as_whole(value: Any) -> int | None:
     return None
 
 
+MAX_SHOWN = 80  # characters of a value echoed in a message; longer ones are cut with an ellipsis and their length
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` for a message: whole when short, else its first ``limit`` characters, '…' and its length."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _repr(value: Any) -> str:
+    """repr() of a value, clipped; a whole number too long for str() (over 4300 digits) says how many bits it has."""
+    try:
+        return clip(repr(value))
+    except ValueError:
+        return f"a whole number of {value.bit_length()} bits"
+
+
+def _written(value: Any) -> str:
+    """A scalar as written in YAML (:func:`yaml_value`), clipped for a message."""
+    try:
+        return clip(yaml_value(value))
+    except ValueError:  # a whole number over 4300 digits
+        return _repr(value)
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, Foreign):
-        return value.what
+        return clip(value.what, 2 * MAX_SHOWN)
     if value is None:
         return "nothing (null)"
     if isinstance(value, bool):
         return f"{'true' if value else 'false'} (a boolean)"
     if isinstance(value, str):
-        return f"'{value}'" if value else "'' (an empty string)"
+        return f"'{clip(value)}'" if value else "'' (an empty string)"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
-    return repr(value)
+    return _repr(value)
 
 
 def yaml_value(value: Any) -> str:
