@@ -139,6 +139,19 @@ class TestCuSeqlens:
         with pytest.raises(InputError, match=pattern):
             self.call(kernels, cu)
 
+    @pytest.mark.parametrize("only_v", [False, True], ids=["all-B2", "v-B2"])
+    def test_batch_of_two_is_refused_first(self, kernels, only_v):
+        """cu_seqlens with B = 2: the batch is named first (not another input's shape read off v's B)."""
+        spec = SPECS["trap"]
+        kw = make_inputs(spec, 1 if only_v else 2, 8, 2, device=DEVICE)
+        if only_v:
+            kw["v"] = torch.cat([kw["v"], kw["v"]])
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+        with pytest.raises(InputError) as info:
+            kernels(spec).mamba3_forward(**kw, cu_seqlens=cu)
+        assert str(info.value) == ("varlen packs sequences along L: v must have B = 1 when cu_seqlens is given; "
+                                   "got B = 2")
+
     def test_other_device(self):
         cu = torch.tensor([0, 8], dtype=torch.int32, device="meta")
         with pytest.raises(InputError, match=r"^cu_seqlens is on meta; expected cpu like v"):

@@ -56,6 +56,21 @@ def check_cu_seqlens(cu_seqlens, dev) -> torch.Tensor:
     return cu_seqlens.contiguous()
 
 
+def check_varlen(meta: dict, B: int, cu_seqlens) -> None:
+    """With ``cu_seqlens`` given: the spec takes it (options.varlen) and v has B = 1 (sequences are packed along L).
+    Checked before the layer inputs' shapes, which are read off v's B: a (2, L, H, P) v would otherwise be reported
+    as a mismatch of some other input's batch.
+
+    Raises:
+        InputError: naming the spec option or v's B."""
+    if cu_seqlens is None:
+        return
+    if not features(meta).varlen:
+        raise InputError(f"cu_seqlens was given but spec {meta['name']!r} has options.varlen: false")
+    if B != 1:
+        raise InputError(f"varlen packs sequences along L: v must have B = 1 when cu_seqlens is given; got B = {B}")
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, L: int) -> None:
     """Check the offsets: cu_seqlens[0] == 0, cu_seqlens[-1] == L, never decreasing (equal neighbours are
     zero-length sequences, which are allowed).

@@ -13,7 +13,8 @@ import torch
 import triton
 
 from mamba3_gen.errors import InputError
-from mamba3_gen.runtime.checks import check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state
+from mamba3_gen.runtime.checks import (check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state,
+                                       check_varlen)
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import LAYER_INPUTS, forward_schema
 
@@ -100,16 +101,12 @@ class ForwardOp:
         dev = v.device
         if H < 1 or H % G:
             raise InputError(f"v has H={H} heads; expected a positive multiple of the spec's ngroups G={G}")
+        check_varlen(m, B, cu_seqlens)  # before the other inputs' shapes, which are read off v's B
         x = check_layer_inputs(m, (B, L), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                                mimo_v, mimo_z, mimo_o)
 
         is_varlen = cu_seqlens is not None
         if is_varlen:
-            if not m["varlen"]:
-                raise InputError(f"cu_seqlens was given but spec {m['name']!r} has options.varlen: false")
-            if B != 1:
-                raise InputError(f"varlen packs sequences along L: v must be (1, L, H, P={P}) with cu_seqlens; "
-                                 f"got B={B}")
             cu_seqlens = check_cu_seqlens(cu_seqlens, dev)  # type, rank, dtype, device; values at launch
             NS = cu_seqlens.shape[0] - 1
         else:
