@@ -449,6 +449,16 @@ def test_check_graph_euler_real_has_no_trap_angles_or_mimo():
     assert "init_ssm" in loads  # the spec has initial states: the real state's H is loaded
 
 
+@pytest.mark.parametrize("name,loads_last_token", [("siso_euler_real", False), ("siso_trap_complex", True),
+                                                     ("two_lag_complex", False)])
+def test_final_states_loads_the_last_token_only_with_one_lag(name, loads_last_token):
+    """The final_states stage reads the last token's k and v from memory only for a rule with exactly one lag (no lag:
+    nothing carried; two or more: the carried tokens are in registers); `check --graph` shows what it does."""
+    out = invoke("check", REPO / "specs" / f"{name}.yaml", "--graph", "--no-aot").stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("final_states "))
+    assert ("loads k, k_bias, v" in line) == loads_last_token, line
+
+
 def test_check_hides_fields_the_spec_does_not_use():
     out = invoke("check", REPO / "specs" / "siso_euler_real.yaml", "--no-aot").stdout
     resolved = out.split("derived:")[0]

@@ -16,7 +16,7 @@ the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import networkx as nx
@@ -42,6 +42,7 @@ class Stage:
     updates: tuple[str, ...] = ()
     optional_reads: tuple[str, ...] = ()  # read only when an active stage writes them (Θ_t of a complex state)
     loads: tuple[str, ...] = ()  # tensors read from memory
+    loads_when: Callable | None = None  # (spec, lowered) -> bool: whether `loads` happen (else the stage loads none)
     stores: tuple[str, ...] = ()  # tensors written to memory
     when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
     variants: tuple[str, ...] = _ALL  # the kernels this stage is part of
@@ -111,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
           when=lambda spec, low: low.lags > 1, variants=_FUSED_STATES),  # one lag: final_states reads it from memory
     Stage("final_states", "epilogue", "store Θ, H, and the last J tokens' k̂ and v",
           reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
-          loads=("k", "k_bias", "v"),
+          loads=("k", "k_bias", "v"), loads_when=lambda spec, low: low.lags == 1,  # one lag: the last token from memory
           when=lambda spec, low: spec.options.final_states, variants=_FUSED_STATES),
 )
 
@@ -221,6 +222,8 @@ def plan_kernel(spec: Spec, lowered: Lowered, variant: str = "fused") -> KernelP
     for v in VARIANTS:  # each variant's full graph is well formed for every spec
         validate(build_graph([s for s in STAGES if v in s.variants]))
     active = [s for s in STAGES if variant in s.variants and s.when(spec, lowered)]
+    active = [replace(s, loads=()) if s.loads_when is not None and not s.loads_when(spec, lowered) else s
+              for s in active]
     g = build_graph(active)
     validate(g)
 
