@@ -152,8 +152,8 @@ def _lengths(draw, C: int, gpu: bool):
 @st.composite
 def input_kwargs(draw, spec, *, gpu=False, varlen=None, init=None):
     """make_inputs keyword arguments: sizes (L = 1, L off the chunk grid, several chunks), Δ in [1e-4, 1],
-    A·Δ down to −20 (or near 0, or with a few tokens at −inf, −1e4 or 0), λ over all of [0, 1], with or without
-    initial states, packed or batched."""
+    A·Δ down to −20 (or near 0), λ over all of [0, 1], with or without initial states, packed or batched.
+    ``draw_inputs`` also takes an ``extreme_decays`` list of (token, A·Δ) pairs (−inf, −1e4, 0) to write in."""
     C, G = spec.dims.chunk_size, spec.dims.ngroups
     H = G * draw(st.sampled_from([1, 2]))
     use_varlen = spec.options.varlen and (draw(st.booleans()) if varlen is None else varlen)
@@ -163,8 +163,8 @@ def input_kwargs(draw, spec, *, gpu=False, varlen=None, init=None):
         dt_range=(1e-4, 1.0),
         lam_logit_range=draw(st.sampled_from([(-30.0, 30.0), (-4.0, 4.0)])),  # all of [0, 1] / the middle
     )
-    decay = draw(st.sampled_from(["adt", "a", "tiny", "extreme"]))
-    if decay in ("adt", "extreme"):
+    decay = draw(st.sampled_from(["adt", "a", "tiny"]))
+    if decay == "adt":
         kw["adt_range"] = (-20.0, 0.0)  # A·Δ down to −20 independently of Δ
     elif decay == "a":
         kw["a_range"] = (-20.0, -1e-3)  # A·Δ = A·Δ, down to −20 with Δ = 1
@@ -177,9 +177,6 @@ def input_kwargs(draw, spec, *, gpu=False, varlen=None, init=None):
         kw["B"] = draw(st.sampled_from([1, 2]))
         most = (6 if gpu else 3) * C + 3
         kw["L"] = draw(st.one_of(st.just(1), st.integers(2, most), st.sampled_from([C, 2 * C])))
-    if decay == "extreme":  # a few tokens decay to exactly zero, very strongly, or not at all (every head and row)
-        kw["extreme_decays"] = draw(st.lists(st.tuples(st.integers(0, kw["L"] - 1), st.sampled_from(_EXTREME)),
-                                             min_size=1, max_size=3))
     return kw
 
 
