@@ -38,10 +38,13 @@ not_in_spec_mode = pytest.mark.skipif(
 )
 
 
-def examples(default: int):
-    """max_examples: MAMBA3_GEN_EXAMPLES if set, else `default` (sized so that the file stays near a minute on two
-    CPU cores; the active hypothesis profile still decides derandomization and the deadline)."""
-    return settings(max_examples=EXAMPLES or default)
+def examples(default: int, ci: int | None = None):
+    """max_examples: MAMBA3_GEN_EXAMPLES if set; else `ci` under the derandomized CI profile (CI=true, where the same
+    examples run every time and the whole suite must finish on two CPU cores within CI's 90 minutes); else `default`
+    (a developer's run, which draws new examples each time)."""
+    if EXAMPLES:
+        return settings(max_examples=EXAMPLES)
+    return settings(max_examples=ci if (ci is not None and os.environ.get("CI")) else default)
 
 
 def requires_option(option: str):

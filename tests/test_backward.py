@@ -144,7 +144,7 @@ def _fp32(spec):
 # property test: random specs (formula rules included) and inputs vs float64 autograd
 # ------------------------------------------------------------------------------------------------------------------
 @interpreter_only
-@examples(25)
+@examples(25, ci=12)
 @given(spec=specs(), data=st.data())
 def test_gradients_match_float64_autograd(spec, data, interp_kernels):
     """Every gradient of the generated op equals float64 autograd through the naive recurrence (RMS ratio ≤ 1e-4)."""

@@ -94,7 +94,7 @@ def forward_kind(request):
 # interpreter (CPU) property tests
 # ------------------------------------------------------------------------------------------------------------------
 @interpreter_only
-@examples(80)
+@examples(80, ci=40)
 @given(spec=specs(), data=st.data())
 def test_matches_oracle(spec, data, interp_kernels):
     """Random spec and inputs: output and every final state equal the float64 naive recurrence."""
@@ -109,7 +109,7 @@ def test_matches_oracle(spec, data, interp_kernels):
 @interpreter_only
 @requires_option("initial_states")
 @requires_option("final_states")
-@examples(40)
+@examples(40, ci=20)
 @given(spec=specs(init=True, final=True, varlen=False), data=st.data())
 def test_split_sequence(spec, data, interp_kernels):
     """Running [0, L1) and then [L1, L) from the carried final states equals running [0, L) at once."""
@@ -126,7 +126,7 @@ def test_split_sequence(spec, data, interp_kernels):
 
 @interpreter_only
 @requires_option("varlen")
-@examples(40)
+@examples(40, ci=25)
 @given(spec=specs(varlen=True), data=st.data())
 def test_varlen_equals_separate(spec, data, interp_kernels):
     """A varlen pack (sequences shorter than a chunk included) equals each sequence run on its own."""

@@ -94,7 +94,7 @@ def split(draw, gpu=False):
 # CPU: the Triton interpreter, fp32
 # ------------------------------------------------------------------------------------------------------------------
 @interpreter_only
-@examples(25)
+@examples(25, ci=15)
 @given(spec=specs(varlen=False, init=False, final=True), data=st.data())
 def test_step_equals_forward(spec, data, interp_kernels):
     spec = _step_spec(spec)
@@ -288,9 +288,10 @@ def step_kernels(request):
 
 @not_in_spec_mode
 @pytest.mark.parametrize("rule", ["exp_euler", "exp_trapezoidal"])
-def test_bf16_state_error_bound_over_1000_steps(rule, step_kernels):
+def test_bf16_state_error_bound_over_many_steps(rule, step_kernels):
     """`dtypes.state: bf16` rounds the stored state (and the carried k̂, v of the lagged tokens) to nearest bf16 at
-    every step. The error this leaves is bounded (README, "State precision") by the recursion, elementwise over H:
+    every step (1000 steps on a GPU; 200 in the interpreter, whose every launch costs ~0.1 s of CI's two cores).
+    The error this leaves is bounded (README, "State precision") by the recursion, elementwise over H:
 
         E_0 = u·|H_0| + 1e-4·max|H_0|                     (the prefill's fp32 error, then one rounding)
         E_t = (1 + u)·(α_t·E_{t−1} + (2u + u²)·Σ_{j≥1} |c_j(t)|·|v_{t−j}|·|k̂_{t−j}|ᵀ + ε·T_t) + u·|H_t|
@@ -305,7 +306,7 @@ def test_bf16_state_error_bound_over_1000_steps(rule, step_kernels):
     spec = respec(_step_spec(make_spec(rule=rule, kind="real", N=16, P=16, chunk=16, d_skip=False, z_gate=False)),
                   dtypes={"state": "bf16", "input": "fp32", "compute": "fp32"})
     module = cache(spec)
-    L1, steps, B, H = 8, 1000, 2, 4
+    L1, steps, B, H = 8, (200 if dev == "cpu" else 1000), 2, 4
     kw = make_inputs(spec, B, L1 + steps, H, seed=21)
     gen = torch.Generator().manual_seed(22)
     slow = torch.rand(B, 2, L1 + steps, generator=gen) * -1e-3  # α = exp(A·Δ) ∈ [0.999, 1]
