@@ -15,7 +15,7 @@ os.environ["MAMBA3_GEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mamba3-gen-test-ca
 atexit.register(shutil.rmtree, os.environ["MAMBA3_GEN_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -30,7 +30,13 @@ settings.register_profile(
     max_examples=40,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# MAMBA3_GEN_NO_SHRINK=1 reports the first failing example as drawn: shrinking an interpreter example can take longer
+# than the whole run (each candidate re-runs kernels on the CPU).
+for _name in ("ci", "dev"):
+    settings.register_profile(f"{_name}-noshrink", settings.get_profile(_name),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(("ci" if os.environ.get("CI") else "dev")
+                      + ("-noshrink" if os.environ.get("MAMBA3_GEN_NO_SHRINK") == "1" else ""))
 
 
 _REAL_EMPTY = torch.empty

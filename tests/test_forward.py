@@ -378,6 +378,25 @@ def test_nonfinite_input_is_causal(case, name, value, edge_kernels):
         assert not torch.isfinite(out[b, t, mine]).all(), f"{name}={value} at token {t} left its own output finite"
 
 
+@not_in_spec_mode
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_dt_leaves_unrotated_dims_as_the_recurrence(value, edge_kernels):
+    """A non-finite Δ at token t poisons what the recurrence poisons and nothing else: with a partial rotation
+    (halved, S < N/2 pairs rotated), the unrotated dims of the carried k̂ and of the angle state stay finite and equal
+    the float64 recurrence's (the angle increment of an unrotated pair is exactly 0, not Δ·π·tanh(0))."""
+    spec = _fp32(make_spec(**_POISON_SPECS["mimo_two_lags"]))
+    kw = make_inputs(spec, 2, 12, 4, seed=11, with_initial_states=True)
+    kw["dt"][1, 1, 6] = value
+    _, got = _on(edge_kernels, spec, kw, final=True)
+    _, ref = naive_recurrence(spec, **kw)
+    for field in ("k", "angle"):
+        g, r = getattr(got, field).double(), getattr(ref, field)
+        assert torch.equal(torch.isfinite(g), torch.isfinite(r)), f"{field}: non-finite entries differ"
+        fin = torch.isfinite(r)
+        assert fin.any() and not fin.all(), f"{field}: the case should poison some entries and not others"
+        assert (g[fin] - r[fin]).abs().max() <= CPU_TOL.rel * r[fin].abs().max() + CPU_TOL.atol, field
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # input checks (no kernel launch: the op refuses before it)
 # ------------------------------------------------------------------------------------------------------------------
