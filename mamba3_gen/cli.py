@@ -177,7 +177,7 @@ def _main(
     """Compile declarative Mamba-3 SSM layer specs (YAML) into Triton kernels; check, test and benchmark them.
 
     Typical use: `mamba3-gen check specs/mimo_r4.yaml`, then `mamba3-gen build specs/mimo_r4.yaml`, which writes
-    generated/mimo_r4/{__init__.py,fwd.py,step.py,step_cute.py,spec.json}; in Python,
+    generated/mimo_r4/{__init__.py,fwd.py,bwd.py,step.py,step_cute.py,spec.json}; in Python,
     `mamba3_gen.load("specs/mimo_r4.yaml")` builds it into the cache (`mamba3-gen cache path`) and imports it.
     `mamba3-gen COMMAND --help` explains each command.
     """
@@ -201,7 +201,8 @@ def build(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace a package built from another spec with the "
                                                               "same name (e.g. after editing the spec).")] = False,
 ) -> None:
-    """Build each SPEC into a Python package <out>/<name>/ (__init__.py, fwd.py, step.py, step_cute.py, spec.json).
+    """Build each SPEC into a Python package <out>/<name>/ (__init__.py, fwd.py, bwd.py, step.py, step_cute.py,
+    spec.json).
 
     Every file is listed with its state: 'written' (new or changed), 'unchanged' (byte-identical, left alone) or,
     with --dry-run, 'would write'. Builds are reproducible: the same spec, templates and generator version always
