@@ -423,7 +423,9 @@ def layer_reference(layer: Mamba3, u: torch.Tensor, cu_seqlens=None, initial_sta
     Every step is written out here from the math doc (§1 preprocessing, the output norm), independently of the
     layer's code; the recurrence is the float64 oracle ``mamba3_gen.reference.naive_recurrence`` (§2, §4, the
     spec's rule). For MIMO with the output norm, the per-rank outputs y_r come from the oracle with mimo_o the
-    indicator of rank r. The parameters are read as they are (detached, cast to float64).
+    indicator of rank r. The parameters are read as they are and cast to float64, not detached: the result is
+    differentiable with respect to u and the layer's parameters (float64 gradients: pass a float64 copy of the
+    layer, ``copy.deepcopy(layer).double()``, whose parameters then receive them).
 
     Raises:
         ValueError: from the oracle, for inputs that do not fit the spec.
@@ -431,11 +433,11 @@ def layer_reference(layer: Mamba3, u: torch.Tensor, cu_seqlens=None, initial_sta
     from mamba3_gen.reference import naive_recurrence
 
     f64 = torch.float64
-    p = {name: t.detach().to("cpu", f64) for name, t in layer.state_dict().items()}
+    p = {name: t.to("cpu", f64) for name, t in layer.state_dict(keep_vars=True).items()}
     spec, kspec = layer.spec, layer.kernel_spec
     H, P, N, R, G, S = layer.nheads, layer.headdim, layer.d_state, layer.mimo_rank, layer.ngroups, layer.num_rope_angles
     Bsz, L, _ = u.shape
-    proj = u.detach().to("cpu", f64) @ p["in_proj.weight"].T
+    proj = u.to("cpu", f64) @ p["in_proj.weight"].T
     widths = {"z": H * P if spec.options.z_gate else 0, "x": H * P, "B": R * G * N, "C": R * G * N,
               "dd_dt": H, "dd_A": H, "trap": H if spec.has_trap_input else 0, "angles": S}
     cols, at = {}, 0

@@ -201,24 +201,28 @@ CASES = {
 _LAYERS: dict = {}
 
 
+def randomize_(layer: Mamba3) -> Mamba3:
+    """Draw every parameter of ``layer`` away from its initial value (torch's global generator), in place."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name == "dt_bias":  # Δ ∈ [0.02, 0.5]: enough decay and rotation per token to matter
+                dt0 = torch.exp(torch.empty_like(p).uniform_(math.log(0.02), math.log(0.5)))
+                p.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+            elif name.endswith("_proj.weight"):
+                pass  # nn.Linear's own random init
+            elif name in ("B_bias", "C_bias"):
+                p.copy_(torch.randn_like(p))
+            else:  # norm weights, D, mimo_*: 1 ± 0.5
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return layer
+
+
 def randomized(case: str) -> Mamba3:
     """The case's layer, every parameter drawn away from its initial value (seeded)."""
     if case not in _LAYERS:
         spec, outproj_norm = CASES[case]
         torch.manual_seed(1)
-        layer = Mamba3(spec, D_MODEL, is_outproj_norm=outproj_norm, layer_idx=0)
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                if name == "dt_bias":  # Δ ∈ [0.02, 0.5]: enough decay and rotation per token to matter
-                    dt0 = torch.exp(torch.empty_like(p).uniform_(math.log(0.02), math.log(0.5)))
-                    p.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
-                elif name.endswith("_proj.weight"):
-                    pass  # nn.Linear's own random init
-                elif name in ("B_bias", "C_bias"):
-                    p.copy_(torch.randn_like(p))
-                else:  # norm weights, D, mimo_*: 1 ± 0.5
-                    p.copy_(1 + 0.5 * torch.randn_like(p))
-        _LAYERS[case] = layer
+        _LAYERS[case] = randomize_(Mamba3(spec, D_MODEL, is_outproj_norm=outproj_norm, layer_idx=0))
     return _LAYERS[case]
 
 
@@ -438,3 +442,121 @@ def test_deepcopy_and_lazy_export():
     u = torch.randn(1, 4, D_MODEL)
     with torch.no_grad():
         assert torch.equal(twin(u), layer(u))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# gradients: every parameter and the input against float64 autograd through layer_reference
+# ------------------------------------------------------------------------------------------------------------------
+GRAD_D_MODEL = 8  # expand 2 → d_inner 16 = 2 heads of headdim 8: the interpreter's backward costs ~B·L·H
+GRAD_REL, GRAD_ATOL = 1e-4, 1e-5  # justified in the docstring of test_gradients_match_float64_autograd
+ONE_LAG_FORMULA = {"rule": "custom", "lambda": "data", "log_decay": "adt - 0.05 * dt",
+                   "weights": ["lam * dt * exp(0.5 * adt)", "(1 - lam) * dt * exp(adt) * tanh(1 + dt)"]}
+# name -> (spec, is_outproj_norm): small versions of the shipped specs, a formula rule and the output norm
+GRAD_CASES = {
+    "siso_trap_complex": (small_spec(chunk=4), False),
+    "siso_trap_complex_outproj_norm": (small_spec(chunk=4), True),
+    "siso_euler_real": (small_spec("exp_euler", kind="real", chunk=4), False),
+    "zoh_real_outproj_norm": (small_spec("zoh", kind="real", chunk=4), True),
+    "mimo_r2_const_half_fullrope": (small_spec(R=2, rotation="halved", rope=1.0, chunk=4,
+                                               discretization={"lambda": "constant", "lambda_value": 0.5}), False),
+    "mimo_r4": (small_spec(R=4, rotation="halved", chunk=4), False),
+    "mimo_r4_outproj_norm": (small_spec(R=4, rotation="halved", chunk=4), True),
+    "mimo_r2_g2_no_z": (small_spec(R=2, G=2, chunk=4, options={"z_gate": False}), False),
+    "formula_one_lag": (small_spec("custom", chunk=4, discretization=ONE_LAG_FORMULA), False),
+    "cute_encodings": (small_spec(chunk=4, inputs={"decay": "a", "trap": "lambda"}), False),
+}
+
+
+def grad_layer(case: str, seed: int = 7) -> Mamba3:
+    spec, outproj_norm = GRAD_CASES[case]
+    torch.manual_seed(seed)
+    return randomize_(Mamba3(spec, GRAD_D_MODEL, is_outproj_norm=outproj_norm))
+
+
+def layer_and_reference_grads(layer: Mamba3, u: torch.Tensor, cu_seqlens=None) -> dict:
+    """{name: (layer's gradient, float64 gradient)} for u and every parameter, of the loss Σ out·w (w fixed, random,
+    float64: a generic linear functional, so every output element's gradient path is exercised). The float64 side
+    is autograd through layer_reference on a float64 copy of the layer."""
+    layer.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(layer).double()
+    x, x64 = u.detach().clone().requires_grad_(), u.detach().double().requires_grad_()
+    out = layer(x, cu_seqlens=cu_seqlens)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    rout, _ = layer_reference(ref, x64, cu_seqlens=cu_seqlens)
+    (rout * w).sum().backward()
+    grads = {"u": (x.grad, x64.grad)}
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        grads[name] = (p.grad, ref_params[name].grad)
+    return grads
+
+
+def check_grads(grads: dict, what: str) -> dict:
+    """Assert every gradient exists, is finite and within GRAD_REL (RMS ratio) of the float64 one; return the
+    ratios (for the failure message of a caller, and to read off when tuning)."""
+    problems, ratios = [], {}
+    for name, (g, r) in grads.items():
+        if g is None or r is None:
+            problems.append(f"{name}: no gradient ({'layer' if g is None else 'reference'})")
+            continue
+        g, r = g.double(), r.double()
+        assert g.shape == r.shape, name
+        err, scale = torch.linalg.vector_norm(g - r), torch.linalg.vector_norm(r)
+        ratios[name] = (err / scale).item()
+        if not torch.isfinite(g).all():
+            problems.append(f"{name}: non-finite values")
+        elif scale == 0:
+            problems.append(f"{name}: the reference gradient is zero (the case does not exercise it)")
+        elif err > GRAD_REL * scale + GRAD_ATOL * g.numel() ** 0.5:
+            problems.append(f"{name}: rms ratio {ratios[name]:.2e} > {GRAD_REL:g}")
+    assert not problems, f"{what}:\n" + "\n".join(problems)
+    return ratios
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_gradients_match_float64_autograd(case):
+    """∂(Σ out·w)/∂θ of the layer (fp32, generated forward and backward) == float64 autograd through
+    layer_reference on a float64 copy, for u and every parameter (in_proj, dt_bias, B/C biases, B/C norms, D,
+    mimo_x/z/o, the output norm, out_proj); B 2 (1 for R4 with the output norm), L 7 with chunk 4 (a full and a
+    partial chunk).
+
+    Tolerance: RMS ratio ‖g − g₆₄‖ / ‖g₆₄‖ ≤ 1e-4 (+ 1e-5·√numel). The op's gradients are budgeted at 1e-4 in
+    tests/test_backward.py's docstring (observed there 1e-7..1e-6); around the op the layer's backward is torch's
+    fp32 autograd of short operations: the in_proj/out_proj weight gradients sum B·L = 14 outer products
+    (≤ 14·6e-8 ≈ 1e-6 relative), their input gradients dot products of ≤ 200 terms (√200·6e-8 ≈ 1e-6
+    typically), the RMSNorms, softplus, sigmoid and the heavy tail a few roundings each. So 1e-4 keeps a margin of
+    ~100x over the observed 1e-7..1e-6, while a detached tensor, a missing chain-rule factor or a gradient landing
+    in the wrong parameter is an O(1) error (or a missing gradient, which fails on its own).
+    """
+    layer = grad_layer(case)
+    batch = 1 if layer.is_outproj_norm and layer.mimo_rank > 2 else 2  # R op calls per pass (NOTES.md): keep it fast
+    u = torch.randn(batch, 7, GRAD_D_MODEL, generator=torch.Generator().manual_seed(9))
+    check_grads(layer_and_reference_grads(layer, u), case)
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", ["siso_trap_complex", "mimo_r4"])
+def test_gradients_with_cu_seqlens(case):
+    """The same through a pack of sequences (an empty one, one within a chunk, one over two chunks)."""
+    layer = grad_layer(case)
+    cu = torch.tensor([0, 3, 3, 9, 11], dtype=torch.int32)
+    u = torch.randn(1, 11, GRAD_D_MODEL, generator=torch.Generator().manual_seed(10))
+    check_grads(layer_and_reference_grads(layer, u, cu_seqlens=cu), case)
+
+
+@interpreter_only
+def test_two_lag_rule_refuses_gradients_naming_the_field():
+    """A rule with three weights (J = 2) has no backward yet: a forward that autograd would differentiate raises
+    InputError naming discretization.weights (at the forward, before any kernel runs a backward); the same layer
+    runs under torch.no_grad, and in grad mode when nothing it reads needs a gradient (a frozen layer)."""
+    torch.manual_seed(11)
+    layer = Mamba3(small_spec(chunk=4, discretization=TWO_LAG), GRAD_D_MODEL)
+    u = torch.randn(1, 5, GRAD_D_MODEL)
+    with pytest.raises(InputError, match=r"discretization\.weights has 3.*torch\.no_grad"):
+        layer(u)
+    with torch.no_grad():
+        out = layer(u)
+    layer.requires_grad_(False)
+    assert torch.equal(layer(u), out)
