@@ -560,3 +560,69 @@ def test_two_lag_rule_refuses_gradients_naming_the_field():
         out = layer(u)
     layer.requires_grad_(False)
     assert torch.equal(layer(u), out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# autograd integration: torch.compile, activation checkpointing
+# ------------------------------------------------------------------------------------------------------------------
+class TwoLayers(torch.nn.Module):
+    """u → h = u + A(u) → h + B(h): two layers with residuals; B is MIMO R2 with the output norm (the per-rank
+    path: R op calls and an indicator mimo_o built in the forward), A complex SISO."""
+
+    def __init__(self, checkpointed: bool = False):
+        super().__init__()
+        torch.manual_seed(12)  # expand 1: one head each (the interpreter's time goes with B·L·H)
+        self.a = randomize_(Mamba3(GRAD_CASES["siso_trap_complex"][0], GRAD_D_MODEL, expand=1))
+        self.b = randomize_(Mamba3(small_spec(R=2, rotation="halved", chunk=4), GRAD_D_MODEL, expand=1,
+                                   is_outproj_norm=True))
+        self.checkpointed = checkpointed
+
+    def forward(self, u):
+        from torch.utils.checkpoint import checkpoint
+
+        if self.checkpointed:
+            h = u + checkpoint(self.a, u, use_reentrant=False)
+            return h + checkpoint(self.b, h, use_reentrant=False)
+        h = u + self.a(u)
+        return h + self.b(h)
+
+
+def run_and_grads(model, u: torch.Tensor) -> tuple:
+    """(output, {name: gradient} of u and every parameter) of the loss Σ out² (a nonlinear loss: the backward's
+    incoming gradient depends on the output)."""
+    model.zero_grad(set_to_none=True)
+    x = u.detach().clone().requires_grad_()
+    out = model(x)
+    out.square().sum().backward()
+    named = getattr(model, "_orig_mod", model).named_parameters()  # a compiled model's names have a prefix
+    return out.detach(), {"u": x.grad, **{n: p.grad for n, p in named}}
+
+
+@interpreter_only
+def test_torch_compile_fullgraph_two_layers():
+    """torch.compile(model, fullgraph=True) of two layers with residuals traces the layers' preprocessing, the
+    forward op and its backward op (their fake implementations) with no graph break, and gives the eager output and
+    gradients bit for bit. Backend aot_eager, as in tests/test_backward.py: it runs dynamo and AOTAutograd (what
+    fullgraph tracing and the fake implementations are about) but no code generation, which on the CPU would add
+    a C++ compile of a minute to a test of seconds; examples/train_lm.py --compile runs inductor on a GPU."""
+    model = TwoLayers()
+    u = torch.randn(1, 6, GRAD_D_MODEL, generator=torch.Generator().manual_seed(13))
+    out, grads = run_and_grads(model, u)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c, grads_c = run_and_grads(compiled, u)
+    assert torch.equal(out, out_c)
+    assert grads.keys() == grads_c.keys() and len(grads) == 1 + len(list(model.parameters()))
+    for name, g in grads.items():
+        assert g is not None and torch.equal(g, grads_c[name]), name
+
+
+@interpreter_only
+def test_activation_checkpointing():
+    """torch.utils.checkpoint(layer, u, use_reentrant=False) around each layer: the backward recomputes the layer's
+    forward (the op saves only its inputs and reads them once), and the gradients are bit for bit the plain ones."""
+    u = torch.randn(1, 6, GRAD_D_MODEL, generator=torch.Generator().manual_seed(14))
+    out, grads = run_and_grads(TwoLayers(), u)
+    out_c, grads_c = run_and_grads(TwoLayers(checkpointed=True), u)
+    assert torch.equal(out, out_c)
+    for name, g in grads.items():
+        assert g is not None and torch.equal(g, grads_c[name]), name
