@@ -98,7 +98,7 @@ def forward_kind(request):
 @given(spec=specs(), data=st.data())
 def test_matches_oracle(spec, data, interp_kernels):
     """Random spec and inputs: output and every final state equal the float64 naive recurrence."""
-    size = data.draw(input_kwargs(spec), label="size")
+    size = data.draw(input_kwargs(spec, extreme=True), label="size")
     module = pinned(interp_kernels, spec, data.draw(st.integers(0, 7), label="config"))
     kw = draw_inputs(spec, size)
     got = run_op(module, spec, kw)
@@ -113,7 +113,7 @@ def test_matches_oracle(spec, data, interp_kernels):
 @given(spec=specs(init=True, final=True, varlen=False), data=st.data())
 def test_split_sequence(spec, data, interp_kernels):
     """Running [0, L1) and then [L1, L) from the carried final states equals running [0, L) at once."""
-    size = data.draw(input_kwargs(spec, varlen=False), label="size")
+    size = data.draw(input_kwargs(spec, varlen=False, extreme=True), label="size")
     assume(size["L"] >= 2)
     L1 = data.draw(st.integers(1, size["L"] - 1), label="L1")
     module = pinned(interp_kernels, spec, data.draw(st.integers(0, 7), label="config"))
@@ -130,7 +130,7 @@ def test_split_sequence(spec, data, interp_kernels):
 @given(spec=specs(varlen=True), data=st.data())
 def test_varlen_equals_separate(spec, data, interp_kernels):
     """A varlen pack (sequences shorter than a chunk included) equals each sequence run on its own."""
-    size = data.draw(input_kwargs(spec, varlen=True), label="size")
+    size = data.draw(input_kwargs(spec, varlen=True, extreme=True), label="size")
     module = pinned(interp_kernels, spec, data.draw(st.integers(0, 7), label="config"))
     kw = draw_inputs(spec, size)
     final = spec.options.final_states
@@ -489,7 +489,7 @@ class TestBadInputs:
 @given(spec=specs(gpu=True), data=st.data())
 def test_gpu_matches_oracle(dtype, spec, data, gpu_kernels):
     _gpu_spec_ok(spec, dtype)
-    size = data.draw(input_kwargs(spec, gpu=True), label="size")
+    size = data.draw(input_kwargs(spec, gpu=True, extreme=True), label="size")
     module = pinned(gpu_kernels, spec, data.draw(st.integers(0, 7), label="config"))
     kw = draw_inputs(spec, size, dtype=dtype, device="cuda")
     got = run_op(module, spec, kw)
@@ -506,7 +506,7 @@ def test_gpu_matches_oracle(dtype, spec, data, gpu_kernels):
 @given(spec=specs(gpu=True, init=True, final=True, varlen=False), data=st.data())
 def test_gpu_split_sequence(dtype, spec, data, gpu_kernels):
     _gpu_spec_ok(spec, dtype)
-    size = data.draw(input_kwargs(spec, gpu=True, varlen=False), label="size")
+    size = data.draw(input_kwargs(spec, gpu=True, varlen=False, extreme=True), label="size")
     assume(size["L"] >= 2)
     L1 = data.draw(st.integers(1, size["L"] - 1), label="L1")
     module = pinned(gpu_kernels, spec, data.draw(st.integers(0, 7), label="config"))
@@ -525,7 +525,7 @@ def test_gpu_split_sequence(dtype, spec, data, gpu_kernels):
 @given(spec=specs(gpu=True, varlen=True), data=st.data())
 def test_gpu_varlen_equals_separate(dtype, spec, data, gpu_kernels):
     _gpu_spec_ok(spec, dtype)
-    size = data.draw(input_kwargs(spec, gpu=True, varlen=True), label="size")
+    size = data.draw(input_kwargs(spec, gpu=True, varlen=True, extreme=True), label="size")
     module = pinned(gpu_kernels, spec, data.draw(st.integers(0, 7), label="config"))
     kw = draw_inputs(spec, size, dtype=dtype, device="cuda")
     final = spec.options.final_states

@@ -72,7 +72,7 @@ class KernelPrinter(sp.printing.str.StrPrinter):
         return f"({self._print(e.args[0])} < {self._print(e.args[1])})"
 
 
-def input_codes(spec, lowered, sigmoid: str = "tl.sigmoid", suffix: str = "") -> list[tuple[str, str]]:
+def input_codes(spec, lowered, sigmoid: str = "sigmoid", suffix: str = "") -> list[tuple[str, str]]:
     """[(step symbol, code)]: how a kernel's raw inputs ``dt``, ``adt``, ``trap`` become the symbols the prologue
     reads, as the spec's ``inputs`` section encodes them (``sigmoid`` names the backend's σ; ``suffix`` is appended
     to every variable name, e.g. ``_s1`` for the inputs of token t+1)."""
@@ -90,7 +90,7 @@ def print_prologue(lowered, printer: KernelPrinter) -> list[tuple[str, str]]:
 
 
 # sympy function -> the name the Triton kernels call (helpers in mamba3_gen/runtime/triton_math.py)
-TRITON_FUNCTIONS = {sp.exp: "tl.exp", expm1: "expm1", sp.log: "tl.log", log1p: "log1p", sigmoid: "tl.sigmoid",
+TRITON_FUNCTIONS = {sp.exp: "tl.exp", expm1: "expm1", sp.log: "tl.log", log1p: "log1p", sigmoid: "sigmoid",
                     softplus: "softplus", sp.tanh: "tanh", sp.sqrt: "tl.sqrt"}
 # sympy function -> the helpers the CuTe DSL step template defines (fp32)
 CUTE_FUNCTIONS = {sp.exp: "_exp", expm1: "_expm1", sp.log: "_log", log1p: "_log1p", sigmoid: "_sigmoid",

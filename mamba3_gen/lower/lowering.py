@@ -100,7 +100,9 @@ class Lowered:
 
         - ``a0``: a_t (the template zeroes it past the chunk for the cumsum);
         - ``scale_tok``: Σ_j c_j(t+j)·exp(Σ_{r=j+1..J} a_{t+r}), token t's whole input carried to step t+J;
-        - ``band<d>_tok`` (d < J): Σ_{j≤d} c_j(t+j)·exp(Σ_{r=j+1..d} a_{t+r}), token t's weight in output t+d.
+        - ``band<d>_tok`` (d < J): Σ_{j≤d} c_j(t+j)·exp(Σ_{r=j+1..d} a_{t+r}), token t's weight in output t+d;
+        - ``a_s<m>`` (1 ≤ m ≤ J): a_{t+m}, which turns the chunk's cumsum at token t into the one at t+J (where token
+          t's whole input has landed) without shifting a vector.
         """
         J = self.lags
         shift = [{sym: sp.Symbol(f"{sym.name}_s{k}", real=True) for sym in (dt, adt, lam)} for k in range(J + 1)]
@@ -115,6 +117,7 @@ class Lowered:
 
         out = [("a0", a[0]), ("scale_tok", tidy(sp.Add(*[carried(j, J) for j in range(J + 1)])))]
         out += [(f"band{d}_tok", tidy(sp.Add(*[carried(j, d) for j in range(d + 1)]))) for d in range(J)]
+        out += [(f"a_s{m}", a[m]) for m in range(1, J + 1)]
         return out
 
     def describe(self) -> dict[str, str]:

@@ -8,12 +8,17 @@ from triton.language.extra.cuda import libdevice
 from mamba3_gen.runtime.forward import INTERPRETING
 
 TWO_PI = tl.constexpr(6.283185307179586)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 if INTERPRETING:
 
     @triton.jit
     def cos_sin(theta):
         return tl.cos(theta), tl.sin(theta)
+
+    @triton.jit
+    def sigmoid(x):
+        return tl.sigmoid(x)
 
     @triton.jit
     def expm1(x):
@@ -34,9 +39,16 @@ else:
 
     @triton.jit
     def cos_sin(theta):
-        # MUFU sin/cos on Θ reduced to [0, 2π), where their error is ~5e-7
-        theta = theta - TWO_PI * tl.floor(theta / TWO_PI)
+        # MUFU sin/cos on Θ reduced to about [0, 2π), where their error is ~5e-7 (a product by 1/(2π), not an IEEE
+        # division: a Θ that lands a rounding outside the range is as good for sin/cos)
+        theta = theta - TWO_PI * tl.floor(theta * INV_TWO_PI)
         return libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+
+    @triton.jit
+    def sigmoid(x):
+        # 1 / (1 + e^{−x}) with the approximate division (2 ulp; tl.sigmoid's IEEE division costs ~10 instructions
+        # and a branch per element); e^{−x} = inf gives 0, as it should
+        return libdevice.fast_dividef(1.0, 1.0 + tl.exp(-x))
 
     @triton.jit
     def expm1(x):
@@ -49,7 +61,19 @@ else:
 
 @triton.jit
 def tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return 2.0 * sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def two_sum(hi1, lo1, hi2, lo2):
+    """(hi1 + lo1) + (hi2 + lo2) as an unevaluated fp32 pair (hi, lo), hi the rounded sum and lo what rounding left
+    out (Knuth's TwoSum, exact in fp32 arithmetic without reassociation). As the combine of a scan or reduction it
+    keeps a sum of n terms to ~n·u² of their magnitude (u = 2^-24): a later difference of two such sums is then exact
+    to u of the difference itself, however large the sums (used for the decay segment sums)."""
+    s = hi1 + hi2
+    bp = s - hi1
+    err = (hi1 - (s - bp)) + (hi2 - bp)
+    return s, err + (lo1 + lo2)
 
 
 @triton.jit
