@@ -105,8 +105,13 @@ class Mamba3(nn.Module):
     the (name, width) slices of in_proj's output in order. The spec's rotation must be the checkpoint's (official
     SISO: pairwise; official MIMO: halved) for official weights to give the official outputs.
 
-    The op has no backward yet: train nothing through it; ``forward`` runs in any grad mode, and a backward through it
-    raises the op's "no autograd formula" error. ``step`` is an inference path and refuses grad mode.
+    Training: ``forward`` is differentiable with respect to u and every parameter through the generated backward
+    (``torch.compile(fullgraph=True)`` and ``torch.utils.checkpoint(..., use_reentrant=False)`` work; bf16 autocast
+    too: in_proj/out_proj follow it, the rest computes in fp32 as above). Rules with two or more lags (three or more
+    weights) have no backward yet: their forward raises ``InputError`` naming discretization.weights when a gradient
+    would be needed (under ``torch.no_grad()``, or with every parameter frozen, it runs). With
+    ``is_outproj_norm`` and R > 1 a forward and its backward cost R op calls (per-rank outputs; NOTES.md, issue 12).
+    ``step`` is an inference path and refuses grad mode.
 
     Raises:
         SpecError: the spec is invalid. BuildError: it cannot be built for ``arch``.
