@@ -148,8 +148,9 @@ def synthetic_batch(task: str, batch: int, seqlen: int, vocab: int, generator: t
 
 
 def global_batch(args, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's whole batch (every rank draws the same one: seeded by (seed, step)); a rank trains on its slice."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    """The step's whole batch (every rank draws the same one: seeded by (seed, step)); a rank trains on its slice.
+    step −1 is the gradient check's batch."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 1)
     return synthetic_batch(args.task, args.batch * args.world, args.seqlen, args.vocab, g, args.max_period)
 
 
