@@ -269,6 +269,7 @@ def parse_args(argv=None):
     p.add_argument("--d-model", type=int, default=None, help="model width (default 256; --tiny 8)")
     p.add_argument("--expand", type=float, default=2, help="Mamba3 d_inner / d_model")
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--outproj-norm", action="store_true", help="Mamba3(is_outproj_norm=True)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 64; --tiny 8)")
     p.add_argument("--task", choices=["prev", "repeat"], default="prev")
     p.add_argument("--max-period", type=int, default=8, help="longest pattern of --task repeat")
@@ -356,12 +357,14 @@ def mean_over_ranks(x: torch.Tensor, args) -> float:
 def train(args) -> int:
     torch.manual_seed(args.seed)  # every rank builds the same initial model (DDP also broadcasts rank 0's)
     doc = spec_doc(args)
-    model = TinyLM(doc, args.vocab, args.d_model, args.layers, args.expand).to(args.device)
+    model = TinyLM(doc, args.vocab, args.d_model, args.layers, args.expand,
+                   is_outproj_norm=args.outproj_norm).to(args.device)
     nparams = sum(p.numel() for p in model.parameters())
+    norm = ", outproj norm" if args.outproj_norm else ""
     log(args, f"spec {doc['name']} ({Path(args.spec).name}; rule {doc['discretization']['rule']}, "
               f"N={doc['dims']['d_state']} P={doc['dims']['headdim']} R={doc['dims']['mimo_rank']} "
-              f"C={doc['dims']['chunk_size']}), {args.layers} layers, d_model {args.d_model}, {nparams} parameters, "
-              f"task {args.task}, {args.world} rank(s) x batch {args.batch} x seqlen {args.seqlen}, "
+              f"C={doc['dims']['chunk_size']}{norm}), {args.layers} layers, d_model {args.d_model}, {nparams} "
+              f"parameters, task {args.task}, {args.world} rank(s) x batch {args.batch} x seqlen {args.seqlen}, "
               f"amp {args.amp}, device {args.device.type}")
     reference = copy.deepcopy(model) if args.check_grads and args.rank == 0 else None
     if args.ddp:
