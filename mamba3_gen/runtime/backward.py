@@ -21,8 +21,13 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
   1. the forward's states kernel, run again: E_c, the state entering chunk c (after its first step), its Θ and
      the final state, in fp32 (recomputed, not saved);
   2. dstate: sequential over chunks backwards, grid (sequence, head, P block x pair block): dX_c = ∂L/∂E_{c+1};
-  3. chunk: one program per (chunk slot, head), all chunks at once: the chunk's forward again, then dq̂, dk̂, dv,
-     dz, the coefficient gradients dc_j, da, the rotation's backward (dq̃, dk̃, dΘ_t);
+  3. three chunk kernels, all chunks at once, each recomputing what it needs of the chunk's forward (the sums
+     over N in a loop over blocks of rotation pairs, so no program holds a chunk x N tile of P columns):
+     chunk_v, one program per (chunk slot, head, P block): y, then dv, dz and the partials of the MIMO projections;
+     chunk_coef, one program per (chunk slot, head): the coefficient gradients dc_j, da and the partial of D;
+     chunk_qk, one program per (chunk slot, head, block of rotation pairs), all of P: dq̂, dk̂ and the rotation's
+     backward (dq̃, dk̃, dΘ_t). dY comes from dout and the gate alone, so only chunk_v recomputes y. No program
+     adds into another's output (no atomics: the gradients are deterministic);
   4. steps: per (sequence, head) backwards: da at the first step, the rule's prologue derivatives (sympy, printed by
      the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
      reverse angle cumsum, the initial states' gradients.
@@ -33,6 +38,8 @@ Supported: every spec feature but rules with two or more lags (J ≥ 2): their b
 requested (``InputError`` naming discretization.weights).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -60,9 +67,11 @@ def unsupported_reason(meta: dict) -> str | None:
     return None
 
 
-def attach_backward(forward, dstate_kernel, chunk_kernel, steps_kernel) -> "BackwardOp":
-    """Register the generated backward as the autograd formula of ``forward``'s ops (fused and chunked)."""
-    bwd = BackwardOp(forward, dstate_kernel, chunk_kernel, steps_kernel)
+def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
+                    steps_kernel) -> "BackwardOp":
+    """Register the generated backward (its five kernels, module docstring) as the autograd formula of
+    ``forward``'s ops (fused and chunked)."""
+    bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
     for op in (forward.op, forward.chunked_op):
         if op is None:
             continue
@@ -75,14 +84,28 @@ def attach_backward(forward, dstate_kernel, chunk_kernel, steps_kernel) -> "Back
     return bwd
 
 
+@contextlib.contextmanager
+def _fits(meta: dict, kind: str):
+    """Turn Triton's OutOfResources at a chunk kernel's launch into a DeviceError naming the spec fields that shrink
+    its tile (the kernels are split over P and over rotation pairs, but a chunk's C·R rows stay in one program)."""
+    try:
+        yield
+    except OutOfResources as e:
+        raise DeviceError(
+            f"spec {meta['name']!r}: the backward's chunk kernel ({kind}) does not fit this GPU ({e}); its tile is "
+            f"dims.chunk_size·mimo_rank = {meta['C'] * meta['R']} rows x d_state = {meta['N']} x headdim = "
+            f"{meta['P']} (in blocks): a smaller dims.chunk_size, d_state or headdim fits; the forward and the "
+            "decode step are not affected") from e
+
+
 class BackwardOp:
     """The backward of one spec's forward op: ``setup_context``/``backward`` for ``register_autograd`` and the
     registered ``bwd_...`` op that launches the kernels (module docstring)."""
 
-    def __init__(self, forward, dstate_kernel, chunk_kernel, steps_kernel):
+    def __init__(self, forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel):
         self.forward = forward
         self.meta = forward.meta
-        self.kernels = (dstate_kernel, chunk_kernel, steps_kernel)
+        self.kernels = (dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
         self.op = self._register()
 
     # -- autograd ------------------------------------------------------------------------------------------------
@@ -164,7 +187,7 @@ class BackwardOp:
             init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, None, None, cu_seqlens,
             L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen)
 
-        dstate_kernel, chunk_kernel, steps_kernel = self.kernels
+        dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels
         # 2. dX_c backwards over the chunks
         dchunk = empty(slots, H, P, N)
         dinit_ssm = empty(NS, H, P, N) if has_init else None
@@ -174,7 +197,8 @@ class BackwardOp:
             chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
             HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
 
-        # 3. every chunk at once
+        # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
+        # of rotation pairs (independent of each other)
         dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
         dv, dz = empty(B, L, H, P), (empty(B, L, H, P) if z is not None else None)
         dtheta = empty(B, L, H, S) if S else None
@@ -185,21 +209,18 @@ class BackwardOp:
         dmz_part = zeros(slots, H, R, P) if R > 1 and z is not None else None
         dmo_part = zeros(slots, H, R, P) if R > 1 else None
         if slots:
-            try:
-                chunk_kernel[(slots, H)](
-                    q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
-                    chunk_ssm, chunk_angle, None, None, dchunk, d_k, d_v,
-                    dq_h, dk_h, dv, dz, dtheta, da, dc, dD_part, dmv_part, dmz_part, dmo_part, cu_seqlens,
-                    L, H, G, NC, NS, search, *angle_strides, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen,
-                    BLOCK_P=m["BP"])
-            except OutOfResources as e:
-                # One program holds a whole chunk x P x N: large complex specs exceed a GPU's shared memory (the
-                # kernel is not split yet, NOTES.md issue 12). Say which fields would shrink it.
-                raise DeviceError(
-                    f"spec {m['name']!r}: the backward's chunk kernel does not fit this GPU ({e}); its tile is "
-                    f"dims.chunk_size·mimo_rank = {C * R} rows x d_state = {N} x headdim = {P}: a smaller "
-                    "dims.chunk_size, d_state or headdim fits; the forward and the decode step are not affected"
-                ) from e
+            common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
+                      chunk_ssm, chunk_angle, None, None, dchunk)
+            sizes = (L, H, G, NC, NS, search, *angle_strides)
+            flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
+            with _fits(m, "chunk_v"):
+                chunk_v_kernel[lambda cfg: (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))](
+                    *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, cu_seqlens, *sizes, **flags)
+            with _fits(m, "chunk_coef"):
+                chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
+            with _fits(m, "chunk_qk"):
+                chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+                    *common, d_k, dq_h, dk_h, dtheta, cu_seqlens, *sizes, **flags)
 
         # 4. per-token step gradients, angles, initial states
         dadt, ddt = empty(B, H, L), empty(B, H, L)

@@ -1,7 +1,8 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
-``backward_compile_report(spec_path, arch="sm_90a")`` does for the three backward kernels (dstate, chunk, steps;
-templates/triton/bwd.py.jinja) what ``aot.compile_report`` does for the forward: in a fresh subprocess without
+``backward_compile_report(spec_path, arch="sm_90a")`` does for the five backward kernels (dstate, chunk_v,
+chunk_coef, chunk_qk, steps; templates/triton/bwd.py.jinja) what ``aot.compile_report`` does for the forward: in a
+fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
 cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
 kernel, block_p, block_k, num_warps, shared, registers, spill_stores, spill_loads, stack_frame, compile_s.
@@ -24,7 +25,9 @@ from mamba3_gen.backends.triton.aot import AOTCompileError, _first_lines, _last_
 
 __all__ = ["backward_compile_report"]
 
-KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk": "mamba3_bwd_chunk_kernel", "steps": "mamba3_bwd_steps_kernel"}
+KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk_v": "mamba3_bwd_chunk_v_kernel",
+           "chunk_coef": "mamba3_bwd_chunk_coef_kernel", "chunk_qk": "mamba3_bwd_chunk_qk_kernel",
+           "steps": "mamba3_bwd_steps_kernel"}
 
 
 def _pointer_types(spec, J: int) -> dict:
@@ -77,8 +80,6 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
             fn, cfg = autotuner.fn, autotuner.configs[0]
             consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
                       "IS_VARLEN": bool(opt.varlen), **{k: int(v) for k, v in cfg.kwargs.items()}}
-            if kind == "chunk":
-                consts["BLOCK_P"] = meta["BP"]
             if spec.dims.ngroups == 1:
                 consts["G"] = 1
             signature, constexprs, attrs = {}, {}, {}
