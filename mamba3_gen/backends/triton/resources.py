@@ -1,28 +1,93 @@
 """Resource model of the forward kernel: autotune configs that fit the target, and a shared-memory estimate.
 
-Triton's allocator gives each shared buffer (dot operands, layout conversions) a slot and reuses slots whose
-lifetimes do not overlap, so a block uses the *peak* of simultaneously live buffers, not their sum (the earlier
-sum-of-all-tiles estimate was 1.6-2.7x too high and refused consumer GPUs wrongly, issue 10 item 11). The peak
-is modelled from what the sm_90a AOT compile (Triton 3.6, ``compile_report``) reported for 19 kernels, in
-elements of the compute dtype (b bytes: 2 for bf16, 4 for tf32 / fp32), with rows = C·R, BN2 = the padded half
-state, BP = the P block:
+Triton's allocator gives each shared buffer (dot operands, layout conversions, reduction scratch) a slot and reuses
+slots whose lifetimes do not overlap, so a block uses the *peak* of simultaneously live buffers, not their sum. Which
+buffers exist depends on how the target runs the kernel's dots (the *engine*), on the operand dtype and on the input
+dtype (the layout conversions of the loaded tiles), so the estimate is a table per engine, compute dtype, SISO/MIMO,
+real/complex state and input dtype, fitted from the AOT sweep ``benchmarks/smem_sweep.py`` (Triton 3.6: the
+``ttg.shared`` the allocation pass writes, as ``triton.compile`` reports it; shipped specs x compute dtypes and
+variants of N, P, chunk, R, real/complex and input dtype on sm_89 and sm_90a, the official specs on sm_80 and sm_120;
+``benchmarks/results/smem_sweep.csv``; ``--fit`` gives each entry's starting point). Engines:
 
-    2·rows·BN2 + k·rows·BP            two K/Q half tiles and the V rows of a chunk (k = 1, 1.5 for a real state)
-    + 2·rows·BN2·min(1, rows/64)       complex SISO only (R = 1) with tf32 / fp32 operands: the rotation's layout
-                                       conversions, which outlive the dots there
+    wgmma   sm_90a with chunk rows C·R >= 64 and tf32 / bf16 operands: Hopper's warp-group MMA reads its operands from
+            shared memory, so the [C·R, N/2] Q/K halves and the [C·R, P] V rows stay there across the dots.
+    mma     sm_80 / sm_86 / sm_89 / sm_120 (Ampere, Ada and consumer Blackwell: mma.sync; all four allocate the same
+            bytes in the sweep), and sm_90a with C·R < 64 (a warp-group MMA needs 64 rows, so Triton falls back):
+            operands pass through short-lived staging buffers, so the peak is one or two tiles at a time.
+    fma     fp32 operands (ieee): no tensor cores on any target; the dots run on FMA units with operand tiles in
+            shared memory, the same bytes on every target.
 
-It matched 17 of the 19 compiles exactly (shipped specs, rows 16-128, BN2 32-128, BP 32-128, bf16 / tf32 / fp32,
-real / complex, SISO / MIMO, pairwise / halved, 0-2 lags) and the other two within 25 % on the safe side;
-tests/test_resources.py holds the shipped specs to 15 % of the compiler. All configs use one pipeline stage; for
-more, the per-chunk tiles are counted once per stage (not measured: an upper bound). A config over the target's
-per-block limit is dropped at build time; a spec with no config left is refused with the numbers and every field
-that would make it fit. `mamba3-gen check` also compiles for sm_90a and reports what ptxas actually allocated.
+Each table entry is a max over *phases* (the buffers live together at one point), each phase a sum over the
+kernel's tiles, in elements, times bytes per element: QK = C·R·BN2 (a Q or K half; BN2 = N/2 padded to a power of two
+>= 16), V = C·R·BP (the V rows; BP = the P block), CC = (C·R)^2 (the masked Q Kᵀ scores), H = BP·BN2 (a state half).
+4 bytes per element is an fp32 tile, 2 a bf16 one, 16 (= 4 x 4) four fp32 tiles of that shape, and so on. Over the
+sweep the table is within 15 % of the compiler except in the cases NOTES.md issue 10 lists (at most 17 % off, and
+mma.sync bf16 real SISO, whose allocation is not monotonic in N or BP: held to the safe side, up to 67 % above).
+All configs use one pipeline stage; for more, the estimate counts the per-chunk tiles
+once per stage (not measured: an upper bound). A config over the target's per-block limit is dropped at build time;
+a spec with no config left is refused with the numbers and every single field change that would make it fit.
+``mamba3-gen check --aot`` compiles for sm_90a and reports what was actually allocated.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-_BYTES = {"bf16": 2, "tf32": 4, "fp32": 4}
+# phases (bytes per element of QK, V, CC, H[, only below this many chunk rows]) per (engine, compute dtype,
+# "siso"/"mimo", "real"/"complex", input dtype); a CC entry of -1 is _cc_bytes
+_Phases = tuple[tuple[int, ...], ...]
+_MODEL: dict[tuple[str, str, str, str, str], _Phases] = {
+    # fp32 operands: 4 fp32 Q/K halves and the V rows (x 1.5 on a real state) live across the FMA dots
+    ("fma", "fp32", "siso", "complex", "bf16"): ((16, 4, 0, 0),),
+    ("fma", "fp32", "mimo", "complex", "bf16"): ((16, 4, 0, 0),),
+    ("fma", "fp32", "siso", "real", "bf16"): ((16, 6, 0, 0),),
+    ("fma", "fp32", "mimo", "real", "bf16"): ((16, 6, 0, 0),),
+    # Hopper tf32: the wgmma operands (Q/K halves, V rows) plus, on complex SISO, the rotation's conversions
+    ("wgmma", "tf32", "siso", "complex", "bf16"): ((16, 4, 0, 0),),
+    ("wgmma", "tf32", "mimo", "complex", "bf16"): ((8, 4, 0, 0),),
+    ("wgmma", "tf32", "siso", "real", "bf16"): ((8, 6, 0, 0),),
+    ("wgmma", "tf32", "mimo", "real", "bf16"): ((8, 6, 0, 0),),
+    # Hopper bf16: register A operands; the fp32 score tile's conversion dominates on SISO
+    ("wgmma", "bf16", "siso", "complex", "bf16"): ((2, 2, 5, 0), (3, 0, 5, 0)),
+    ("wgmma", "bf16", "mimo", "complex", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
+    ("wgmma", "bf16", "siso", "real", "bf16"): ((0, 2, 4, 0), (0, 0, 0, 4)),
+    ("wgmma", "bf16", "mimo", "real", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
+    # mma.sync tf32: four fp32 Q/K staging tiles (complex SISO); the fp32 score tile or a state half (real SISO)
+    ("mma", "tf32", "siso", "complex", "bf16"): ((16, 0, 0, 0),),
+    ("mma", "tf32", "mimo", "complex", "bf16"): ((1, 6, 0, 0), (0, 0, 4, 0), (0, 5, 2, 0)),
+    ("mma", "tf32", "siso", "real", "bf16"): ((0, 0, 4, 0), (0, 0, 0, 4)),
+    ("mma", "tf32", "mimo", "real", "bf16"): ((0, 8, 0, 0),),
+    # mma.sync bf16: the fp32 score tile (bf16 at C·R >= 128 with BP <= 32, see _cc_bytes) or Q/K tile plus bf16 V;
+    # real SISO is an upper bound (the compiler sometimes stages less: 12 KiB instead of 20 at N = 128, BP = 32)
+    ("mma", "bf16", "siso", "complex", "bf16"): ((4, 2, 0, 0), (0, 2, -1, 0)),
+    ("mma", "bf16", "mimo", "complex", "bf16"): ((0, 8, 0, 0), (4, 0, 0, 0)),
+    ("mma", "bf16", "siso", "real", "bf16"): ((0, 2, -1, 0), (0, 0, 0, 4, 64)),
+    ("mma", "bf16", "mimo", "real", "bf16"): ((0, 8, 0, 0), (4, 0, 0, 0)),
+    # fp32 inputs convert wider loaded tiles (measured where they differ from bf16 inputs)
+    ("mma", "tf32", "siso", "complex", "fp32"): ((16, 5, 0, 0),),
+    ("mma", "tf32", "mimo", "complex", "fp32"): ((0, 3, 3, 0), (0, 5, 1, 0), (0, 5, 2, 0)),
+    ("mma", "tf32", "siso", "real", "fp32"): ((0, 8, 0, 0), (0, 4, 4, 0)),
+    ("mma", "bf16", "siso", "real", "fp32"): ((0, 8, 0, 0),),
+    ("wgmma", "tf32", "siso", "real", "fp32"): ((5, 0, 4, 3),),
+    ("fma", "fp32", "siso", "real", "fp32"): ((16, 4, 0, 0),),
+    ("wgmma", "bf16", "siso", "real", "fp32"): ((4, 0, 0, 0),),
+    ("mma", "bf16", "siso", "complex", "fp32"): ((0, 8, 0, 0),),
+    ("mma", "bf16", "mimo", "complex", "fp32"): ((0, 8, 0, 0),),
+    ("wgmma", "bf16", "siso", "complex", "fp32"): ((6, 0, 0, 0), (1, 0, 6, 0)),
+    ("wgmma", "bf16", "mimo", "complex", "fp32"): ((4, 0, 0, 0),),
+}
+
+
+def engine(capability: int, rows: int, compute: str) -> str:
+    """How the target runs the kernel's dots: "wgmma", "mma" or "fma" (module docstring)."""
+    if compute == "fp32":
+        return "fma"
+    return "wgmma" if capability == 90 and rows >= 64 else "mma"
+
+
+def _cc_bytes(rows: int, block_p: int) -> int:
+    # mma.sync bf16: the fp32 [C·R, C·R] score tile is converted through shared memory, except at C·R >= 128 with
+    # BP <= 32, where only its bf16 copy is staged (sweep: 40 KiB instead of 72 KiB at C = 128, BP = 32)
+    return 2 if rows >= 128 and block_p <= 32 else 4
 
 
 @dataclass(frozen=True)
@@ -34,72 +99,96 @@ class KernelConfig:
     maxnreg: int | None = None  # register cap per thread (None: the compiler's choice)
 
 
-def smem_bytes(rows: int, bn2: int, block_p: int, compute: str, complex_siso: bool, real: bool,
-               num_stages: int = 1) -> int:
-    """Bytes of shared memory per block of the forward kernel (the model in the module docstring).
+def smem_bytes(rows: int, bn2: int, block_p: int, compute: str, *, real: bool, rank: int, capability: int,
+               input_dtype: str = "bf16", num_stages: int = 1) -> int:
+    """Bytes of shared memory per block of the forward kernel: the table of the module docstring.
 
     Args:
         rows: chunk rows C·R. bn2: the half state dim padded to a power of two (>= 16). block_p: the P block.
-        compute: dtypes.compute (bf16, tf32, fp32). complex_siso: a complex state with R == 1. real: a real state.
+        compute: dtypes.compute (bf16, tf32, fp32). real: a real state (else complex). rank: R (1 is SISO).
+        capability: the target's compute capability (80, 86, 89, 90, 120). input_dtype: dtypes.input.
         num_stages: pipeline depth of the config (the per-chunk tiles count once per stage).
+    Source: the AOT sweep (benchmarks/smem_sweep.py); an upper bound only where stated there.
     """
-    b = _BYTES[compute]
-    tiles = 2 * rows * bn2 + (1.5 if real else 1.0) * rows * block_p
-    extra = 2 * rows * bn2 * min(1.0, rows / 64) if complex_siso and compute != "bf16" else 0
-    return int(b * (tiles * max(1, num_stages) + extra))
+    eng = engine(capability, rows, compute)
+    key = (eng, compute, "siso" if rank == 1 else "mimo", "real" if real else "complex")
+    phases = _MODEL.get(key + (input_dtype,)) or _MODEL[key + ("bf16",)]
+    tiles = (rows * bn2, rows * block_p, rows * rows, block_p * bn2)
+    cc = _cc_bytes(rows, block_p)
+    peak = max(sum((cc if b < 0 else b) * n for b, n in zip(ph, tiles)) for ph in phases
+               if len(ph) == 4 or rows < ph[4])
+    if capability == 90 and eng == "mma" and block_p >= 64:
+        # sm_90a below 64 chunk rows: the state update (M = BP rows) still runs as a warp-group MMA on a fp32 state half
+        peak = max(peak, 4 * block_p * bn2)
+    return int(peak * max(1, num_stages))
+
+
+def _spec_bytes(spec, target, block_p: int, num_stages: int = 1) -> int:
+    d = spec.dims
+    return smem_bytes(d.chunk_size * d.mimo_rank, max(16, _pow2(d.d_state // 2)), block_p, spec.dtypes.compute,
+                      real=not spec.is_complex, rank=d.mimo_rank, capability=target.capability,
+                      input_dtype=spec.dtypes.input, num_stages=num_stages)
 
 
 def smem_estimate(low, block_p: int, num_stages: int) -> int:
-    """:func:`smem_bytes` of a lowered spec for one config."""
-    d = low.dims
-    spec = low.spec
-    return smem_bytes(d["C"] * d["R"], d["BN2"], block_p, spec.dtypes.compute, spec.is_complex and d["R"] == 1,
-                      not spec.is_complex, num_stages)
+    """:func:`smem_bytes` of a lowered spec for one config on its target."""
+    return _spec_bytes(low.spec, low.target, block_p, num_stages)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _smallest(spec, C: int, N: int, P: int, compute: str) -> int:
-    """The smallest config estimate of the spec with these dims (the half P block when P >= 32)."""
-    R = spec.dims.mimo_rank
-    bp = max(16, _pow2(P))
-    bp = bp // 2 if bp >= 32 else bp
-    return smem_bytes(C * R, max(16, _pow2(N // 2)), bp, compute, spec.is_complex and R == 1, not spec.is_complex)
+def _with(spec, **changes):
+    """A copy of the spec with dims (chunk_size, d_state, headdim) or dtypes (compute) changed, not re-validated."""
+    dims = {k: v for k, v in changes.items() if k != "compute"}
+    update = {}
+    if dims:
+        update["dims"] = spec.dims.model_copy(update=dims)
+    if "compute" in changes:
+        update["dtypes"] = spec.dtypes.model_copy(update={"compute": changes["compute"]})
+    return spec.model_copy(update=update)
 
 
-def fit_advice(spec, limit: int, min_rows: int = 16) -> list[str]:
-    """Every single change of one field that makes the spec's forward fit ``limit`` bytes, with its estimate:
-    dtypes.compute: bf16, the largest smaller chunk_size (keeping C·R >= ``min_rows``), d_state and headdim."""
+def _smallest(spec, target) -> int:
+    """The smallest estimate over the configs the build would try for the spec on the target."""
+    return min(c.smem_estimate for c in candidate_configs(spec, target))
+
+
+def fit_advice(spec, limit: int, target, min_rows: int = 16) -> list[str]:
+    """Every single change of one field that makes the spec's forward fit ``limit`` bytes on ``target``, each with its
+    estimate, one entry per field: dtypes.compute (tf32, else bf16, else fp32: the first that fits), the largest
+    smaller chunk_size (keeping C·R >= ``min_rows``), the largest smaller d_state and headdim (powers of two)."""
     d, compute = spec.dims, spec.dtypes.compute
-    C, N, P, R = d.chunk_size, d.d_state, d.headdim, d.mimo_rank
+    C, N, P = d.chunk_size, d.d_state, d.headdim
     out = []
 
     def kib(n: int) -> str:
         return f"about {n / 1024:.0f} KiB"
 
-    if compute != "bf16":
-        est = _smallest(spec, C, N, P, "bf16")
-        if est <= limit:
-            out.append(f"dtypes.compute: bf16 ({kib(est)})")
+    for dt in ("tf32", "bf16", "fp32"):  # the default first, then the smaller operands; only the first that fits
+        if dt != compute:
+            est = _smallest(_with(spec, compute=dt), target)
+            if est <= limit:
+                out.append(f"dtypes.compute: {dt} ({kib(est)})")
+                break
     c = C // 2
-    while c >= 1 and c * R >= min_rows:
-        est = _smallest(spec, c, N, P, compute)
+    while c >= 1 and c * d.mimo_rank >= min_rows:
+        est = _smallest(_with(spec, chunk_size=c), target)
         if est <= limit:
             out.append(f"dims.chunk_size: {c} ({kib(est)})")
             break
         c //= 2
     n = _pow2(N) // 2  # powers of two below N
     while n >= 4:
-        est = _smallest(spec, C, n, P, compute)
+        est = _smallest(_with(spec, d_state=n), target)
         if est <= limit and n < N:
             out.append(f"dims.d_state: {n} ({kib(est)})")
             break
         n //= 2
     p = _pow2(P) // 2
     while p >= 4:
-        est = _smallest(spec, C, N, p, compute)
+        est = _smallest(_with(spec, headdim=p), target)
         if est <= limit and p < P:
             out.append(f"dims.headdim: {p} ({kib(est)})")
             break
@@ -107,29 +196,38 @@ def fit_advice(spec, limit: int, min_rows: int = 16) -> list[str]:
     return out
 
 
-def choose_configs(low) -> list[KernelConfig]:
-    d = low.dims
-    bp_full = d["BP"]
+def candidate_configs(spec, target) -> list[KernelConfig]:
+    """Every autotune config of the fused forward the build would try on ``target`` (a Target or an arch name),
+    with its estimate, before those over the target's limit are dropped."""
+    from mamba3_gen.backends.device import get_target
+
+    target = get_target(target) if isinstance(target, str) else target
+    bp_full = max(16, _pow2(spec.dims.headdim))
     bp_half = bp_full // 2 if bp_full >= 32 else bp_full
     # Measured on an H100 at B8 L4096 H32 (benchmarks/gpu_run.py): the full P block wins (a P split recomputes
     # Q Kᵀ); 8 warps for SISO, 4 for MIMO R4. The 128-register cap lets two programs share an SM (more spills).
     # bf16 operands with 4 warps gave wrong results (Triton 3.6, H100), so bf16 keeps 8 warps.
     shapes = [(bp_full, 8, None), (bp_full, 4, None), (bp_full, 8, 128), (bp_half, 8, None)]
-    if low.spec.dtypes.compute == "bf16":
+    if spec.dtypes.compute == "bf16":
         shapes = [sh for sh in shapes if sh[1] == 8]
-    candidates = []
-    for block_p, num_warps, maxnreg in dict.fromkeys(shapes):
-        candidates.append(KernelConfig(block_p, num_warps, 1, smem_estimate(low, block_p, 1), maxnreg))
+    return [KernelConfig(block_p, num_warps, 1, _spec_bytes(spec, target, block_p), maxnreg)
+            for block_p, num_warps, maxnreg in dict.fromkeys(shapes)]
+
+
+def choose_configs(low) -> list[KernelConfig]:
+    d = low.dims
+    candidates = candidate_configs(low.spec, low.target)
     limit = low.target.smem_per_block
     fitting = [c for c in candidates if c.smem_estimate <= limit]
     if not fitting:
         smallest = min(candidates, key=lambda c: c.smem_estimate)
         from mamba3_gen.backends.triton.build import BuildError
 
-        advice = fit_advice(low.spec, limit, low.target.min_dot_k)
+        advice = fit_advice(low.spec, limit, low.target, low.target.min_dot_k)
+        bigger = "" if low.target.capability == 90 else ", or a GPU with more shared memory (--arch sm_90a: 227 KiB)"
         hint = ("try one of: " + "; ".join(advice)) if advice else (
             "no single change of dtypes.compute, dims.chunk_size, dims.d_state or dims.headdim fits; try lowering "
-            "several of them, or a GPU with more shared memory (--arch sm_90a: 227 KiB)")
+            f"several of them{bigger}")
         raise BuildError(
             f"dims: the forward kernel needs about {smallest.smem_estimate // 1024} KiB of shared memory per block "
             f"(chunk rows {d['C'] * d['R']}, N={d['N']}, P={d['P']}, {low.spec.dtypes.compute} operands) but "
@@ -195,7 +293,11 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
     split both P and the pairs, so the CPU tests exercise several tiles per head."""
     d, spec, target = low.dims, low.spec, low.target
     rows, bn2, bp = d["C"] * d["R"], d["BN2"], d["BP"]
-    compute, cplx_siso, real = spec.dtypes.compute, spec.is_complex and d["R"] == 1, not spec.is_complex
+    compute = spec.dtypes.compute
+
+    def est(k: int, p: int) -> int:  # the fused kernel's model with the tile's pair count (not fitted to these two)
+        return smem_bytes(rows, k, p, compute, real=not spec.is_complex, rank=d["R"],
+                          capability=target.capability if target.is_gpu else 90, input_dtype=spec.dtypes.input)
     if not target.is_gpu:
         states = [(max(1, bp // 4), max(1, bn2 // 4), 4, None)]
         out = [(max(1, bp // 4), 4, None)]
@@ -216,17 +318,16 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
     limit = target.smem_per_block
     res = {"states": [], "out": []}
     for p, k, w, m in dict.fromkeys(states):
-        est = smem_bytes(rows, k, p, compute, cplx_siso, real)
-        if est <= limit:
-            res["states"].append(ChunkedConfig(p, w, 1, est, block_k=k, maxnreg=m))
+        e = est(k, p)
+        if e <= limit:
+            res["states"].append(ChunkedConfig(p, w, 1, e, block_k=k, maxnreg=m))
     for p, w, m in dict.fromkeys(out):
-        est = smem_bytes(rows, bn2, p, compute, cplx_siso, real)
-        if est <= limit:
-            res["out"].append(ChunkedConfig(p, w, 1, est, maxnreg=m))
+        e = est(bn2, p)
+        if e <= limit:
+            res["out"].append(ChunkedConfig(p, w, 1, e, maxnreg=m))
     for kind, shapes in (("states", states), ("out", out)):  # none fits: the smallest (the fused kernel, with the
         if not res[kind]:                                       # out kernel's tiles, was refused already if so)
             p, *rest = min(shapes, key=lambda sh: sh[0] * (sh[1] if kind == "states" else bn2))
             k = rest[0] if kind == "states" else None
-            res[kind].append(ChunkedConfig(p, rest[-2], 1, smem_bytes(rows, k or bn2, p, compute, cplx_siso, real),
-                                           block_k=k, maxnreg=rest[-1]))
+            res[kind].append(ChunkedConfig(p, rest[-2], 1, est(k or bn2, p), block_k=k, maxnreg=rest[-1]))
     return res
