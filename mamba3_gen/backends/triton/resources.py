@@ -51,9 +51,10 @@ _MODEL: dict[tuple[str, str, str, str, str], _Phases] = {
     ("wgmma", "bf16", "mimo", "complex", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
     ("wgmma", "bf16", "siso", "real", "bf16"): ((0, 2, 4, 0), (0, 0, 0, 4)),
     ("wgmma", "bf16", "mimo", "real", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
-    # mma.sync tf32: four fp32 Q/K staging tiles (complex SISO); the fp32 score tile or a state half (real SISO)
+    # mma.sync tf32: four fp32 Q/K staging tiles (complex SISO); the fp32 score tile or a state half (real SISO);
+    # two fp32 V-row tiles or the score tile (MIMO; 8 warps: 4 warps sometimes stage less, e.g. 24 KiB for 32 at N = 64)
     ("mma", "tf32", "siso", "complex", "bf16"): ((16, 0, 0, 0),),
-    ("mma", "tf32", "mimo", "complex", "bf16"): ((1, 6, 0, 0), (0, 0, 4, 0), (0, 5, 2, 0)),
+    ("mma", "tf32", "mimo", "complex", "bf16"): ((0, 8, 0, 0), (0, 0, 4, 0)),
     ("mma", "tf32", "siso", "real", "bf16"): ((0, 0, 4, 0), (0, 0, 0, 4)),
     ("mma", "tf32", "mimo", "real", "bf16"): ((0, 8, 0, 0),),
     # mma.sync bf16: the fp32 score tile (bf16 at C·R >= 128 with BP <= 32, see _cc_bytes) or Q/K tile plus bf16 V;
