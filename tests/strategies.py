@@ -138,9 +138,8 @@ def specs(draw, *, gpu=False, init=None, varlen=None, final=None):
         varlen=draw(st.booleans()) if varlen is None else varlen,
     )
     if rule == "formula":
-        # a drawn rule whose value or derivative the lowering refuses (tests/test_rules.py holds those refusals) is
-        # not a kernel test case: e.g. log1p(-adt)/(1 - adt) + expm1(adt)/adt at a constant λ has a derivative whose
-        # singularity at adt = 0 no one-variable series covers
+        # a drawn rule whose value the lowering refuses (tests/test_rules.py holds those refusals) is not a kernel
+        # test case (one whose derivative it refuses is: its forward is built, its backward refused)
         try:
             lower_discretization(spec)
         except LoweringError:

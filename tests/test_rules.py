@@ -430,16 +430,40 @@ def test_preset_derivatives_are_finite_on_the_domain_and_at_padding(name):
             assert math.isfinite(evaluate_float(d, p, dtype=torch.float32)), (name, d, p)
 
 
-def test_unbounded_derivative_is_refused_with_file_line(tmp_path):
-    """dt·sqrt(−adt) is finite, its ∂/∂adt = −dt/(2·sqrt(−adt)) is not at adt = 0: refused, saying it is the
-    derivative the backward needs."""
+def test_unbounded_derivative_refuses_the_backward_only(tmp_path):
+    """dt·sqrt(−adt) is finite, its ∂/∂adt = −dt/(2·sqrt(−adt)) is not at adt = 0: the spec builds (its forward and
+    step need no derivative), and the lowering records why its backward is refused, which `check` prints."""
     path = tmp_path / "deriv.yaml"
     path.write_text(_custom(["dt * sqrt(-adt)"]))
-    with pytest.raises(LoweringError) as e:
-        lower_discretization(load_spec_text(path.read_text()))
-    assert str(e.value) == (
+    low = lower_discretization(load_spec_text(path.read_text()))
+    assert low.backward_refusal == (
         "discretization.weights[0]: the derivative d/dadt of dt*sqrt(-adt), -dt/(2*sqrt(-adt)), is unbounded at "
-        "adt = 0 (not a removable singularity), and the backward reads this derivative; try a formula whose "
-        "denominator never vanishes for adt <= 0")
+        "adt = 0 (not a removable singularity); the backward reads this derivative, so a gradient is refused (the "
+        "forward and the decode step are not affected); try a formula whose denominator never vanishes for adt <= 0")
+    assert low.derivatives == {}
     res = CliRunner().invoke(app, ["check", str(path), "--no-aot"])
-    assert res.exit_code == 2 and f"{path}:5: discretization.weights[0]: the derivative d/dadt" in res.output
+    assert res.exit_code == 0, res.output
+    assert "refused: discretization.weights[0]: the derivative d/dadt" in " ".join(res.output.split())
+
+
+@interpreter_only
+def test_a_rule_whose_derivative_is_refused_still_runs_forward(interp_kernels):
+    """A rule whose values are fine but one of whose derivatives has a singularity no one-variable series covers
+    (log1p(−adt)/(1 − adt) + expm1(adt)/adt at a constant λ: its d/dadt is 0/0 at adt = 0 in a way that depends on dt
+    too) builds: the forward equals the float64 recurrence, `check` says the backward is refused and why, and a
+    gradient request raises InputError naming the weight (hypothesis drew this rule in CI)."""
+    from mamba3_gen.errors import InputError
+
+    weights = ["dt * lam", "0.5 * (dt * log1p(-adt) / (1 - adt) + dt * expm1(adt) / adt)"]
+    spec = make_spec(rule="custom", weights=weights, lam="constant", lam_value=1.0, N=16, P=8, chunk=8)
+    spec = spec.model_copy(update={"dtypes": spec.dtypes.model_copy(update={"input": "fp32", "compute": "fp32"})})
+    low = lower_discretization(spec)
+    assert low.backward_refusal and low.backward_refusal.startswith("discretization.weights[1]")
+    assert "refused" in low.describe()["backward"]
+    module = interp_kernels(spec)
+    kw = make_inputs(spec, 1, 11, 2, seed=0)
+    out = module.mamba3_forward(**kw)
+    assert rel_err(out.double(), naive_recurrence(spec, **kw)[0]) <= 1e-4  # fp32 kernel vs float64 (test_forward)
+    kw["q"].requires_grad_(True)
+    with pytest.raises(InputError, match=r"discretization\.weights\[1\].*a gradient is refused"):
+        module.mamba3_forward(**kw)

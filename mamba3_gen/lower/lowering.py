@@ -78,6 +78,9 @@ class Lowered:
     log_decay: sp.Expr  # a_t
     weights: tuple[sp.Expr, ...]  # c_j(t), safe (removable singularities as Piecewise series)
     derivatives: dict[str, sp.Expr] = field(default_factory=dict)  # "adt c0": ∂c0/∂adt, safe as the values are
+    # why the backward is refused (a derivative the kernels cannot evaluate safely), None when it has one; the
+    # forward and the decode step do not read derivatives and are built all the same
+    backward_refusal: str | None = None
 
     @property
     def lags(self) -> int:
@@ -128,6 +131,8 @@ class Lowered:
         for key, d in self.derivatives.items():  # key "adt c0": ∂c0/∂adt
             sym, name = key.split()
             out[f"∂{name}/∂{sym}"] = _show(d)
+        if self.backward_refusal:
+            out["backward"] = f"refused: {self.backward_refusal}"
         return out
 
 
@@ -169,19 +174,25 @@ def _lower_cached(discretization_json: str) -> Lowered:
         if name == "a":
             _check_decay(safe[name], where, formula_text(written))
     # The backward's derivatives get the values' guard (series at removable singularities, refusals), after every
-    # value is known to be fine. One derivative lowers an exponent by one (by two halves: d/dx x**(-8/2)).
+    # value is known to be fine. One derivative lowers an exponent by one (by two halves: d/dx x**(-8/2)). A
+    # derivative that fails it refuses the backward only (a gradient request names the field); nothing is printed
+    # for the backward's chain rule then.
+    refusal = None
     for name, where, written in fields:
         for sym in (dt, adt, lam):
-            if simple[name].has(sym):
+            if simple[name].has(sym) and refusal is None:
                 shown = f"the derivative d/d{sym} of {formula_text(written)}{with_lam}"
-                d = _simplified(sp.diff(simple[name], sym), where, shown, MAX_POWER + 2)
                 try:
+                    d = _simplified(sp.diff(simple[name], sym), where, shown, MAX_POWER + 2)
                     derivatives[f"{sym} {name}"] = safe_formula(d, where, shown=f"{shown}, {formula_text(d)},")
                 except LoweringError as e:  # the value is fine: say why its derivative matters
                     head, _, fix = str(e).partition("; try ")
-                    raise LoweringError(f"{head}, and the backward reads this derivative; try {fix}") from None
+                    refusal = (f"{head}; the backward reads this derivative, so a gradient is refused (the forward "
+                               f"and the decode step are not affected); try {fix}")
+    if refusal is not None:
+        derivatives = {}
     weights = tuple(safe[f"c{j}"] for j in range(len(rule.weights)))
-    return Lowered(rule, lam_source, safe["a"], weights, derivatives)
+    return Lowered(rule, lam_source, safe["a"], weights, derivatives, refusal)
 
 
 def _exact_exponents(expr: sp.Expr) -> sp.Expr:

@@ -60,6 +60,8 @@ _ATTACHED: dict = {}  # forward op name -> BackwardOp (a build shared by several
 
 def unsupported_reason(meta: dict) -> str | None:
     """Why a spec has no backward yet (None when it has one): the message names the spec field."""
+    if meta.get("backward_refusal"):
+        return f"spec {meta['name']!r}: {meta['backward_refusal']}"
     if meta["J"] > 1:
         return (f"spec {meta['name']!r}: the generated backward supports rules with at most one lag (one or two "
                 f"weights); discretization.weights has {meta['J'] + 1}, so this spec has no backward yet "

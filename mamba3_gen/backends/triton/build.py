@@ -79,7 +79,7 @@ class Lowering:
             "varlen": s.options.varlen, "input_dtype": s.dtypes.input, "compute_dtype": s.dtypes.compute,
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
             "arch": self.target.arch, "template_hash": template_hash()[:12],
-            "chunk_states_dtype": chunk_states_dtype(s),
+            "chunk_states_dtype": chunk_states_dtype(s), "backward_refusal": self.lowered.backward_refusal,
         }
 
 
