@@ -61,7 +61,8 @@ def reference_grads(spec, kw: dict, W: torch.Tensor, per: int) -> dict:
     for b0 in range(0, B, per):
         part = {k: (v[b0:b0 + per] if k in BATCHED and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         leaves = _leaves(part, torch.float64, torch.float64)
-        out, _ = chunked_reference(spec, **leaves)
+        with torch.device(W.device):  # the reference's own tensors (masks, zero states) beside the inputs
+            out, _ = chunked_reference(spec, **leaves)
         (out * W[b0:b0 + per]).sum().backward()
         for k, g in _grads(leaves).items():
             if k in BATCHED:
