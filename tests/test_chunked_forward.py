@@ -79,11 +79,26 @@ def test_selection_errors(forward, interp_kernels):
         run_op(interp_kernels(spec), spec, kw)
 
 
-def test_default_is_fused(monkeypatch):
-    from mamba3_gen.runtime.forward import selected_forward
+def test_default_is_auto(monkeypatch):
+    """MAMBA3_GEN_FORWARD unset means auto: fused without a CUDA device (and under the interpreter), else the
+    measured choice (benchmarks/NOTES.md, 2026-12-02): chunked for MIMO, for a real state with N > 64 and when
+    NS·H is below the SM count; fused for a complex SISO state at NS·H >= SMs."""
+    from mamba3_gen.runtime import forward as fwd
 
     monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)
-    assert selected_forward() == "fused"
+    assert fwd.selected_forward() == "fused"
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(fwd, "INTERPRETING", False)
+    monkeypatch.setitem(fwd._SM_COUNTS, 0, 132)  # an H200's SMs, without asking a GPU
+    siso_complex = {"R": 1, "S": 32, "N": 128}
+    assert fwd.selected_forward(siso_complex, 8, 32, cuda) == "fused"  # 256 >= 132 programs
+    assert fwd.selected_forward(siso_complex, 2, 32, cuda) == "chunked"  # 64 < 132
+    assert fwd.selected_forward({"R": 4, "S": 32, "N": 64}, 8, 32, cuda) == "chunked"
+    assert fwd.selected_forward({"R": 1, "S": 0, "N": 128}, 8, 32, cuda) == "chunked"
+    assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, cuda) == "fused"
+    assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, torch.device("cpu")) == "fused"
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", " Chunked ")
-    assert selected_forward() == "chunked"
+    assert fwd.selected_forward(siso_complex, 8, 32, cuda) == "chunked"
     assert os.environ["MAMBA3_GEN_FORWARD"] == " Chunked "
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", "fused")
+    assert fwd.selected_forward({"R": 4, "S": 32, "N": 64}, 1, 1, cuda) == "fused"

@@ -34,18 +34,41 @@ if INTERPRETING:  # bf16 dots and casts as a GPU computes them (the interpreter 
     _install_interpreter_fixes()
 
 
-FORWARDS = ("fused", "chunked")
+FORWARDS = ("auto", "fused", "chunked")
 _STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_SM_COUNTS: dict[int, int] = {}
 
 
-def selected_forward() -> str:
-    """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (the default: one kernel, one program
-    per sequence, head and P block walks every chunk) or ``chunked`` (a states kernel over state tiles, then an
-    out kernel over every chunk at once)."""
-    name = os.environ.get("MAMBA3_GEN_FORWARD", "fused").strip().lower() or "fused"
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
+                     device: Optional[torch.device] = None) -> str:
+    """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
+    head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
+    chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster on an H200 (benchmarks/NOTES.md,
+    session 2026-12-02) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs NS·H than the
+    GPU has SMs (the fused kernel's programs would leave SMs idle) — else ``fused``. Under the CPU interpreter
+    ``auto`` is ``fused``.
+
+    Raises:
+        InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
+    """
+    name = os.environ.get("MAMBA3_GEN_FORWARD", "auto").strip().lower() or "auto"
     if name not in FORWARDS:
         raise InputError(f"MAMBA3_GEN_FORWARD={name!r}; expected one of {', '.join(FORWARDS)}")
-    return name
+    if name != "auto":
+        return name
+    if meta is None or device is None or device.type != "cuda" or INTERPRETING:
+        return "fused"
+    if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64) or NS * H < _sm_count(device):
+        return "chunked"
+    return "fused"
 
 
 def chunk_states_dtype(meta: dict) -> str:
@@ -122,7 +145,11 @@ class ForwardOp:
 
         init = initial_states if has_init else Mamba3State(None, None, None, None)
         op = self.op
-        if selected_forward() == "chunked":
+        forward = selected_forward(m, NS, H, dev)
+        if forward == "chunked" and self.chunked_op is None and \
+                os.environ.get("MAMBA3_GEN_FORWARD", "auto").strip().lower() in ("", "auto"):
+            forward = "fused"  # a module built by an older generator: auto falls back
+        if forward == "chunked":
             if self.chunked_op is None:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
