@@ -59,6 +59,40 @@ def _check(rows, arch):
         assert shared > limit or cfg.smem_estimate <= limit, f"{label}: {arch} refuses a config that fits"
 
 
+# Over the committed sweep (442 compiles), the cases the 15 % goal is not met for, all on the safe side (an
+# overestimate can only refuse a config whose true allocation is within 1/(1 + above) of the limit; these allocate
+# <= 40 KiB, far below every target's 99-227 KiB): (engine, compute, siso/mimo, kind, input dtype, num_warps or None)
+# -> most above. mma.sync bf16 real SISO (allocation not monotonic in N or BP); 4-warp mma tf32 MIMO on sm_89 (4 warps
+# sometimes stage less than 8; the table has no num_warps term); wgmma bf16 complex SISO from fp32 inputs at BP 64.
+SWEEP_ABOVE = {("mma", "bf16", "siso", "real", "bf16", None): 0.67, ("mma", "tf32", "mimo", "complex", "bf16", 4): 0.34,
+               ("mma", "tf32", "mimo", "complex", "fp32", 4): 0.20,
+               ("wgmma", "bf16", "siso", "complex", "fp32", None): 0.17}
+
+
+def test_estimate_against_every_compile_of_the_committed_sweep():
+    """Every row of benchmarks/results/smem_sweep.csv (Triton's allocation per config; NOTES.md issue 10): the estimate
+    is never more than 15 % below what the compiler allocated (a config it keeps launches) and at most 15 % above it,
+    except the cases of SWEEP_ABOVE, each held to its own bound. A template change that moves the allocation needs a
+    re-sweep; the aot tests below compile a subset again."""
+    import csv
+
+    from mamba3_gen.backends.triton.resources import _pow2, engine, smem_bytes
+
+    rows = list(csv.DictReader((REPO / "benchmarks" / "results" / "smem_sweep.csv").open()))
+    assert len(rows) >= 400
+    caps = {"sm_80": 80, "sm_89": 89, "sm_90a": 90, "sm_120": 120}
+    for r in rows:
+        N, C, R, bp, warps = (int(r[k]) for k in ("N", "C", "R", "block_p", "num_warps"))
+        cap, real = caps[r["arch"]], r["kind"] == "real"
+        est = smem_bytes(C * R, max(16, _pow2(N // 2)), bp, r["compute"], real=real, rank=R, capability=cap,
+                         input_dtype=r["input"])
+        key = (engine(cap, C * R, r["compute"]), r["compute"], "siso" if R == 1 else "mimo", r["kind"], r["input"])
+        above = SWEEP_ABOVE.get(key + (warps,), SWEEP_ABOVE.get(key + (None,), TOLERANCE))
+        err = (est - int(r["shared"])) / int(r["shared"])
+        assert -TOLERANCE <= err <= above, (f"{r['point']} on {r['arch']}, BLOCK_P={bp} num_warps={warps}: "
+                                            f"estimate {est} B, compiler {r['shared']} B ({err:+.0%})")
+
+
 @pytest.mark.aot
 @pytest.mark.parametrize("compute", ["tf32", "bf16", "fp32"])
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a", "sm_80", "sm_120"])

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# phases (bytes per element of QK, V, CC, H[, only below this many chunk rows]) per (engine, compute dtype,
-# "siso"/"mimo", "real"/"complex", input dtype); a CC entry of -1 is _cc_bytes
+# phases (bytes per element of QK, V, CC, H[, only below this many chunk rows, only at BP at most this]; None: no
+# bound) per (engine, compute dtype, "siso"/"mimo", "real"/"complex", input dtype); a CC entry of -1 is _cc_bytes
 _Phases = tuple[tuple[int, ...], ...]
 _MODEL: dict[tuple[str, str, str, str, str], _Phases] = {
     # fp32 operands: 4 fp32 Q/K halves and the V rows (x 1.5 on a real state) live across the FMA dots
@@ -47,7 +47,8 @@ _MODEL: dict[tuple[str, str, str, str, str], _Phases] = {
     ("wgmma", "tf32", "siso", "real", "bf16"): ((8, 6, 0, 0),),
     ("wgmma", "tf32", "mimo", "real", "bf16"): ((8, 6, 0, 0),),
     # Hopper bf16: register A operands; the fp32 score tile's conversion dominates on SISO
-    ("wgmma", "bf16", "siso", "complex", "bf16"): ((2, 2, 5, 0), (3, 0, 5, 0)),
+    # (at BP <= 32 four Q/K half-tiles are staged beside the scores: 52 KiB at N = 256, BP = 32, 40 KiB at BP = 64)
+    ("wgmma", "bf16", "siso", "complex", "bf16"): ((2, 2, 5, 0), (3, 0, 5, 0), (4, 0, 5, 0, None, 32)),
     ("wgmma", "bf16", "mimo", "complex", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
     ("wgmma", "bf16", "siso", "real", "bf16"): ((0, 2, 4, 0), (0, 0, 0, 4)),
     ("wgmma", "bf16", "mimo", "real", "bf16"): ((4, 0, 0, 0), (0, 4, 0, 0)),
@@ -61,7 +62,7 @@ _MODEL: dict[tuple[str, str, str, str, str], _Phases] = {
     # real SISO is an upper bound (the compiler sometimes stages less: 12 KiB instead of 20 at N = 128, BP = 32)
     ("mma", "bf16", "siso", "complex", "bf16"): ((4, 2, 0, 0), (0, 2, -1, 0)),
     ("mma", "bf16", "mimo", "complex", "bf16"): ((0, 8, 0, 0), (4, 0, 0, 0)),
-    ("mma", "bf16", "siso", "real", "bf16"): ((0, 2, -1, 0), (0, 0, 0, 4, 64)),
+    ("mma", "bf16", "siso", "real", "bf16"): ((0, 2, -1, 0), (0, 0, 0, 4, 64, None)),
     ("mma", "bf16", "mimo", "real", "bf16"): ((0, 8, 0, 0), (4, 0, 0, 0)),
     # fp32 inputs convert wider loaded tiles (measured where they differ from bf16 inputs)
     ("mma", "tf32", "siso", "complex", "fp32"): ((16, 5, 0, 0),),
@@ -116,11 +117,12 @@ def smem_bytes(rows: int, bn2: int, block_p: int, compute: str, *, real: bool, r
     phases = _MODEL.get(key + (input_dtype,)) or _MODEL[key + ("bf16",)]
     tiles = (rows * bn2, rows * block_p, rows * rows, block_p * bn2)
     cc = _cc_bytes(rows, block_p)
-    peak = max(sum((cc if b < 0 else b) * n for b, n in zip(ph, tiles)) for ph in phases
-               if len(ph) == 4 or rows < ph[4])
+    peak = max(sum((cc if b < 0 else b) * n for b, n in zip(ph[:4], tiles)) for ph in phases
+               if len(ph) == 4 or ((ph[4] is None or rows < ph[4]) and (ph[5] is None or block_p <= ph[5])))
     if capability == 90 and eng == "mma" and block_p >= 64:
-        # sm_90a below 64 chunk rows: the state update (M = BP rows) still runs as a warp-group MMA on a fp32 state half
-        peak = max(peak, 4 * block_p * bn2)
+        # sm_90a below 64 chunk rows: the state update (M = BP rows) still runs as a warp-group MMA on a fp32 state
+        # half; a real state read from fp32 inputs stages its fp32 K rows for it as well (24 KiB at C = 32, BP = 64)
+        peak = max(peak, 4 * block_p * bn2 + (4 * rows * bn2 if real and input_dtype == "fp32" else 0))
     return int(peak * max(1, num_stages))
 
 
