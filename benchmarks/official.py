@@ -105,6 +105,8 @@ def provider(spec, mode: str, cute: bool = False):
     if cute:
         if mode != "decode":
             return "decode only (the official CuTe kernel is the decode step)"
+        if not (spec.discretization.rule == "exp_trapezoidal" and spec.is_complex):
+            return "the official CuTe step computes the trapezoidal rule on a complex state only"
         fn, why = load("mamba_ssm.ops.cute.mamba3.mamba3_step_fn", "mamba3_step_fn")
         if fn is None:
             return why
