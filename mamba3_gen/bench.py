@@ -528,17 +528,19 @@ class Result:
 
 def run(workloads: Sequence[Workload], provider_names: Sequence[str], *, timer: Callable = gpu_timer,
         ceilings: Optional[dict] = None, device: Optional[str] = None, inputs_device="cuda",
-        provider_factory: Callable = resolve_providers, log: Callable[[str], None] = print) -> Result:
+        provider_factory: Callable = resolve_providers, log: Callable[[str], None] = print,
+        run_info: Optional[dict] = None) -> Result:
     """Run every workload with every applicable provider (:func:`run_workload`), skipped ones listed with their
     reason. ``ceilings`` defaults to :func:`measure_ceilings` when ``timer`` is the GPU timer; ``device`` to the GPU's
     name. ``provider_factory(spec, mode, names)`` returns (providers, {skipped name: reason}) and is injectable, as
-    is ``timer``, so that the whole path runs on the CPU in tests."""
+    is ``timer``, so that the whole path runs on the CPU in tests. ``run_info`` (:func:`new_run`) continues an
+    earlier run: its id goes on these rows too."""
     if ceilings is None and timer is gpu_timer:
         ceilings = measure_ceilings()
         log(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 GEMM {ceilings['bf16_TFLOPs']:.0f} TFLOP/s")
     if device is None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    info = new_run()
+    info = run_info or new_run()
     rows: list[dict] = []
     for work in workloads:
         providers, skipped = provider_factory(work.spec, work.mode, provider_names)
