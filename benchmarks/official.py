@@ -107,12 +107,15 @@ def provider(spec, mode: str, cute: bool = False):
             return "decode only (the official CuTe kernel is the decode step)"
         if not (spec.discretization.rule == "exp_trapezoidal" and spec.is_complex):
             return "the official CuTe step computes the trapezoidal rule on a complex state only"
+        if not spec.has_trap_input:
+            return "the official CuTe step reads a per-token λ (trap); this spec has none"
         fn, why = load("mamba_ssm.ops.cute.mamba3.mamba3_step_fn", "mamba3_step_fn")
         if fn is None:
             return why
-        # it takes K/Q already biased and rotated (the official layer runs a Triton rotary step first) and A, λ:
-        # the adapter from our convention (two launches, timed together) is still to write
-        return "importable, but its adapter (bias + rotation before the step, A and λ inputs) is not written yet"
+        rotary, why = load("mamba_ssm.ops.triton.mamba3.mamba3_mimo_rotary_step", "apply_rotary_qk_inference_fwd")
+        if rotary is None:
+            return why
+        return lambda kw: cute_step_fn(fn, rotary, spec, kw)
     if mode == "decode":
         if not (_trapezoid_complex(spec) and R == 1 and rotation == "pairwise"):
             return ("the official Triton step computes trapezoidal complex pairwise SISO only"
@@ -160,3 +163,53 @@ def provider(spec, mode: str, cute: bool = False):
         args = {k: v for k, v in kw.items() if k != "dout"}
         return lambda: forward(args)
     return make
+
+
+def cute_step_fn(step_fn, rotary, spec, kw: dict):
+    """A no-argument callable doing what the official layer's `step` does per token around its CuTe kernel: the
+    Triton rotary step (bias, rotation by the new Θ), `mamba3_step_fn` (in place on the SSM state) and the copies of
+    the new Θ, k̂ and v into the cache; returns the output (B, H, P). Untimed preparation here: the cache in the
+    official layout (k̂ (B, R, H, N) and v in the input dtype, as the official layer keeps them), Q/K expanded over
+    heads, A = A·Δ / Δ and λ = σ(trap) when the spec's inputs hold A·Δ and logits, the projections as (R, H, P)."""
+    import torch
+
+    R, G = spec.dims.mimo_rank, spec.dims.ngroups
+    v, dt = kw["v"], kw["dt"]
+    B, H, P = v.shape
+    low = v.dtype
+
+    def per_head(x):  # (B, [R,] G, N) -> (B, R, H, N), as the official layer expands B and C
+        x = x[:, None] if R == 1 else x
+        return x.expand(-1, -1, H, -1) if G == 1 else x.repeat_interleave(H // G, dim=2)
+
+    def rank_major(x):  # (H, [R,] X) -> (R, H, X)
+        return x[None] if R == 1 else x.permute(1, 0, 2).contiguous()
+
+    q, k = per_head(kw["q"]), per_head(kw["k"])
+    A = (kw["adt"] if spec.inputs.decay == "a" else kw["adt"] / dt).contiguous()
+    lam = (kw["trap"] if spec.inputs.trap == "lambda" else torch.sigmoid(kw["trap"])).contiguous()
+    bias_q, bias_k = rank_major(kw["q_bias"]), rank_major(kw["k_bias"])
+    D = kw["D"] if kw.get("D") is not None else torch.zeros(H, device=v.device)
+    z = kw.get("z")
+    if R == 1:
+        xpj = zpj = opj = torch.ones(1, H, P, device=v.device, dtype=low)
+    else:
+        xpj, opj = rank_major(kw["mimo_v"]), rank_major(kw["mimo_o"])
+        zpj = rank_major(kw["mimo_z"]) if kw.get("mimo_z") is not None else None
+    st = kw["state"]
+    angle, ssm = st.angle.clone(), st.ssm.clone()
+    k_state = (st.k[:, None] if R == 1 else st.k).to(low).contiguous()
+    v_state = st.v.to(low).contiguous()
+    out = torch.empty_like(v)
+    pairwise = spec.state.rotation == "pairwise"
+
+    def run():
+        C, Bk, new_angle = rotary(q=q, k=k, angle_state=angle, angle_proj=kw["angles"], dt=dt, bias_q=bias_q,
+                                  bias_k=bias_k, inplace=False, conjugate=False, rotate_pairwise=pairwise)
+        step_fn(ssm, k_state, v_state, A, Bk, C, D, v, dt, lam, xpj, outproj=opj, state_out=None, out=out, z=z,
+                zproj=zpj if z is not None else None, tile_D=64, num_warps=4)
+        angle.copy_(new_angle)
+        k_state.copy_(Bk)
+        v_state.copy_(v)
+        return out
+    return run
