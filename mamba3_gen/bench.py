@@ -455,7 +455,8 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
                  skipped: Optional[dict] = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
     """One row per provider (and per skipped provider) of one workload.
 
-    Each provider's callable is made from ``inputs`` and run once; its outputs are compared (:func:`compare`) with
+    Each provider's callable is made from ``inputs`` and run once (under ``torch.no_grad()`` except in ``bwd``:
+    an inference forward saves nothing for a backward); its outputs are compared (:func:`compare`) with
     those of the first provider (``generated``). A provider that fails there gets ``check: "error"``, one that
     disagrees ``check: "mismatch"``; neither is timed (``ms`` None). The others are timed with ``timer(fn, mode)``
     (a dict with ``ms``, optionally ``loop_ms``). With no reference (the first provider failed) the rest are timed
@@ -472,9 +473,11 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
         row = {**base, "provider": prov.name, "ms": None, "gbps": None, "tflops": None, "pct_copy": None,
                "pct_gemm": None, "check": None, "rel_err": None, "error": None}
         rows.append(row)
+        grad = torch.enable_grad() if work.mode == "bwd" else torch.no_grad()  # inference runs save nothing
         try:
-            fn = prov.make(inputs)
-            got = fn()
+            with grad:
+                fn = prov.make(inputs)
+                got = fn()
         except Exception as e:  # noqa: BLE001 - reported in the row, the other providers go on
             row["check"], row["error"] = "error", f"{type(e).__name__}: {e}"[:300]
             log(f"{work.label} {prov.name}: error {row['error']}")
@@ -494,7 +497,8 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
             row["check"] = "ok"
         del got
         try:
-            row.update(timer(fn, work.mode))
+            with (torch.enable_grad() if work.mode == "bwd" else torch.no_grad()):
+                row.update(timer(fn, work.mode))
         except Exception as e:  # noqa: BLE001
             row["error"] = f"timing: {type(e).__name__}: {e}"[:300]
             continue
