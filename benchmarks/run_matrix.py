@@ -1,7 +1,7 @@
 """Issue 11's benchmark matrix in one go, on one GPU: generated kernels beside the official ones, identical inputs,
 outputs checked before timing (mamba3_gen/bench.py does the work; this file only lists the workloads).
 
-    python benchmarks/run_matrix.py [--out DIR] [--only fwd|bwd|decode] [--name NAME]
+    python benchmarks/run_matrix.py [--out DIR] [--only fwd|bwd|decode] [--specs NAME,...] [--name NAME]
     python benchmarks/run_matrix.py --merge A.json B.json ... [--out DIR] [--name NAME]   # no GPU: join runs
 
 Heads H = 32 and P = 64 everywhere. Writes DIR/NAME.json (default: $OUT when set, else benchmarks/results; NAME
@@ -47,11 +47,11 @@ MATRIX = [
 ]
 
 
-def workloads(only: str | None = None) -> list[tuple[bench.Workload, tuple]]:
-    """(workload, provider names) of the matrix, or of one mode of it."""
+def workloads(only: str | None = None, specs: list[str] | None = None) -> list[tuple[bench.Workload, tuple]]:
+    """(workload, provider names) of the matrix, or of one mode of it, or of some of its spec files."""
     out = []
     for mode, name, sets, sizes, providers in MATRIX:
-        if only and mode != only:
+        if (only and mode != only) or (specs and name not in specs):
             continue
         spec = spec_with_overrides(SPECS / f"{name}.yaml", sets)
         for B, L, h in sizes:
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
     ap.add_argument("--only", choices=bench.MODES, help="run one mode of the matrix")
     ap.add_argument("--name", default="h200", help="base name of the JSON and PNG files")
+    ap.add_argument("--specs", type=lambda t: t.split(","), metavar="NAME,...",
+                    help="only these spec files of the matrix (e.g. siso_trap_complex,mimo_r4), to split a run")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join these result files instead of "
                     "running anything")
     args = ap.parse_args(argv)
@@ -96,7 +98,11 @@ def main(argv=None) -> int:
     ceilings = bench.measure_ceilings()
     info = bench.new_run()  # one run id for the whole matrix
     rows = []
-    for work, providers in workloads(args.only):
+    chosen = workloads(args.only, args.specs)
+    if not chosen:
+        print(f"no workload of the matrix matches --only {args.only} --specs {args.specs}", file=sys.stderr)
+        return 2
+    for work, providers in chosen:
         rows += bench.run([work], providers, ceilings=ceilings, run_info=info,
                           log=lambda s: print(s, flush=True)).rows
     result = bench.Result(rows, info, torch.cuda.get_device_name(), ceilings)

@@ -312,6 +312,7 @@ def test_matrix_covers_the_issue():
     assert [w.label for w, _ in run_matrix.workloads("bwd")] == ["siso_trap_complex bwd B8 L4096 H32",
                                                                  "mimo_r4 bwd B8 L4096 H32"]
     assert all(w.H == 32 and w.spec.dims.headdim == 64 for w, _ in run_matrix.workloads())
+    assert {w.spec.name for w, _ in run_matrix.workloads("fwd", ["mimo_r4"])} == {"mimo_r4"}
 
 
 def _doc():
