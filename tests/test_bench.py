@@ -387,3 +387,88 @@ def test_bench_end_to_end_on_gpu(tmp_path):
     assert decode.exit_code == 0, decode.output
     rows = json.loads((tmp_path / "dec.json").read_text())["rows"]
     assert {r["provider"]: r["check"] for r in rows}["generated-cute"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------- official adapters
+
+
+def test_official_provider_says_why_none_applies():
+    from benchmarks import official
+
+    def spec(name):
+        return spec_with_overrides(SPECS / f"{name}.yaml")
+    assert "no official kernel computes this spec" in official.provider(spec("two_lag_complex"), "fwd")
+    assert "no official kernel computes this spec" in official.provider(spec("zoh_real"), "bwd")
+    assert "pairwise SISO only" in official.provider(spec("siso_euler_real"), "decode")
+    assert "MIMO decode is the official CuTe step's" in official.provider(spec("mimo_r4"), "decode")
+    assert "decode only" in official.provider(spec("siso_trap_complex"), "fwd", cute=True)
+    assert "complex state only" in official.provider(spec("siso_euler_real"), "decode", cute=True)
+
+
+def _recording(monkeypatch, official, result):
+    """Make official.load return a fake kernel that records its arguments and returns `result(args, kwargs)`."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return result(args, kwargs)
+    monkeypatch.setattr(official, "load", lambda module, name: (fake, None))
+    return calls
+
+
+def test_mamba2_adapter_maps_our_arguments(monkeypatch):
+    from benchmarks import official
+
+    spec = spec_with_overrides(SPECS / "siso_euler_real.yaml", ["dims.d_state=8", "dims.headdim=4"])
+    kw = lib.build_inputs(spec, 2, 6, 3, device="cpu")
+    calls = _recording(monkeypatch, official, lambda a, k: a[0] * 1.0)
+    out = official.provider(spec, "fwd")(kw)()
+    (x, dt, A, Bm, Cm, chunk), extra = calls[0]
+    assert x is kw["v"] and Bm is kw["k"] and Cm is kw["q"] and chunk == 256
+    assert dt.shape == (2, 6, 3) and torch.equal(dt, kw["dt"].transpose(1, 2))  # (B, L, H) as Mamba-2 takes it
+    assert torch.allclose(A[None, :, None] * kw["dt"], kw["adt"], rtol=1e-6)  # the one A per head
+    assert extra["D"] is kw["D"] and extra["z"] is kw["z"]
+    assert torch.equal(out, kw["v"])
+
+
+def per_head_k(kw, R, H):
+    k = kw["k"][:, None] if R == 1 else kw["k"]
+    return k.expand(-1, -1, H, -1)
+
+
+def test_cute_step_adapter_shapes():
+    """The official CuTe step's adapter (untestable without quack and a GPU): Q/K expanded to (B, R, H, N), A from
+    A·Δ, λ from the logit, biases and projections rank-major, the cache in the official layout, updated per step."""
+    from benchmarks import official
+
+    for name, R in (("siso_trap_complex", 1), ("mimo_r4", 4)):
+        spec = spec_with_overrides(SPECS / f"{name}.yaml", ["dims.d_state=8", "dims.headdim=4"])
+        B, H = 2, 3
+        kw = lib.build_inputs(spec, B, 1, H, "decode", device="cpu")
+        seen = {}
+
+        def rotary(q, k, angle_state, angle_proj, dt, bias_q, bias_k, **flags):
+            seen.update(q=q, bias_q=bias_q, flags=flags)
+            return q + 1, k + 2, angle_state + 3
+
+        def step_fn(ssm, k_state, v_state, A, Bk, C, D, x, dt, trap, xproj, outproj, state_out, out, z, zproj,
+                    **launch):
+            seen.update(k_state=k_state.clone(), A=A, lam=trap, xproj=xproj, zproj=zproj)
+            out.copy_(x)
+
+        start = kw["state"].angle.clone()
+        run = official.cute_step_fn(step_fn, rotary, spec, kw)
+        y = run()
+        second = run()
+        assert torch.equal(second, y)
+        assert seen["q"].shape == (B, R, H, 8) and seen["bias_q"].shape == (R, H, 8)
+        assert seen["flags"]["rotate_pairwise"] == (spec.state.rotation == "pairwise")
+        assert seen["k_state"].shape == (B, R, H, 8) and seen["k_state"].dtype == kw["v"].dtype
+        assert torch.allclose(seen["A"] * kw["dt"], kw["adt"], rtol=1e-6)
+        assert torch.allclose(seen["lam"], torch.sigmoid(kw["trap"]))
+        assert seen["xproj"].shape == (R, H, 4) and seen["zproj"].shape == (R, H, 4)
+        assert torch.equal(y, kw["v"])
+        if R > 1:
+            assert torch.equal(seen["xproj"][1], kw["mimo_v"][:, 1])
+        assert torch.equal(kw["state"].angle, start)  # the shared start is never written (the adapter clones it)
+        assert torch.equal(seen["k_state"], (seen["q"] * 0 + 2 + per_head_k(kw, R, H)).to(kw["v"].dtype))
