@@ -472,3 +472,25 @@ def test_cute_step_adapter_shapes():
             assert torch.equal(seen["xproj"][1], kw["mimo_v"][:, 1])
         assert torch.equal(kw["state"].angle, start)  # the shared start is never written (the adapter clones it)
         assert torch.equal(seen["k_state"], (seen["q"] * 0 + 2 + per_head_k(kw, R, H)).to(kw["v"].dtype))
+
+
+def test_tilelang_and_siso_adapters(monkeypatch):
+    from benchmarks import official
+
+    spec = spec_with_overrides(SPECS / "mimo_r4.yaml", ["dims.d_state=8", "dims.headdim=4"])
+    kw = lib.build_inputs(spec, 1, 4, 2, device="cpu")
+    calls = _recording(monkeypatch, official, lambda a, k: a[2])
+    official.provider(spec, "fwd")(kw)()
+    args = calls[0][0]
+    assert args[0] is kw["q"] and args[8] is kw["mimo_v"] and args[11] is kw["angles"]
+    assert args[14:] == (16, 4, torch.bfloat16)  # chunk size, rotary_dim_divisor (rope fraction 0.5), dtype
+
+    # the backward path: forward + backward(dout) on fresh leaves; the gradients of q, k, v, z come back
+    spec = spec_with_overrides(SPECS / "siso_trap_complex.yaml", ["dims.d_state=8", "dims.headdim=4"])
+    kw = lib.build_inputs(spec, 1, 4, 2, "bwd", device="cpu")
+    calls = _recording(monkeypatch, official, lambda a, k: a[2] * k["Z"] + (a[0].sum() + a[1].sum()))
+    got = official.provider(spec, "bwd")(kw)()
+    assert calls[0][1]["chunk_size"] == 64 and calls[0][1]["D"] is not None
+    assert set(got) == {"out", "q", "k", "v", "z"}
+    assert torch.equal(got["v"], (kw["dout"] * kw["z"]).to(got["v"].dtype))
+    assert not kw["v"].requires_grad  # the shared inputs stay plain tensors
