@@ -20,6 +20,7 @@ import json
 import math
 import re
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,7 +462,7 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
     disagrees ``check: "mismatch"``; neither is timed (``ms`` None). The others are timed with ``timer(fn, mode)``
     (a dict with ``ms``, optionally ``loop_ms``). With no reference (the first provider failed) the rest are timed
     and marked ``"unchecked"``. Row keys: workload, provider, ms, gbps, tflops, pct_copy, pct_gemm, check, rel_err,
-    error, device, run, and spec, sets, mode, B, L, H, bytes, flops."""
+    error, device, run, and spec, sets, mode, B, L, H, bytes, flops, first_s (seconds of the first call, compile and autotune included)."""
     nbytes = workload_bytes(work.spec, work.B, work.L, work.H, work.mode)
     flops = workload_flops(work.spec, work.B, work.L, work.H, work.mode)
     base = {"workload": work.label, "family": work.family, "spec": work.spec.name, "sets": list(work.sets),
@@ -475,9 +476,13 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
         rows.append(row)
         grad = torch.enable_grad() if work.mode == "bwd" else torch.no_grad()  # inference runs save nothing
         try:
+            start = time.perf_counter()
             with grad:
                 fn = prov.make(inputs)
                 got = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            row["first_s"] = time.perf_counter() - start  # compile + autotune on a fresh process (issue 11: <= 30 s)
         except Exception as e:  # noqa: BLE001 - reported in the row, the other providers go on
             row["check"], row["error"] = "error", f"{type(e).__name__}: {e}"[:300]
             log(f"{work.label} {prov.name}: error {row['error']}")

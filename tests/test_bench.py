@@ -210,7 +210,7 @@ def test_run_checks_before_timing_and_writes_rows(tmp_path, capsys):
     assert "no kernel here" in rows[(works[0].label, "broken")]["error"]
     assert rows[(works[0].label, "official-cute")]["check"] == "skipped"
     ref = rows[(works[0].label, "generated")]
-    assert ref["check"] == "reference"
+    assert ref["check"] == "reference" and ref["first_s"] >= 0
     nbytes = lib.workload_bytes(spec, 1, 8, 2)
     assert ref["bytes"] == nbytes and ref["gbps"] == pytest.approx(nbytes / 2.0 / 1e6)
     assert ref["pct_copy"] == pytest.approx(100 * ref["gbps"] / CEILINGS["copy_GBps"])
