@@ -462,7 +462,8 @@ def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *,
     disagrees ``check: "mismatch"``; neither is timed (``ms`` None). The others are timed with ``timer(fn, mode)``
     (a dict with ``ms``, optionally ``loop_ms``). With no reference (the first provider failed) the rest are timed
     and marked ``"unchecked"``. Row keys: workload, provider, ms, gbps, tflops, pct_copy, pct_gemm, check, rel_err,
-    error, device, run, and spec, sets, mode, B, L, H, bytes, flops, first_s (seconds of the first call, compile and autotune included)."""
+    error, device, run, and spec, sets, mode, B, L, H, bytes, flops, first_s (seconds of the first call, compile
+    and autotune included)."""
     nbytes = workload_bytes(work.spec, work.B, work.L, work.H, work.mode)
     flops = workload_flops(work.spec, work.B, work.L, work.H, work.mode)
     base = {"workload": work.label, "family": work.family, "spec": work.spec.name, "sets": list(work.sets),
