@@ -819,8 +819,9 @@ def bench(
             continue
         for B, L, H in size_list:
             if H % spec.dims.ngroups:
-                problems.append(f"--sizes: H={H} in {B}:{L}:{H} is not a multiple of dims.ngroups="
-                                f"{spec.dims.ngroups} of {path}; try H={max(1, H // spec.dims.ngroups) * spec.dims.ngroups}")
+                g = spec.dims.ngroups
+                problems.append(f"--sizes: H={H} in {B}:{L}:{H} is not a multiple of dims.ngroups={g} of {path}; "
+                                f"try H={max(1, H // g) * g}")
                 continue
             workloads.append(lib.Workload(spec, B, 1 if decode else L, H, mode, sets))
     if problems:
