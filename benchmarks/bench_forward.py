@@ -1,5 +1,8 @@
 """Time a spec's generated forward on a GPU (median of triton.testing.do_bench), with its hardware floor.
 
+`mamba3-gen bench` (mamba3_gen/bench.py) is the full tool: providers side by side, output checks, table, JSON, plot.
+This script is the single-spec timing that benchmarks/gpu_run.py calls (bench, bench_inputs, measure_ceilings).
+
     python -m benchmarks.bench_forward specs/mimo_r4.yaml --batch 8 --seqlen 4096 --heads 32
 
 Prints ms, the bytes and FLOPs the forward must move/do at least, and the resulting floors from the measured copy
@@ -17,42 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mamba3_gen  # noqa: E402
-from mamba3_gen.reference import make_inputs  # noqa: E402
+from mamba3_gen.bench import (LOW_PRECISION, build_inputs, measure_ceilings,  # noqa: E402,F401 - gpu_run imports
+                              workload_bytes, workload_flops)
 from mamba3_gen.spec.loader import load_spec  # noqa: E402
 
 
-def measure_ceilings() -> dict:
-    """Copy bandwidth (bytes read + written per second) and bf16 dense matmul rate of this device."""
-    import triton
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    return {"copy_GBps": 2 * (1 << 30) / ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm / 1e9}
-
-
-def work(spec, B, L, H, inputs: dict) -> dict:
-    """Minimum bytes (each input read once, output written once) and tensor-core FLOPs of the chunked forward."""
-    d = spec.dims
-    nbytes = sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
-    nbytes += B * L * H * d.headdim * inputs["v"].element_size()  # the output
-    rows, n, p = d.chunk_size * d.mimo_rank, d.d_state, d.headdim
-    chunks = B * H * -(-L // d.chunk_size)
-    flops = chunks * (2 * rows * rows * n + 2 * rows * rows * p + 4 * rows * n * p)
-    return {"bytes": nbytes, "flops": flops}
+def work(spec, B, L, H, inputs: dict | None = None) -> dict:
+    """Minimum bytes (each input read once, output written once) and tensor-core FLOPs of the chunked forward
+    (mamba3_gen.bench.workload_bytes / workload_flops; `inputs` is not needed and kept for old callers)."""
+    return {"bytes": workload_bytes(spec, B, L, H), "flops": workload_flops(spec, B, L, H)}
 
 
 def bench_inputs(spec, B, L, H, dtype=torch.bfloat16) -> dict:
-    """The timed inputs (seed 0, on the GPU): Q, K, V, Z in `dtype`; A·Δ, Δ, trap, angles in fp32 as the official
-    wrappers take them."""
-    inputs = make_inputs(spec, B, L, H, dtype=dtype, device="cuda", seed=0)
-    for key in ("adt", "dt", "trap", "angles"):
-        if key in inputs:
-            inputs[key] = inputs[key].float()
-    return inputs
+    """The timed inputs (seed 0, on the GPU; mamba3_gen.bench.build_inputs): Q, K, V, Z in `dtype`; A·Δ, Δ, trap,
+    angles, biases, D and the MIMO projections in fp32, as the official wrappers and the layer take them."""
+    inputs = build_inputs(spec, B, L, H, "fwd", device="cuda")
+    return {k: (v.to(dtype) if k in LOW_PRECISION else v) for k, v in inputs.items()}
 
 
 def bench(spec_path, B=8, L=4096, H=32, dtype=torch.bfloat16, ceilings=None, with_states=False) -> dict:

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mamba3_gen  # noqa: E402
-from benchmarks.bench_forward import measure_ceilings  # noqa: E402
+from mamba3_gen.bench import measure_ceilings, time_graph as _time_graph_ms  # noqa: E402
 from mamba3_gen.reference import make_inputs  # noqa: E402
 from mamba3_gen.reference.inputs import token_inputs  # noqa: E402
 from mamba3_gen.runtime.state import state_layout  # noqa: E402
@@ -57,22 +57,10 @@ def io_bytes(inputs: dict, out_elems: int, out_dtype) -> int:
 
 
 def time_graph(fn) -> dict:
-    """Cold (L2 flushed, one step per replay) and warm (back-to-back steps in one graph) times of `fn`, in µs."""
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture wants
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    cold = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    warm = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-    return {"us": cold * 1e3, "loop_us": warm * 1e3}
+    """Cold (L2 flushed, one step per replay) and warm (back-to-back steps in one graph) times of `fn`, in µs
+    (mamba3_gen.bench.time_graph, in ms there)."""
+    t = _time_graph_ms(fn)
+    return {"us": t["ms"] * 1e3, "loop_us": t["loop_ms"] * 1e3}
 
 
 def bench_spec(spec_path, batches=(1, 16, 256), H=32, dtype=torch.bfloat16, backends=("triton", "cute"),

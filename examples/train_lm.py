@@ -164,21 +164,18 @@ def rank_slice(t: torch.Tensor, args) -> torch.Tensor:
 def spec_doc(args) -> dict:
     """The spec as a dict, with ``--set`` overrides (values parsed as YAML), ``--tiny``'s dims, and on the CPU fp32
     dtypes (the Triton interpreter computes bf16 dots wrongly)."""
-    import yaml
-
-    from mamba3_gen.spec.sources import resolve_spec
+    from mamba3_gen.errors import SpecError
+    from mamba3_gen.spec.sources import apply_overrides, resolve_spec
 
     spec, _ = resolve_spec(args.spec)
     doc = spec.model_dump(mode="json", by_alias=True)
     sets = [f"dims.{k}={v}" for k, v in TINY["spec_dims"].items()] if args.tiny else []
     if args.device.type == "cpu":
         sets += ["dtypes.input=fp32", "dtypes.compute=fp32"]
-    for item in sets + list(args.set):
-        key, sep, value = item.partition("=")
-        path = key.split(".")
-        if not sep or len(path) != 2:
-            die(f"--set takes SECTION.FIELD=VALUE (e.g. dims.chunk_size=32); got {item!r}")
-        doc.setdefault(path[0], {})[path[1]] = yaml.safe_load(value)
+    try:
+        doc = apply_overrides(doc, sets + list(args.set))
+    except SpecError as e:
+        die(str(e))
     return doc
 
 

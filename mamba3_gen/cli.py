@@ -764,26 +764,68 @@ def schema(
 
 @app.command()
 def bench(
-    spec_path: Annotated[str, typer.Argument(help="The spec file (YAML) whose generated forward to time.",
-                                             metavar="SPEC")],
-    batch: Annotated[Optional[int], typer.Option(min=1, help="Batch size B [default: 8; with --decode: 1, 16 and "
-                                                 "256].", show_default=False)] = None,
-    seqlen: Annotated[int, typer.Option(min=1, help="Sequence length L (tokens).")] = 4096,
-    heads: Annotated[int, typer.Option(min=1, help="Number of heads H (a multiple of the spec's ngroups).")] = 32,
-    decode: Annotated[bool, typer.Option("--decode", help="Time the decode step instead (both backends, B = 1, 16, "
-                                         "256 unless --batch is given; --seqlen is ignored) against the copy "
-                                         "ceiling.")] = False,
+    specs: Annotated[list[str], typer.Argument(help="One or more spec files (YAML) to benchmark.",
+                                               metavar="SPEC...")],
+    sizes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated B:L:H sizes [default: 8:4096:32; with --decode 1:1:32,16:1:32,256:1:32, L unused].",
+        show_default=False)] = None,
+    providers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated providers: generated (our Triton kernels), official (the official Triton / Mamba-2 "
+             "/ TileLang kernel of the spec), generated-cute, official-cute (decode only) [default: generated,"
+             "official; with --decode all four].", show_default=False)] = None,
+    decode: Annotated[bool, typer.Option("--decode", help="Time the decode step (in place, CUDA-graph replay) "
+                                         "instead of the prefill forward.")] = False,
+    backward: Annotated[bool, typer.Option("--backward", help="Time forward + backward (and check the gradients "
+                                           "of q, k, v, z too).")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>.json and <name>.png.",
+                                      file_okay=False)] = Path("bench_results"),
+    name: Annotated[str, typer.Option(help="Base name of the JSON and PNG files.")] = "bench",
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a spec field, SECTION.FIELD=VALUE (repeatable), e.g. --set dims.d_state=64.",
+        metavar="SECTION.FIELD=VALUE")] = None,
 ) -> None:
-    """Time SPEC's generated forward (or, with --decode, its decode step) on the GPU (needs CUDA; exits 1 without
-    one).
+    """Time SPEC's generated kernels beside the official ones on a CUDA GPU (exits 1 without one).
 
-    Runs benchmarks/bench_forward.py's main(spec_path, batch, seqlen, heads), or benchmarks/bench_step.py with
-    --decode, from the repository checkout.
+    For each spec and size the inputs are drawn once (bf16 Q, K, V, Z; fp32 the rest) and every provider runs on
+    them; its outputs are checked against the generated kernel's before timing (bf16 output within 2e-2 relative;
+    with --backward the gradients of q, k, v, z within 5e-2), and one that disagrees is reported as a mismatch and
+    not timed. Times: medians of triton.testing.do_bench with the L2 flushed (CUDA-graph replay for --decode).
+    Prints one table (ms, GB/s, TFLOP/s, % of the copy and bf16-GEMM ceilings measured in the same run, the ratio to
+    every other provider) and writes OUT/NAME.json and OUT/NAME.png (the plot needs matplotlib: pip install -e
+    ".[bench]"). Exits 1 if a provider disagreed or the generated kernel failed.
     """
-    spec = _load(spec_path)
-    if heads % spec.dims.ngroups:
-        raise _fail([f"--heads: {heads} is not a multiple of dims.ngroups={spec.dims.ngroups}; "
-                     f"try --heads {max(1, heads // spec.dims.ngroups) * spec.dims.ngroups}"])
+    from mamba3_gen import bench as lib
+    from mamba3_gen.errors import SpecError
+    from mamba3_gen.spec.sources import spec_with_overrides
+
+    if decode and backward:
+        raise _fail(["--backward: the decode step has no backward; try one of --decode, --backward"])
+    mode = "decode" if decode else "bwd" if backward else "fwd"
+    try:
+        size_list = lib.parse_sizes(sizes or lib.DEFAULT_SIZES[mode])
+        names = lib.parse_providers(providers or ("generated,generated-cute,official,official-cute" if decode
+                                                  else "generated,official"))
+    except lib.BenchArgError as e:
+        raise _fail([str(e)]) from None
+    sets = tuple(set_ or ())
+    workloads, problems = [], []
+    for path in specs:
+        _load(path)  # the file's own problems, with their lines
+        try:
+            spec = spec_with_overrides(path, sets)
+        except SpecError as e:
+            problems += [f"{path} with --set: {p[len('<dict>: '):]}" if p.startswith("<dict>: ") else p
+                         for p in e.problems]
+            continue
+        for B, L, H in size_list:
+            if H % spec.dims.ngroups:
+                g = spec.dims.ngroups
+                problems.append(f"--sizes: H={H} in {B}:{L}:{H} is not a multiple of dims.ngroups={g} of {path}; "
+                                f"try H={max(1, H // g) * g}")
+                continue
+            workloads.append(lib.Workload(spec, B, 1 if decode else L, H, mode, sets))
+    if problems:
+        raise _fail(list(dict.fromkeys(problems)))
     import torch
 
     if not torch.cuda.is_available():
@@ -791,31 +833,22 @@ def bench(
                    "run it on a machine with an NVIDIA GPU, or use `mamba3-gen test SPEC` to run the kernel on the "
                    "CPU", err=True)
         raise typer.Exit(1)
-    module_name = "bench_step" if decode else "bench_forward"
-    root = _repo_root()
-    if not (root / "benchmarks" / f"{module_name}.py").is_file():
-        typer.echo(f"{_shown(root / 'benchmarks' / (module_name + '.py'))} not found: the benchmark ships with the "
-                   "repository checkout", err=True)
-        raise typer.Exit(1)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        import importlib
+    typer.echo(f"benchmarking {len(workloads)} workload{'s' * (len(workloads) != 1)} ({mode}) on "
+               f"{torch.cuda.get_device_name()}: providers {', '.join(names)}", err=True)
+    result = lib.run(workloads, names, log=lambda line: typer.echo(line, err=True))
+    from rich.console import Console
 
-        bench_module = importlib.import_module(f"benchmarks.{module_name}")
-    except ImportError as e:
-        typer.echo(f"cannot import benchmarks.{module_name}: {e}", err=True)
-        raise typer.Exit(1) from None
-    if decode:
-        batches = [str(batch)] if batch is not None else ["1", "16", "256"]
-        typer.echo(f"benchmarking the decode step of {spec_path} on {torch.cuda.get_device_name()}: "
-                   f"B={','.join(batches)}, H={heads}")
-        bench_module.main([str(Path(spec_path).resolve()), "--batch", *batches, "--heads", str(heads)])
-        raise typer.Exit(0)
-    batch = 8 if batch is None else batch
-    typer.echo(f"benchmarking {spec_path} on {torch.cuda.get_device_name()}: B={batch}, L={seqlen}, H={heads}")
-    result = bench_module.main(str(Path(spec_path).resolve()), batch, seqlen, heads)
-    raise typer.Exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+    Console(width=200).print(lib.render_table(result.rows, result.ceilings, result.device))
+    try:
+        json_path = lib.write_json(out / f"{name}.json", result)
+    except OSError as e:
+        raise _fail([f"--out: cannot write {out}: {e.strerror or e}; try a writable folder"]) from None
+    typer.echo(f"wrote {_shown(json_path)}")
+    png = lib.plot(result.rows, out / f"{name}.png")
+    if png is not None:
+        typer.echo(f"wrote {_shown(png)}")
+    bad = [r for r in result.rows if r["check"] == "mismatch" or (r["provider"] == "generated" and r["error"])]
+    raise typer.Exit(1 if bad else 0)
 
 
 def main() -> None:  # pragma: no cover - `python -m mamba3_gen.cli`

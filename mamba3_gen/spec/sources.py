@@ -17,7 +17,7 @@ from mamba3_gen.errors import SpecError
 from mamba3_gen.spec.loader import MAX_PROBLEMS, _translate_safely, cap_problems, check_nodes, load_spec, load_spec_text
 from mamba3_gen.spec.model import Spec
 
-__all__ = ["SpecSource", "resolve_spec", "load_spec_dict"]
+__all__ = ["SpecSource", "resolve_spec", "load_spec_dict", "apply_overrides", "spec_with_overrides"]
 
 SpecSource = Union[str, os.PathLike, Mapping, Spec, bytes]
 TEXT_NAME = "<string>"
@@ -87,3 +87,51 @@ def resolve_spec(source: Any) -> tuple[Spec, str]:
         return load_spec(source), source  # a path that does not exist: the loader says so
     raise SpecError([f"<spec>: spec: expected a path, YAML text, a dict or a Spec, got {type(source).__name__}; "
                      "try mamba3_gen.load('specs/mimo_r4.yaml')"])
+
+
+def apply_overrides(doc: Mapping, sets: "list[str] | tuple[str, ...]", option: str = "--set") -> dict:
+    """A copy of the spec dict ``doc`` (keys as in YAML) with each ``SECTION.FIELD=VALUE`` of ``sets`` applied in
+    order, e.g. ``dims.d_state=64``. VALUE is parsed as YAML (``64`` a number, ``true`` a bool, ``adt - dt`` text;
+    ``[dt]`` a list), so every type a spec file can hold can be set. Nothing is validated here: pass the result to
+    :func:`load_spec_dict` (as :func:`spec_with_overrides` does).
+
+    Raises:
+        SpecError: an item not of the form ``SECTION.FIELD=VALUE`` or whose VALUE is not YAML (one line each,
+        ``<option>: ...; try ...``).
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    out = {key: (dict(val) if isinstance(val, Mapping) else val) for key, val in doc.items()}
+    problems = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) != 2 or not all(path):
+            problems.append(f"{option}: takes SECTION.FIELD=VALUE, got {item!r}; try e.g. {option} dims.d_state=64")
+            continue
+        try:
+            parsed = YAML(typ="safe", pure=True).load(value) if value.strip() else value
+        except YAMLError as e:
+            problems.append(f"{option}: the value of {key} is not YAML ({type(e).__name__}); try quoting it")
+            continue
+        section = out.get(path[0])
+        out[path[0]] = section = dict(section) if isinstance(section, Mapping) else {}
+        section[path[1]] = parsed
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
+def spec_with_overrides(source: Any, sets: "list[str] | tuple[str, ...]" = (), option: str = "--set") -> Spec:
+    """The validated Spec of ``source`` (anything :func:`resolve_spec` takes) with ``SECTION.FIELD=VALUE``
+    overrides applied (:func:`apply_overrides`); ``source`` itself when ``sets`` is empty.
+
+    Raises:
+        SpecError: the source is invalid, an override is malformed, or the overridden spec is invalid
+        (``<dict>: field: ...`` lines).
+    """
+    spec, _ = resolve_spec(source)
+    if not sets:
+        return spec
+    return load_spec_dict(apply_overrides(spec.model_dump(mode="json", by_alias=True), list(sets), option))
