@@ -403,15 +403,17 @@ def _bwd_aot_rows(name: str) -> tuple:
 
 @pytest.mark.aot
 @pytest.mark.parametrize("name", _AOT_SPECS)
-def test_sequential_backward_kernels_compile_for_sm90a_without_spills(name):
+def test_sequential_backward_kernels_fit_sm90a(name):
     """The dstate (reverse walk over state tiles) and steps kernels: within 255 registers and 227 KiB of shared
-    memory, with no spills, at their default config."""
+    memory at their default config; steps does not spill, dstate at most 128 B (its 4-warp tile, 12-88 B with
+    initial states or rotation, ran faster on the H200 than the 8-warp one that does not spill; benchmarks/NOTES.md
+    2026-12-02)."""
     rows = {r["kernel"]: r for r in _bwd_aot_rows(name)}
     assert set(rows) == {"dstate", "chunk_v", "chunk_coef", "chunk_qk", "steps"}
-    for kind in ("dstate", "steps"):
+    for kind, bound in (("dstate", 128), ("steps", 0)):
         r = rows[kind]
         assert r["registers"] <= 255 and r["shared"] <= _SMEM_SM90, r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{name} {kind} spills: {r}"
+        assert r["spill_stores"] <= bound and r["spill_loads"] <= bound, f"{name} {kind} spills: {r}"
 
 
 @pytest.mark.aot
@@ -420,13 +422,11 @@ def test_chunk_backward_kernel_fits_sm90a(name):
     """The three chunk kernels (value side per P block, coefficient gradients, key/query side per block of rotation
     pairs) of every shipped spec with a backward: within 255 registers and 227 KiB of shared memory at their default
     config (before the split, one program held a chunk x P x N: 264 KB of shared memory and 3.5-7.6 KB of spills).
-    chunk_v does not spill; chunk_qk spills 16 B for mimo_r2_const_half_fullrope only, and chunk_coef (the [C, C]
-    scans of dc and da next to the chunk's Q̂ K̂ᵀ) 24-92 B of local stores at 8 warps (4 and 16 warps spill more;
-    NOTES.md, issue 12): the bound of 128 B a direction holds them there, an order below a regression toward the
-    unsplit kernel's kilobytes."""
+    The default configs are the fastest of an H200 sweep (benchmarks/NOTES.md 2026-12-02), and 4-warp tiles that
+    spill 0.02-0.8 KB ran 20-37 % faster there than 8-warp tiles that spilled nothing: the bound of 1 KiB a direction
+    holds them there, well below a regression toward the unsplit kernel's kilobytes."""
     rows = {r["kernel"]: r for r in _bwd_aot_rows(name)}
     for kind in ("chunk_v", "chunk_coef", "chunk_qk"):
         r = rows[kind]
         assert r["registers"] <= 255 and r["shared"] <= _SMEM_SM90, r
-        assert r["spill_stores"] <= 128 and r["spill_loads"] <= 128, f"{name} {kind} spills: {r}"
-    assert rows["chunk_v"]["spill_stores"] == 0 and rows["chunk_v"]["spill_loads"] == 0, rows["chunk_v"]
+        assert r["spill_stores"] <= 1024 and r["spill_loads"] <= 1024, f"{name} {kind} spills: {r}"
