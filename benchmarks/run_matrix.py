@@ -102,12 +102,14 @@ def main(argv=None) -> int:
     if not chosen:
         print(f"no workload of the matrix matches --only {args.only} --specs {args.specs}", file=sys.stderr)
         return 2
+    device = torch.cuda.get_device_name()
     for work, providers in chosen:
         rows += bench.run([work], providers, ceilings=ceilings, run_info=info,
                           log=lambda s: print(s, flush=True)).rows
-    result = bench.Result(rows, info, torch.cuda.get_device_name(), ceilings)
+        # written after every workload: a run cut off by a time limit keeps what it measured
+        path = bench.write_json(args.out / f"{args.name}.json", bench.Result(rows, info, device, ceilings))
+    result = bench.Result(rows, info, device, ceilings)
     console.print(bench.render_table(rows, ceilings, result.device))
-    path = bench.write_json(args.out / f"{args.name}.json", result)
     print(f"wrote {path}")
     png = bench.plot(rows, args.out / f"{args.name}.png")
     if png:
