@@ -110,7 +110,7 @@ class Mamba3(nn.Module):
     too: in_proj/out_proj follow it, the rest computes in fp32 as above). Rules with two or more lags (three or more
     weights) have no backward yet: their forward raises ``InputError`` naming discretization.weights when a gradient
     would be needed (under ``torch.no_grad()``, or with every parameter frozen, it runs). With
-    ``is_outproj_norm`` and R > 1 a forward and its backward cost R op calls (per-rank outputs; NOTES.md, issue 12).
+    ``is_outproj_norm`` and R > 1 the op returns the per-rank outputs (``mimo_o=None``) in one call.
     ``step`` is an inference path and refuses grad mode.
 
     Raises:
@@ -237,8 +237,9 @@ class Mamba3(nn.Module):
         if self.spec.options.d_skip:
             kw["D"] = self.D
         z = parts["z"].unflatten(-1, (H, P)) if self.has_z else None
-        if R > 1:
-            kw["mimo_v"], kw["mimo_o"] = self.mimo_x, self.mimo_o
+        if R > 1:  # with the output norm, mimo_o=None: the op returns y per rank and _output contracts it
+            kw["mimo_v"] = self.mimo_x
+            kw["mimo_o"] = None if self.is_outproj_norm else self.mimo_o
         if self.kernel_spec.options.z_gate:
             kw["z"] = z
             if R > 1:
@@ -256,22 +257,6 @@ class Mamba3(nn.Module):
             else:
                 y = self.norm(y.flatten(-2), None if z is None else z.flatten(-2)).unflatten(-1, y.shape[-2:])
         return self.out_proj(y.flatten(-2).to(dtype))
-
-    def _per_rank(self, run, kw: dict):
-        """y (*lead, R, H, P) before mimo_o, from an op that only returns Σ_r y_r ⊙ mimo_o_r: one call per rank with
-        mimo_o = the indicator of rank r (exact, R times the work; see NOTES.md, issue 12). Returns (y, first
-        call's other results)."""
-        H, R, P = self.nheads, self.mimo_rank, self.headdim
-        ys, rest = [], None
-        for r in range(R):
-            onehot = torch.zeros(H, R, P, device=self.mimo_o.device)
-            onehot[:, r] = 1.0
-            res = run(dict(kw, mimo_o=onehot), first=r == 0)
-            y = res[0] if isinstance(res, tuple) else res
-            if r == 0 and isinstance(res, tuple):
-                rest = res[1:]
-            ys.append(y)
-        return torch.stack(ys, dim=-3), rest
 
     # -- sequences -------------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, inference_params=None):
@@ -324,15 +309,8 @@ class Mamba3(nn.Module):
         fwd = self.op.mamba3_forward
         extra = {"cu_seqlens": cu_seqlens, "initial_states": initial_states}
 
-        def run(kw, first=True):
-            return fwd(**kw, **extra, return_final_states=want_final and first)
-
-        if self.is_outproj_norm and self.mimo_rank > 1:
-            y, rest = self._per_rank(run, kw)
-            final = rest[0] if rest else None
-        else:
-            res = run(kw)
-            y, final = res if want_final else (res, None)
+        res = fwd(**kw, **extra, return_final_states=want_final)
+        y, final = res if want_final else (res, None)  # y (B, L, R, H, P) per rank with the output norm and R > 1
         return self._output(y, z, u.dtype), final
 
     def _continue(self, u, state: Mamba3State):
@@ -376,11 +354,7 @@ class Mamba3(nn.Module):
         state = Mamba3State(angle_state, ssm_state, k_state, v_state)
         kw, z = self._inputs(u2)
         step = self.op.mamba3_step
-        if self.is_outproj_norm and self.mimo_rank > 1:
-            y, rest = self._per_rank(lambda kw, first: step(**kw, state=state, inplace=False), kw)
-            _copy_state(state, rest[0])
-        else:
-            y, _ = step(**kw, state=state, inplace=True)
+        y, _ = step(**kw, state=state, inplace=True)  # y (B, R, H, P) per rank with the output norm and R > 1
         out = self._output(y, z, u.dtype)
         return (out.unsqueeze(1) if one_token else out, *state)
 

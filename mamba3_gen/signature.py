@@ -28,8 +28,15 @@ decode step; NS is B or the number of packed sequences):
 | angles  | lead + (H, S)                      | Tensor?   | complex state (S > 0)           | fp32          |
 | D       | (H,)                               | Tensor?   | options.d_skip                  | fp32          |
 | z       | lead + (H, P)                      | Tensor?   | options.z_gate                  | input         |
-| mimo_v, mimo_o | (H, R, P)                   | Tensor?   | R > 1                           | fp32          |
+| mimo_v  | (H, R, P)                          | Tensor?   | R > 1                           | fp32          |
+| mimo_o  | (H, R, P)                          | Tensor?   | R > 1, may be None (per rank)   | fp32          |
 | mimo_z  | (H, R, P)                          | Tensor?   | R > 1 and options.z_gate        | fp32          |
+
+mimo_o is the one used input that may be None (``Arg.omit``): with R > 1 and mimo_o None the op returns the per-rank
+SSM output y_r = H q̂_r + D·(v ⊙ mimo_v_r) (the official MIMO_Out=None) before any rank reduction, ``out`` of shape
+lead + (R, H, P) instead of lead + (H, P) (:func:`per_rank`, :func:`out_shape`); the backward then takes dout of that
+shape and returns no mimo_o gradient. A spec with options.z_gate refuses it (the official prefill gates the per-rank
+output, the official step does not: the layer gates in its own norm, from a spec copy without z gate).
 
 State fields (runtime/state.py has the layouts): angle (NS, H, S) fp32 when S > 0; ssm (NS, H, P, N) always;
 k (NS, [J,] [R,] H, N) and v (NS, [J,] H, P) when the rule has lags (J > 0); k, v and ssm in the state dtype. The
@@ -44,7 +51,7 @@ from typing import Callable, NamedTuple
 __all__ = [
     "Arg", "Features", "LAYER_ARGS", "STATE_ARGS", "LAYER_INPUTS", "STATE_FIELDS", "GRAD_NAMES", "features", "uses",
     "presence", "forward_schema", "backward_schema", "pointer_types", "cute_roles", "FORWARD_POINTERS",
-    "STEP_POINTERS",
+    "STEP_POINTERS", "per_rank", "out_shape",
 ]
 
 
@@ -78,7 +85,9 @@ class Arg:
     """One row of the table: ``name`` as the ops and checks spell it, ``shape`` as documented, ``optional`` (a
     ``Tensor?`` in the op schemas), ``used`` (when the spec takes it, on :class:`Features`), ``dtype`` (the
     pointer's element type: 'input' = dtypes.input, 'fp32', or 'state' = dtypes.state), ``ptr`` (the Triton
-    kernels' parameter name), ``absent_why`` (META dict -> why a spec without it refuses it, for the InputError)."""
+    kernels' parameter name), ``absent_why`` (META dict -> why a spec without it refuses it, for the InputError),
+    ``omit`` (what passing None for an input the spec uses means, for an input that may be None; "" when it is
+    required)."""
 
     name: str
     shape: str
@@ -87,6 +96,7 @@ class Arg:
     dtype: str
     ptr: str
     absent_why: Callable[[dict], str] = lambda meta: ""
+    omit: str = ""
 
 
 def _always(f: Features) -> bool:
@@ -115,7 +125,8 @@ LAYER_ARGS: tuple[Arg, ...] = (
     Arg("mimo_v", "(H, R, P)", True, lambda f: f.R > 1, "fp32", "mimo_v_ptr", _siso),
     Arg("mimo_z", "(H, R, P)", True, lambda f: f.R > 1 and f.z_gate, "fp32", "mimo_z_ptr",
         lambda m: "has no z gate" if m["R"] > 1 else _siso(m)),
-    Arg("mimo_o", "(H, R, P)", True, lambda f: f.R > 1, "fp32", "mimo_o_ptr", _siso),
+    Arg("mimo_o", "(H, R, P)", True, lambda f: f.R > 1, "fp32", "mimo_o_ptr", _siso,
+        "out is the per-rank y (lead + (R, H, P)), not reduced over ranks"),
 )
 
 # The state fields in Mamba3State's order (runtime/state.py); ``ptr`` is the field name (kernels prefix or suffix it).
@@ -144,6 +155,16 @@ _BY_NAME = {a.name: a for a in LAYER_ARGS}
 def uses(name: str, f: Features) -> bool:
     """Whether a spec with features ``f`` takes layer input ``name``."""
     return _BY_NAME[name].used(f)
+
+
+def per_rank(f: Features, mimo_o) -> bool:
+    """Whether a call returns the per-rank output (lead + (R, H, P)): R > 1 and mimo_o is None."""
+    return f.R > 1 and mimo_o is None
+
+
+def out_shape(f: Features, lead: tuple, H: int, P: int, mimo_o) -> tuple:
+    """The op's ``out`` shape: lead + (R, H, P) for a per-rank call (:func:`per_rank`), else lead + (H, P)."""
+    return tuple(lead) + ((f.R,) if per_rank(f, mimo_o) else ()) + (H, P)
 
 
 def presence(f: Features) -> dict[str, bool]:

@@ -201,6 +201,25 @@ def test_varlen_pack_with_empty_sequences(name, interp_kernels):
 
 
 @interpreter_only
+@pytest.mark.parametrize("forward", ["fused", "chunked"])
+@pytest.mark.parametrize("L, varlen", [(1, False), (11, False), (0, True)])
+def test_mimo_per_rank_output_gradients(forward, L, varlen, interp_kernels, monkeypatch):
+    """mimo_o=None (the per-rank output (B, L, R, H, P), no z gate): dout arrives per rank, every gradient (no
+    mimo_o one) equals float64 autograd through the naive recurrence's per-rank output; L = 1, off the chunk grid,
+    a varlen pack with an empty sequence; with both forwards (one autograd formula)."""
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", forward)
+    spec = _fp32(make_spec(**{**_EDGE_SPECS["mimo_r4_trap"], "z_gate": False}, N=16, P=8, chunk=4, init=True,
+                           varlen=varlen))
+    H = 2 * spec.dims.ngroups
+    if varlen:
+        kw = make_inputs(spec, 1, 0, H, seed=6, with_initial_states=True, nseq_lengths=[5, 0, 9])
+    else:
+        kw = make_inputs(spec, 2, L, H, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
+    grads = assert_grads_match(interp_kernels(spec), spec, {**kw, "mimo_o": None}, final=True)
+    assert "mimo_o" not in grads and grads["v"][0].abs().max() > 0
+
+
+@interpreter_only
 def test_chunked_forward_has_the_same_backward(interp_kernels, monkeypatch):
     """MAMBA3_GEN_FORWARD=chunked: the chunk-parallel forward's op carries the same autograd formula."""
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", "chunked")

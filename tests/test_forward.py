@@ -51,6 +51,7 @@ from tests.helpers import (
     run_op,
     split_varlen,
     ssd_head,
+    Tol,
     to_device,
     state_slice,
     time_slice,
@@ -246,6 +247,34 @@ def test_constant_lambda_edges(lam_value, R, init, interp_kernels):
     assert_matches(run_op(interp_kernels(spec), spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
 
 
+# mimo_o=None: the per-rank output. Tolerance 1e-5 relative (out and final states): the module docstring's budget
+# with the amplifiers of these tiny shapes, C = 4 (|cs| ≤ 20·4 = 80: 80·6e-8 ≈ 5e-6 on a decay weight at worst),
+# N = 16, C·R ≤ 16 terms per dot; observed ~1e-7.
+PER_RANK_TOL = Tol(rel=1e-5)
+
+
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("R,varlen", [(2, False), (4, True)])
+def test_mimo_per_rank_output(R, varlen, interp_kernels):
+    """R > 1 with mimo_o=None: out is y per rank, (B, L, R, H, P), ungated and with D·(v ⊙ mimo_v_r) per rank (the
+    official MIMO_Out=None), equal to the naive recurrence's per-rank output, with the same final states; and
+    Σ_r y_r ⊙ mimo_o_r is the mimo_o forward's output (fp32 sums of R products: 1e-6 relative)."""
+    spec = _fp32(make_spec(R=R, rotation="halved", N=16, P=8, chunk=4, z_gate=False, init=True, varlen=varlen))
+    module = interp_kernels(spec)
+    if varlen:
+        kw = make_inputs(spec, 1, 0, 2, seed=7, with_initial_states=True, nseq_lengths=[5, 0, 9])
+    else:
+        kw = make_inputs(spec, 2, 11, 2, seed=7, with_initial_states=True)
+    per_rank = {**kw, "mimo_o": None}
+    out, state = run_op(module, spec, per_rank, final=True)
+    B, L, H, P = kw["v"].shape
+    assert out.shape == (B, L, R, H, P)
+    assert_matches((out, state), naive_recurrence(spec, **per_rank), PER_RANK_TOL, what="per rank")
+    summed = (out * kw["mimo_o"].transpose(0, 1)).sum(2)  # (H, R, P) -> (R, H, P)
+    torch.testing.assert_close(summed, run_op(module, spec, kw, final=False)[0], rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture
 def edge_kernels(request):
     """(kernel cache, device) for the edge-case tests below, which run on both: the interpreter's kernels on a
@@ -439,6 +468,11 @@ class TestBadInputs:
     def test_missing_required(self, checked):
         with pytest.raises(ValueError, match=r"^trap is required by this spec; expected a tensor of shape \(1, 2, 5\)"):
             self.call(checked, "trap", trap=None)
+
+    def test_per_rank_output_needs_a_spec_without_z_gate(self, checked):
+        # the official prefill gates a per-rank output, the official step does not: the op refuses to pick one
+        with pytest.raises(ValueError, match=r"^mimo_o=None asks for the per-rank output .*\(options\.z_gate: true\)"):
+            self.call(checked, "const", mimo_o=None)
 
     def test_trap_for_constant_lambda(self, checked):
         with pytest.raises(ValueError, match=r"^trap was given but spec .* takes λ from its rule \(constant\)"):

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from mamba3_gen import signature as sig
 from mamba3_gen.backends.cute.build import arg_roles
@@ -127,3 +128,15 @@ def test_refusal_reasons():
     assert why["z"]({}) == "has no z gate (options.z_gate: false)"
     assert why["mimo_z"]({"R": 2}) == "has no z gate" and why["mimo_z"]({"R": 1}) == "is SISO (mimo_rank 1)"
     assert why["mimo_v"]({"R": 1}) == why["mimo_o"]({"R": 1}) == "is SISO (mimo_rank 1)"
+
+
+def test_per_rank_output_shape():
+    """mimo_o is the one used input that may be None: with R > 1 the op then returns y per rank (lead + (R, H, P))."""
+    assert [a.name for a in sig.LAYER_ARGS if a.omit] == ["mimo_o"]
+    mimo = sig.Features(trap=True, complex=True, d_skip=True, z_gate=False, R=4, lags=1, initial_states=False,
+                        final_states=True, varlen=False)
+    siso = mimo._replace(R=1)
+    assert sig.per_rank(mimo, None) and not sig.per_rank(mimo, torch.ones(1)) and not sig.per_rank(siso, None)
+    assert sig.out_shape(mimo, (2, 5), 3, 8, None) == (2, 5, 4, 3, 8)
+    assert sig.out_shape(mimo, (2,), 3, 8, torch.ones(1)) == (2, 3, 8)
+    assert sig.out_shape(siso, (2, 5), 3, 8, None) == (2, 5, 3, 8)

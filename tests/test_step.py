@@ -138,6 +138,24 @@ def test_step_angles_shared_by_heads(interp_kernels):
     assert_matches(got, ref, Tol(rel=0.0, atol=0.0))
 
 
+@interpreter_only
+@not_in_spec_mode
+@pytest.mark.parametrize("R", [2, 4])
+def test_step_per_rank_output(R, interp_kernels):
+    """mimo_o=None (no z gate): each step's out is y per rank, (B, R, H, P); prefill + steps (in place and out of
+    place, one and several P blocks per head) equal the per-rank forward and the float64 recurrence."""
+    spec = _step_spec(respec(make_spec(R=R, rotation="halved", N=16, P=8, chunk=4, z_gate=False),
+                             dtypes={"input": "fp32", "compute": "fp32"}))
+    module = interp_kernels(spec)
+    kw = {**make_inputs(spec, 2, 5, 2, seed=R), "mimo_o": None}
+    fwd = module.mamba3_forward(**kw, return_final_states=True)
+    assert fwd[0].shape == (2, 5, R, 2, 8)
+    for L1, block_p in ((0, None), (2, 2)):
+        got = prefill_then_steps(module, kw, L1, block_p=block_p)
+        assert_matches(got, fwd, CPU_TOL, what=f"prefill {L1} + steps vs forward")
+        assert_matches(got, naive_recurrence(spec, **kw), CPU_TOL, what="vs float64 recurrence")
+
+
 @pytest.fixture(scope="module")
 def step_module(interp_kernels):
     return interp_kernels(make_spec(R=2, rotation="halved", chunk=8))
@@ -191,6 +209,11 @@ class TestStepBadInputs:
         with pytest.raises(ValueError, match=r"state.ssm has dtype torch.bfloat16; expected one of \['torch.float32'\]"):
             step_module.mamba3_step(**kw, state=half, inplace=True)
         step_module.mamba3_step(**kw, state=half)  # out of place: any float state is read
+
+    def test_per_rank_output_needs_a_spec_without_z_gate(self, step_module):
+        kw, state = self._args(step_module)
+        with pytest.raises(ValueError, match=r"^mimo_o=None asks for the per-rank output .*\(options\.z_gate: true\)"):
+            step_module.mamba3_step(**{**kw, "mimo_o": None}, state=state)
 
     def test_wrong_dtype_and_backend(self, step_module):
         kw, state = self._args(step_module)
@@ -275,6 +298,19 @@ def test_gpu_step_odd_state_shapes(backend, state_dtype, dims, gpu_kernels):
 # ------------------------------------------------------------------------------------------------------------------
 U_BF16 = 2.0 ** -8  # unit roundoff of round-to-nearest bf16 (8 significant bits)
 EPS_FP32 = 8 * 2.0 ** -24  # a few fp32 roundings per state element per step (products, adds, exp of the decay)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.skipif(not _cute_available(), reason="nvidia-cutlass-dsl is not installed")
+def test_cute_step_refuses_per_rank_output(gpu_kernels):
+    """The CuTe step has no per-rank output: mimo_o=None is an InputError pointing to the Triton step."""
+    spec = _step_spec(make_spec(R=2, rotation="halved", N=32, P=16, chunk=8, z_gate=False))
+    module = gpu_kernels(spec)
+    kw = {**token(make_inputs(spec, 2, 1, 2, seed=0, device="cuda"), 0), "mimo_o": None}
+    state = module.mamba3_step.zero_state(2, 2, "cuda")
+    with pytest.raises(ValueError, match=r"^mimo_o=None is not supported by the CuTe step; use the Triton step"):
+        module.mamba3_step(**kw, state=state, backend="cute")
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ META = {'BN': 128,
  'name': 'mimo_r2_const_half_fullrope',
  'spec_hash': '588f0c300720bfbd517f33a0f65b4a44b3eb08577431f14e80408d36d41d85b4',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -49,7 +49,7 @@ META = {'BN': 128,
  'name': 'mimo_r4',
  'spec_hash': '80ed11c0f94fefae014ec7b28eaa551c7af64fce88d69e764874a1c8f517def9',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -49,7 +49,7 @@ META = {'BN': 128,
  'name': 'mimo_r4_init',
  'spec_hash': '2de5a2abb2b350bc4f1683acadf53f43a733793c7ad549a3bde5564fdf698d58',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -48,7 +48,7 @@ META = {'BN': 128,
  'name': 'siso_euler_real',
  'spec_hash': '7189f8a9b4035942452cac1d937ced96fea1dd8e9673c3e2581aa73bc56d839a',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -49,7 +49,7 @@ META = {'BN': 128,
  'name': 'siso_trap_complex',
  'spec_hash': '67508b674d10cb130c191e3aaf91675f4057e9972c3e9a1bd9a3d08f31559a92',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

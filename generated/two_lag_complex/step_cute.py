@@ -50,7 +50,7 @@ META = {'BN': 128,
  'name': 'two_lag_complex',
  'spec_hash': 'b11de4dc21b1e735d641888442994c808574ab9a58e05abbb2185ac4cf3c0092',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -48,7 +48,7 @@ META = {'BN': 128,
  'name': 'zoh_real',
  'spec_hash': '8da96338bc9eaa70e88a78e8c8669277888e24c88ed73ed0524c1f64fce81017',
  'state_dtype': 'fp32',
- 'template_hash': '5eff90e812cf',
+ 'template_hash': '9f844c0dc2a4',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -80,7 +80,7 @@ def _chunked_core(spec: Spec, c: SimpleNamespace):
         return torch.exp(cs[:, t + 1] - cs[:, u + 1])
 
     Hs = c.init_ssm.clone()  # (B, H, P, N)
-    out = torch.zeros(B, L, H, P, dtype=torch.float64)
+    out = torch.zeros((B, L) + ((c.R,) if c.per_rank else ()) + (H, P), dtype=torch.float64)
     for c0 in range(0, L, Cs):
         n = min(Cs, L - c0)
         ts = torch.arange(c0, c0 + n)
@@ -105,7 +105,7 @@ def _chunked_core(spec: Spec, c: SimpleNamespace):
             y = y + c.D[:, None] * (c.v[:, ts][:, :, None] * mv)
         if c.z is not None:
             y = y * F.silu(c.z[:, ts, None] * c.mimo_z.permute(1, 0, 2))
-        out[:, ts] = (y * c.mimo_o.permute(1, 0, 2)).sum(dim=2)
+        out[:, ts] = y if c.per_rank else (y * c.mimo_o.permute(1, 0, 2)).sum(dim=2)
         Hs = into[:, -1][..., None, None] * Hs + torch.einsum("bjh,bjshp,bjshn->bhpn", W[:, -1], vw, kw)
 
     if theta is None:

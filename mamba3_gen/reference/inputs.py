@@ -193,7 +193,8 @@ def canonicalize(
     """Float64 tensors (on the default device) in one layout:
 
     q, k (B, L, R, H, N) per head (unbiased, unrotated); q_bias, k_bias (H, R, N); v (B, L, H, P);
-    z (B, L, H, P) or None; D (H,) or None; mimo_v, mimo_z, mimo_o (H, R, P) (ones for R == 1);
+    z (B, L, H, P) or None; D (H,) or None; mimo_v, mimo_z, mimo_o (H, R, P) (ones for R == 1, and for mimo_o None);
+    per_rank: R > 1 and mimo_o None (out is y per rank, (B, L, R, H, P), the official MIMO_Out=None);
     adt, dt, lam (B, H, L); angles (B, L, H, S) or None (real state);
     init_angle (NS, H, S) or None, init_ssm (NS, H, P, N), init_k (NS, R, H, N), init_v (NS, H, P) (zeros when absent;
     k/v None for exp_euler); cu: None or a list of ints.
@@ -312,7 +313,7 @@ def canonicalize(
         q_bias=bias(q_bias), k_bias=bias(k_bias),
         mimo_v=proj(mimo_v, "mimo_v", True),
         mimo_z=proj(mimo_z, "mimo_z", z is not None),
-        mimo_o=proj(mimo_o, "mimo_o", True),
+        mimo_o=proj(mimo_o, "mimo_o", False), per_rank=R > 1 and mimo_o is None,
         init_angle=init_angle, init_ssm=init_ssm, init_k=init_k, init_v=init_v, cu=cu,
     )
 
@@ -339,7 +340,7 @@ def _slice(c: SimpleNamespace, start: int, end: int, i: int) -> SimpleNamespace:
 
 
 def run_per_sequence(spec: Spec, c: SimpleNamespace, core: Callable) -> tuple[torch.Tensor, Mamba3State]:
-    """Apply `core(spec, c) -> (out (B,L,H,P), angle, ssm, k (B,J,R,H,N), v (B,J,H,P))` to the whole batch, or in
+    """Apply `core(spec, c) -> (out (B,L,H,P) or per rank (B,L,R,H,P), angle, ssm, k (B,J,R,H,N), v (B,J,H,P))` to the whole batch, or in
     varlen mode to each sequence separately (B == 1); then pack the states in the runtime layout (state.py)."""
     if c.cu is None:
         out, angle, ssm, kst, vst = core(spec, c)

@@ -10,6 +10,8 @@ k̂_{t-j} ∈ R^{R×N} and raw value v_{t-j} ∈ R^P of the J previous tokens):
     H_t     = exp(a_t) H_{t-1} + Σ_{j=0..J} c_j(t) Σ_r (v_{t-j} ⊙ mimo_v_r) k̂_{t-j,r}ᵀ
     y_{t,r} = H_t q̂_{t,r} + D·(v_t ⊙ mimo_v_r)
     out_t   = Σ_r y_{t,r} ⊙ silu(z_t ⊙ mimo_z_r) ⊙ mimo_o_r        (no silu factor without z)
+
+R > 1 with mimo_o None: out_t = (y_{t,r} ⊙ silu(z_t ⊙ mimo_z_r))_r per rank, (B, L, R, H, P) (the official MIMO_Out=None).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def _naive_core(spec: Spec, c: SimpleNamespace):
     # previous tokens, most recent first: keys (B, H, R, N) biased + rotated, values (B, H, P) raw
     k_prev = [c.init_k[:, j].permute(0, 2, 1, 3) for j in range(c.J)]
     v_prev = [c.init_v[:, j] for j in range(c.J)]
-    out = torch.zeros(B, L, H, P, dtype=torch.float64)
+    out = torch.zeros((B, L) + ((c.R,) if c.per_rank else ()) + (H, P), dtype=torch.float64)
     mv, mz, mo = c.mimo_v, c.mimo_z, c.mimo_o  # (H, R, P)
 
     for t in range(L):
@@ -78,7 +80,7 @@ def _naive_core(spec: Spec, c: SimpleNamespace):
             y = y + c.D[:, None, None] * vr_t
         if c.z is not None:
             y = y * F.silu(c.z[:, t][:, :, None, :] * mz)
-        out[:, t] = (y * mo).sum(dim=2)
+        out[:, t] = y.transpose(1, 2) if c.per_rank else (y * mo).sum(dim=2)
 
     if c.J:  # (B, J, R, H, N), (B, J, H, P); the initial ones when L < J
         k_fin = torch.stack([k.permute(0, 2, 1, 3) for k in k_prev], dim=1)
@@ -93,7 +95,8 @@ def naive_recurrence(
     q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None,
     mimo_v=None, mimo_z=None, mimo_o=None, initial_states=None, cu_seqlens=None,
 ) -> tuple[torch.Tensor, Mamba3State]:
-    """Per-token float64 recurrence (§2/§4). Returns out (B, L, H, P) and the final Mamba3State (float64, CPU):
+    """Per-token float64 recurrence (§2/§4). Returns out (B, L, H, P) (R > 1 with mimo_o None: per rank,
+    (B, L, R, H, P)) and the final Mamba3State (float64, CPU):
     angle Θ_{L-1} mod 2π (None for a real state), ssm H_{L-1} (NS, H, P, N), k = k̂ of the last J tokens and v their
     raw V, in the layout of runtime/state.py (None for a rule without lags)."""
     c = canonicalize(

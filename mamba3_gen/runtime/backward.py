@@ -34,6 +34,9 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
 Then plain torch reductions: per-head dq̃, dk̃ summed over the heads of a group (GQA) and over tokens for the biases,
 per-chunk partials of D and the MIMO projections summed.
 
+MIMO with mimo_o None (the per-rank output, signature.per_rank): dout is (B, L, R, H, P), dY_{t,r} is its row (no
+reduction over ranks, no gate: such a spec has no z gate), and there is no mimo_o gradient.
+
 Supported: every spec feature but rules with two or more lags (J ≥ 2): their backward is refused when a gradient is
 requested (``InputError`` naming discretization.weights).
 """
@@ -47,7 +50,7 @@ from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.state import Mamba3State, state_layout
-from mamba3_gen.signature import GRAD_NAMES, backward_schema
+from mamba3_gen.signature import GRAD_NAMES, backward_schema, features, out_shape, per_rank
 
 __all__ = ["attach_backward", "BackwardOp", "unsupported_reason"]
 
@@ -169,7 +172,10 @@ class BackwardOp:
                 (x.contiguous() if x is not None else torch.zeros(layout[f][0], device=dev, dtype=f32))
                 if layout[f] is not None else None
                 for f, x in zip(Mamba3State._fields, (d_angle, d_ssm, d_k, d_v))]
-        dout = torch.zeros_like(v) if dout is None else dout.contiguous()
+        # mimo_o None (R > 1): the per-rank output, dout (B, L, R, H, P), no mimo_o gradient
+        per = per_rank(features(m), mimo_o)
+        dout = (torch.zeros(out_shape(features(m), (B, L), H, P, mimo_o), device=dev, dtype=v.dtype)
+                if dout is None else dout.contiguous())
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
         search = max(0, NS - 1).bit_length()
 
@@ -187,7 +193,8 @@ class BackwardOp:
         states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
             init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, None, None, cu_seqlens,
-            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen)
+            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen,
+            PER_RANK=per)
 
         dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels
         # 2. dX_c backwards over the chunks
@@ -197,7 +204,7 @@ class BackwardOp:
         dstate_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
             chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
-            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
+            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
 
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
         # of rotation pairs (independent of each other)
@@ -209,12 +216,12 @@ class BackwardOp:
         dD_part = zeros(slots, H) if D is not None else None
         dmv_part = zeros(slots, H, R, P) if R > 1 else None
         dmz_part = zeros(slots, H, R, P) if R > 1 and z is not None else None
-        dmo_part = zeros(slots, H, R, P) if R > 1 else None
+        dmo_part = zeros(slots, H, R, P) if R > 1 and not per else None
         if slots:
             common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
                       chunk_ssm, chunk_angle, None, None, dchunk)
             sizes = (L, H, G, NC, NS, search, *angle_strides)
-            flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
+            flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
             with _fits(m, "chunk_v"):
                 chunk_v_kernel[lambda cfg: (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))](
                     *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, cu_seqlens, *sizes, **flags)

@@ -144,7 +144,8 @@ def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, t
 
     Token tensors are lead + their own dims (q, k: G, N or R, G, N; v, z: H, P; angles: H, S); the per-step
     scalars adt, dt, trap are (B, H) + the token dims after B, i.e. (B, H, L) or (B, H). Returns them normalized
-    (contiguous, biases and projections fp32, zero biases filled in)."""
+    (contiguous, biases and projections fp32, zero biases filled in). mimo_o may be None for R > 1 (the per-rank
+    output, mamba3_gen/signature.py), except on a spec with options.z_gate (InputError naming mimo_o)."""
     check_device(dev)
     N, P, R, G, S = meta["N"], meta["P"], meta["R"], meta["G"], meta["S"]
     B, tail = lead[0], tuple(lead[1:])
@@ -162,6 +163,14 @@ def check_layer_inputs(meta: dict, lead: tuple, H: int, dev, q, k, v, adt, dt, t
         name, t = arg.name, given[arg.name]
         if not arg.used(f):
             absent(meta, name, t, arg.absent_why(meta))
+            out[name] = None
+        elif t is None and arg.omit:  # mimo_o None: the per-rank output (signature.per_rank)
+            if f.z_gate:
+                raise InputError(
+                    f"{name}=None asks for the per-rank output (…, R, H, P) before {name}, but spec "
+                    f"{meta['name']!r} gates it with z (options.z_gate: true), and the official kernels disagree on "
+                    f"whether a per-rank output is gated (prefill: yes, step: no); pass {name}, or use a copy of "
+                    "the spec with options.z_gate: false and gate the per-rank output yourself")
             out[name] = None
         elif name in ("q_bias", "k_bias"):  # zeros when not given
             t = torch.zeros(bias, device=dev) if t is None else t

@@ -16,7 +16,7 @@ from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import (check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state,
                                        check_varlen)
 from mamba3_gen.runtime.state import Mamba3State, state_layout
-from mamba3_gen.signature import LAYER_INPUTS, forward_schema
+from mamba3_gen.signature import LAYER_INPUTS, features, forward_schema, out_shape, per_rank
 
 # The layer inputs in the order the kernels and the registered ops take them, and the op's schema: both from the
 # signature table (mamba3_gen/signature.py); the op's Python parameters below are checked against it by
@@ -97,6 +97,9 @@ class ForwardOp:
     for R > 1; v, z (B, L, H, P); adt = A·Δ, dt = Δ, trap = pre-sigmoid λ logit: (B, H, L) fp32; q_bias, k_bias
     (H, N) / (H, R, N); angles (B, L, H, S) raw per-step angles; D (H,); mimo_v, mimo_z, mimo_o (H, R, P).
     Returns out (B, L, H, P) in v's dtype, and with return_final_states also a Mamba3State (see state.py).
+    With R > 1 and mimo_o=None, out is the per-rank output y (B, L, R, H, P) before the rank reduction (the
+    official MIMO_Out=None): y_r = H q̂_r + D·(v ⊙ mimo_v_r), ungated; a spec with options.z_gate raises InputError
+    naming mimo_o. Its backward takes dout (B, L, R, H, P).
     """
 
     def __init__(self, meta: dict, kernel, chunked=None):
@@ -161,9 +164,9 @@ class ForwardOp:
         return out, Mamba3State(*[t if layout[f] is not None else None for f, t in zip(Mamba3State._fields, final)])
 
     # -- the registered op: launch (eager) and output shapes (tracing) ---------------------------------------------
-    def _outputs(self, v, NS: int, return_final_states: bool):
+    def _outputs(self, v, NS: int, return_final_states: bool, mimo_o=None):
         B, L, H, P = v.shape
-        out = torch.empty((B, L, H, P), device=v.device, dtype=v.dtype)
+        out = torch.empty(out_shape(features(self.meta), (B, L), H, P, mimo_o), device=v.device, dtype=v.dtype)
         layout = state_layout(self.meta, NS, H) if return_final_states else dict.fromkeys(Mamba3State._fields)
         # absent state fields are empty tensors: a registered op returns a fixed tuple of tensors
         states = [torch.empty(f[0], device=v.device, dtype=f[1]) if f is not None
@@ -179,7 +182,7 @@ class ForwardOp:
             # on the device (no host sync, capturable by a CUDA graph); a zero-length sequence is fine: the kernel's
             # chunk loop runs zero times and its final state is its initial state (or zero).
             check_cu_seqlens_values(cu_seqlens, L)
-        out, states = self._outputs(v, NS, return_final_states)
+        out, states = self._outputs(v, NS, return_final_states, mimo_o)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
 
@@ -190,7 +193,7 @@ class ForwardOp:
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init_angle, init_ssm, init_k, init_v, *fin, cu_seqlens,
             L, H, self.meta["G"], *angle_strides, HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states,
-            IS_VARLEN=cu_seqlens is not None,
+            IS_VARLEN=cu_seqlens is not None, PER_RANK=per_rank(features(self.meta), mimo_o),
         )
         return (out, *states)
 
@@ -210,7 +213,7 @@ class ForwardOp:
             check_cu_seqlens_values(cu_seqlens, L)
         NC = triton.cdiv(L, C)
         slots = L // C + NS if is_varlen else B * NC
-        out, states = self._outputs(v, NS, return_final_states)
+        out, states = self._outputs(v, NS, return_final_states, mimo_o)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
         dev = v.device
@@ -222,7 +225,8 @@ class ForwardOp:
         args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                 init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
                 L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
-        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen)
+        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen,
+                     PER_RANK=per_rank(features(m), mimo_o))
 
         def states_grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))
@@ -257,7 +261,7 @@ class ForwardOp:
         def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
               init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
             NS = v.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            out, states = self._outputs(v, NS, return_final_states)
+            out, states = self._outputs(v, NS, return_final_states, mimo_o)
             return (out, *states)
 
         _REGISTERED[name] = op

@@ -15,7 +15,7 @@ import triton
 from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import check_cute_device, check_layer_inputs, check_state
 from mamba3_gen.runtime.state import Mamba3State, state_layout, zero_state
-from mamba3_gen.signature import LAYER_INPUTS
+from mamba3_gen.signature import LAYER_INPUTS, features, out_shape, per_rank
 
 BACKENDS = ("triton", "cute")
 
@@ -30,6 +30,9 @@ class StepOp:
     ``state``: a Mamba3State of this spec (``zero_state(B, H, device)`` before the first token, or the forward's
     final states). Returns out (B, H, P) in v's dtype and the new state; with ``inplace=True`` the new state is
     written over ``state`` (whose dtypes must then be the spec's) and that same object is returned.
+    With R > 1 and mimo_o=None, out is the per-rank y (B, R, H, P) before the rank reduction, ungated (the official
+    step's outproj=None); a spec with options.z_gate raises InputError naming mimo_o, and so does backend="cute"
+    (the CuTe step has no per-rank output).
     """
 
     def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None,
@@ -71,6 +74,9 @@ class StepOp:
             raise InputError(f"v has H={H} heads, not a multiple of the spec's ngroups G={G}")
         x = check_layer_inputs(m, (B,), H, dev, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z,
                                mimo_v, mimo_z, mimo_o)
+        if backend == "cute" and per_rank(features(m), mimo_o):
+            raise InputError("mimo_o=None is not supported by the CuTe step; use the Triton step (backend='triton') "
+                             "or pass mimo_o")
         if state is None:
             raise InputError(f"state is required; start from step.zero_state({B}, {H}, device) or the forward's "
                              "final states")
@@ -82,7 +88,7 @@ class StepOp:
             st_in = Mamba3State(*[t.to(layout[f][1]) if t is not None else None
                                   for f, t in zip(Mamba3State._fields, st_in)])
             st_out = Mamba3State(*[torch.empty_like(t) if t is not None else None for t in st_in])
-        out = torch.empty((B, H, P), device=dev, dtype=v.dtype)
+        out = torch.empty(out_shape(features(m), (B,), H, P, mimo_o), device=dev, dtype=v.dtype)
         if backend == "cute":
             self.cute()(dict(x, out=out, **_prefixed(st_in, "_in"), **_prefixed(st_out, "_out")), H, G,
                         _angle_strides(x["angles"]))
@@ -103,6 +109,7 @@ class StepOp:
         self.kernel[grid](
             *(x[n] for n in LAYER_INPUTS), out, *st_in, *st_out, H, self.meta["G"],
             *_angle_strides(x["angles"]), counters, IN_PLACE=inplace, BLOCK_P=self.block_p,
+            PER_RANK=per_rank(features(self.meta), x["mimo_o"]),
             HEAD_MAJOR=self.head_major, STREAM=self.stream,
             num_warps=self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {}),
         )

@@ -62,7 +62,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, di
     ptr_types = pointer_types(features(spec), io, state="*fp32")
     consts = {
         "HAS_INIT": bool(opt.initial_states), "STORE_FINAL": bool(opt.final_states),
-        "IS_VARLEN": bool(opt.varlen), "BLOCK_P": int(block_p),
+        "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "BLOCK_P": int(block_p),  # the reduced output (mimo_o)
     }
     if spec.dims.ngroups == 1:
         consts["G"] = 1  # the JIT specialises an int argument equal to 1 into a constant

@@ -79,7 +79,7 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
             autotuner = getattr(module.bwd, kname)
             fn, cfg = autotuner.fn, autotuner.configs[0]
             consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
-                      "IS_VARLEN": bool(opt.varlen), **{k: int(v) for k, v in cfg.kwargs.items()}}
+                      "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, **{k: int(v) for k, v in cfg.kwargs.items()}}
             if spec.dims.ngroups == 1:
                 consts["G"] = 1
             signature, constexprs, attrs = {}, {}, {}
