@@ -56,19 +56,23 @@ class BenchArgError(ValueError):
 # ------------------------------------------------------------------------------------------------- arguments
 
 
-def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+def parse_sizes(text: str, mode: str = "fwd") -> list[tuple[int, int, int]]:
     """``"8:4096:32,1:16384:32"`` -> ``[(8, 4096, 32), (1, 16384, 32)]`` (B, L, H; each a whole number >= 1).
 
     Raises:
-        BenchArgError: an item that is not three positive whole numbers joined by ``:``, naming that item.
+        BenchArgError: an empty item or one that is not three positive whole numbers joined by ``:``, naming it
+        (the example given is of ``mode``'s sizes: decode sizes have L = 1).
     """
+    example = "1:1:32,256:1:32" if mode == "decode" else "8:4096:32,1:16384:32"
     sizes = []
     for item in text.split(","):
         parts = item.strip().split(":")
+        if not item.strip():
+            raise BenchArgError(f"--sizes: an empty item in {text!r}; try --sizes {example}")
         if len(parts) != 3 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts) \
                 or any(int(p) < 1 for p in parts):
             raise BenchArgError(f"--sizes: {item.strip()!r} is not B:L:H (three whole numbers >= 1); "
-                                "try --sizes 8:4096:32,1:16384:32")
+                                f"try --sizes {example}")
         sizes.append(tuple(int(p) for p in parts))
     return sizes
 
@@ -79,7 +83,9 @@ def parse_providers(text: str) -> list[str]:
     Raises:
         BenchArgError: an unknown name, listing the valid ones.
     """
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    if any(not p.strip() for p in text.split(",")):
+        raise BenchArgError(f"--providers: an empty item in {text!r}; try one or more of: {', '.join(PROVIDERS)}")
+    names = [p.strip() for p in text.split(",")]
     for name in names:
         if name not in PROVIDERS:
             raise BenchArgError(f"--providers: unknown provider {name!r}; try one or more of: {', '.join(PROVIDERS)}")

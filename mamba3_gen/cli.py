@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -802,9 +803,9 @@ def bench(
         raise _fail(["--backward: the decode step has no backward; try one of --decode, --backward"])
     mode = "decode" if decode else "bwd" if backward else "fwd"
     try:
-        size_list = lib.parse_sizes(sizes or lib.DEFAULT_SIZES[mode])
-        names = lib.parse_providers(providers or ("generated,generated-cute,official,official-cute" if decode
-                                                  else "generated,official"))
+        size_list = lib.parse_sizes(lib.DEFAULT_SIZES[mode] if sizes is None else sizes, mode)
+        names = lib.parse_providers(("generated,generated-cute,official,official-cute" if decode
+                                     else "generated,official") if providers is None else providers)
     except lib.BenchArgError as e:
         raise _fail([str(e)]) from None
     sets = tuple(set_ or ())
@@ -824,8 +825,16 @@ def bench(
                                 f"try H={max(1, H // g) * g}")
                 continue
             workloads.append(lib.Workload(spec, B, 1 if decode else L, H, mode, sets))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        problems.append(f"--name: {name!r} is not a plain file name (letters, digits, _ . -); try --name bench")
     if problems:
         raise _fail(list(dict.fromkeys(problems)))
+    try:  # before any GPU work: a run is not thrown away for a folder that cannot be written
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise _fail([f"--out: cannot write {out}: {e.strerror or e}; try a writable folder"]) from None
     import torch
 
     if not torch.cuda.is_available():

@@ -77,6 +77,13 @@ def test_heads_not_a_multiple_of_ngroups_exits_2():
     (["--set", "dims.d_state"], "--set: takes SECTION.FIELD=VALUE, got 'dims.d_state'"),
     (["--set", "dims.d_state=abc"], "with --set: dims.d_state: expected a whole number"),
     (["--decode", "--backward"], "--backward: the decode step has no backward"),
+    (["--sizes", ""], "--sizes: an empty item in ''; try --sizes 8:4096:32"),
+    (["--sizes", "8:4096:32,"], "--sizes: an empty item in '8:4096:32,'"),
+    (["--decode", "--sizes", "8:4096"], "try --sizes 1:1:32,256:1:32"),
+    (["--providers", ""], "--providers: an empty item in ''"),
+    (["--providers", "generated,"], "--providers: an empty item in 'generated,'"),
+    (["--name", "../x"], "--name: '../x' is not a plain file name"),
+    (["--out", "/proc/nope"], "--out: cannot write /proc/nope"),  # before the GPU check: no run is thrown away
 ])
 def test_bad_options_exit_2(args, message):
     result = invoke("bench", SPECS / "siso_trap_complex.yaml", *args)

@@ -469,6 +469,15 @@ class TestBadInputs:
         with pytest.raises(ValueError, match=r"^trap is required by this spec; expected a tensor of shape \(1, 2, 5\)"):
             self.call(checked, "trap", trap=None)
 
+    def test_mimo_o_left_out_is_refused_not_per_rank(self, checked):
+        # only an explicit mimo_o=None asks for the (…, R, H, P) per-rank output; leaving it out is a mistake
+        spec, kernels = checked["const"]
+        kw = make_inputs(spec, 1, 5, 2, seed=0)
+        del kw["mimo_o"]
+        with pytest.raises(ValueError, match=r"^mimo_o is required by this spec \(R=2\); expected a tensor of shape "
+                                             r"\(H, 2, 8\), or pass mimo_o=None explicitly"):
+            kernels.mamba3_forward(**kw)
+
     def test_per_rank_output_needs_a_spec_without_z_gate(self, checked):
         # the official prefill gates a per-rank output, the official step does not: the op refuses to pick one
         with pytest.raises(ValueError, match=r"^mimo_o=None asks for the per-rank output .*\(options\.z_gate: true\)"):

@@ -184,6 +184,12 @@ class TestStepBadInputs:
         with pytest.raises(ValueError, match=r"v must be a tensor of shape \(B, H, P=8\) \(one token\)"):
             step_module.mamba3_step(**{**kw, "v": kw["v"][:, None]}, state=state)
 
+    def test_mimo_o_left_out_is_refused_not_per_rank(self, step_module):
+        kw, state = self._args(step_module)
+        del kw["mimo_o"]
+        with pytest.raises(ValueError, match=r"^mimo_o is required by this spec \(R=2\)"):
+            step_module.mamba3_step(**kw, state=state)
+
     def test_missing_state(self, step_module):
         kw, _ = self._args(step_module)
         with pytest.raises(ValueError, match="state is required"):

@@ -104,6 +104,33 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, L: int) -> None:
     torch._assert_async(ok, f"cu_seqlens must start at 0, end at L={L} and never decrease")
 
 
+class _Unset:
+    """The default of ``mimo_o`` in the forward and the step: not passed (an explicit None asks for per-rank outputs)."""
+
+    def __repr__(self):
+        return "<mimo_o not passed>"
+
+
+UNSET = _Unset()
+
+
+def resolve_mimo_o(meta: dict, mimo_o):
+    """``mimo_o`` as the kernels take it. With R > 1 a missing ``mimo_o`` is an error rather than a silently 5-D
+    output: an explicit ``mimo_o=None`` asks for the per-rank output (…, R, H, P), as the official kernels'
+    ``MIMO_Out=None`` does. With R == 1 not passing it is passing None.
+
+    Raises:
+        InputError: R > 1 and ``mimo_o`` was not passed.
+    """
+    if mimo_o is not UNSET:
+        return mimo_o
+    if meta["R"] > 1:
+        raise InputError(f"mimo_o is required by this spec (R={meta['R']}); expected a tensor of shape "
+                         f"(H, {meta['R']}, {meta['P']}), or pass mimo_o=None explicitly for the per-rank output "
+                         "(…, R, H, P) before the rank reduction")
+    return None
+
+
 def absent(meta: dict, name: str, t, why: str):
     if t is not None:
         raise InputError(f"{name} was given but spec {meta['name']!r} {why}; drop it or change the spec")

@@ -13,8 +13,8 @@ import torch
 import triton
 
 from mamba3_gen.errors import InputError
-from mamba3_gen.runtime.checks import (check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs, check_state,
-                                       check_varlen)
+from mamba3_gen.runtime.checks import (UNSET, check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs,
+                                       check_state, check_varlen, resolve_mimo_o)
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import LAYER_INPUTS, features, forward_schema, out_shape, per_rank
 
@@ -61,7 +61,8 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
     """
     name = os.environ.get("MAMBA3_GEN_FORWARD", "auto").strip().lower() or "auto"
     if name not in FORWARDS:
-        raise InputError(f"MAMBA3_GEN_FORWARD={name!r}; expected one of {', '.join(FORWARDS)}")
+        raise InputError(f"MAMBA3_GEN_FORWARD={name!r}; expected one of {', '.join(FORWARDS)}; try "
+                         "MAMBA3_GEN_FORWARD=auto (the default) or unset it")
     if name != "auto":
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING:
@@ -97,9 +98,9 @@ class ForwardOp:
     for R > 1; v, z (B, L, H, P); adt = A·Δ, dt = Δ, trap = pre-sigmoid λ logit: (B, H, L) fp32; q_bias, k_bias
     (H, N) / (H, R, N); angles (B, L, H, S) raw per-step angles; D (H,); mimo_v, mimo_z, mimo_o (H, R, P).
     Returns out (B, L, H, P) in v's dtype, and with return_final_states also a Mamba3State (see state.py).
-    With R > 1 and mimo_o=None, out is the per-rank output y (B, L, R, H, P) before the rank reduction (the
-    official MIMO_Out=None): y_r = H q̂_r + D·(v ⊙ mimo_v_r), ungated; a spec with options.z_gate raises InputError
-    naming mimo_o. Its backward takes dout (B, L, R, H, P).
+    With R > 1, mimo_o is required; passing mimo_o=None explicitly makes out the per-rank output y
+    (B, L, R, H, P) before the rank reduction (the official MIMO_Out=None): y_r = H q̂_r + D·(v ⊙ mimo_v_r), ungated;
+    a spec with options.z_gate raises InputError naming mimo_o. Its backward takes dout (B, L, R, H, P).
     """
 
     def __init__(self, meta: dict, kernel, chunked=None):
@@ -114,10 +115,11 @@ class ForwardOp:
         return f"<mamba3 forward {self.meta['name']} sha256={self.meta['spec_hash'][:12]}>"
 
     def __call__(self, q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None,
-                 mimo_v=None, mimo_z=None, mimo_o=None, initial_states: Optional[Mamba3State] = None,
+                 mimo_v=None, mimo_z=None, mimo_o=UNSET, initial_states: Optional[Mamba3State] = None,
                  return_final_states: bool = False, cu_seqlens=None):
         m = self.meta
         P, G = m["P"], m["G"]
+        mimo_o = resolve_mimo_o(m, mimo_o)
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             got = (f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__)
             raise InputError(f"v must be a torch.Tensor of shape (B, L, H, P={P}); got {got}")

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from mamba3_gen.errors import InputError
-from mamba3_gen.runtime.checks import check_cute_device, check_layer_inputs, check_state
+from mamba3_gen.runtime.checks import UNSET, check_cute_device, check_layer_inputs, check_state, resolve_mimo_o
 from mamba3_gen.runtime.state import Mamba3State, state_layout, zero_state
 from mamba3_gen.signature import LAYER_INPUTS, features, out_shape, per_rank
 
@@ -30,9 +30,9 @@ class StepOp:
     ``state``: a Mamba3State of this spec (``zero_state(B, H, device)`` before the first token, or the forward's
     final states). Returns out (B, H, P) in v's dtype and the new state; with ``inplace=True`` the new state is
     written over ``state`` (whose dtypes must then be the spec's) and that same object is returned.
-    With R > 1 and mimo_o=None, out is the per-rank y (B, R, H, P) before the rank reduction, ungated (the official
-    step's outproj=None); a spec with options.z_gate raises InputError naming mimo_o, and so does backend="cute"
-    (the CuTe step has no per-rank output).
+    With R > 1, mimo_o is required; an explicit mimo_o=None makes out the per-rank y (B, R, H, P) before the rank
+    reduction, ungated (the official step's outproj=None); a spec with options.z_gate raises InputError naming
+    mimo_o, and so does backend="cute" (the CuTe step has no per-rank output).
     """
 
     def __init__(self, meta: dict, kernel, block_p: int, num_warps: int, package: Optional[str] = None,
@@ -57,10 +57,11 @@ class StepOp:
         return zero_state(self.meta, batch, heads, device)
 
     def __call__(self, q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None,
-                 mimo_v=None, mimo_z=None, mimo_o=None, *, state: Mamba3State, inplace: bool = False,
+                 mimo_v=None, mimo_z=None, mimo_o=UNSET, *, state: Mamba3State, inplace: bool = False,
                  backend: str = "triton"):
         m = self.meta
         P, G = m["P"], m["G"]
+        mimo_o = resolve_mimo_o(m, mimo_o)
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(v, torch.Tensor) or v.dim() != 3:
