@@ -26,7 +26,7 @@ def _cell(row: dict | None) -> str:
     if row is None:
         return "—"
     if row.get("ms") is not None:
-        return f"{row['ms']:.3f}"
+        return f"{row['ms']:.4g}"  # four digits: decode steps are microseconds
     return row.get("check") or "—"  # mismatch, error, skipped
 
 
@@ -37,17 +37,22 @@ def render(doc: dict | None) -> str:
         return ("No committed H200 run exists yet. Make one on an H200 with the official kernels in `.official/` "
                 "(see `benchmarks/official.py`):\n\n```\n" + COMMAND + "\n```\n\nthen "
                 "`python benchmarks/render_results.py` rewrites this section from `benchmarks/results/h200.json`.")
-    lines = ["From `benchmarks/results/h200.json` (`python benchmarks/run_matrix.py`; regenerate this section with "
-             "`python benchmarks/render_results.py`). bf16 Q/K/V/Z, H32 P64; each provider's outputs are checked "
-             "against ours on the same inputs before it is timed. Median ms (do_bench, L2 flushed; decode: "
-             "CUDA-graph replay of one in-place step); official/ours above 1 means ours is faster.", ""]
-    for run_id, info in doc["runs"].items():
+    lines = ["From `benchmarks/results/h200.json` (`python benchmarks/run_matrix.py`, one device call per part of the "
+             "matrix joined with its `--merge`; regenerate this section with `python benchmarks/render_results.py`; "
+             "plot: `benchmarks/results/h200.png`). bf16 Q/K/V/Z, H32 P64, N = 128 unless the workload names "
+             "another d_state; each provider's outputs are checked against ours on the same inputs before it is "
+             "timed. Median ms (do_bench, L2 flushed; decode: CUDA-graph replay of one in-place step). The last "
+             "columns compare ours with the official kernel of the same kind (Triton with Triton; a (CuTe) row: "
+             "our CuTe step with the official CuTe step): official/ours above 1 means ours is faster.", ""]
+    runs = sorted(doc["runs"].items(), key=lambda kv: kv[1].get("started") or kv[0])
+    number = {run_id: i + 1 for i, (run_id, _) in enumerate(runs)}
+    for run_id, info in runs:
         c = info.get("ceilings") or {}
         ceil = (f": copy {c['copy_GBps']:.0f} GB/s, bf16 GEMM {c['bf16_TFLOPs']:.0f} TFLOP/s (measured in the run)"
                 if c else "")
-        lines.append(f"- run `{run_id}` on {info.get('device', '?')}{ceil}")
-    lines += ["", "| workload | ours ms | official ms | official/ours | % of copy ceiling (ours) |",
-              "|---|---|---|---|---|"]
+        lines.append(f"{number[run_id]}. run `{run_id}` on {info.get('device', '?')}{ceil}")
+    lines += ["", "| workload | run | ours ms | official ms | official/ours | % of copy ceiling (ours) |",
+              "|---|---|---|---|---|---|"]
     by_key = {(r["run"], r["workload"], r["provider"]): r for r in doc["rows"]}
     seen = set()
     for r in doc["rows"]:
@@ -59,7 +64,7 @@ def render(doc: dict | None) -> str:
             ratio = (f"{other['ms'] / r['ms']:.2f}" if other and other.get("ms") and r.get("ms") else "—")
             pct = f"{r['pct_copy']:.1f}" if r.get("pct_copy") is not None else "—"
             label = r["workload"] + (" (CuTe)" if ours.endswith("cute") else "")
-            lines.append(f"| {label} | {_cell(r)} | {_cell(other)} | {ratio} | {pct} |")
+            lines.append(f"| {label} | {number.get(r['run'], '?')} | {_cell(r)} | {_cell(other)} | {ratio} | {pct} |")
     return "\n".join(lines)
 
 

@@ -334,9 +334,9 @@ def _doc():
 
 def test_render_results_round_trip(tmp_path):
     body = render_results.render(_doc())
-    assert "| w fwd B8 L4096 H32 | 2.000 | 1.000 | 0.50 | 10.0 |" in body
-    assert "| d decode B1 H32 (CuTe) | 0.004 | skipped | — | 10.0 |" in body
-    assert "NVIDIA H200: copy 1000 GB/s, bf16 GEMM 100 TFLOP/s" in body
+    assert "| w fwd B8 L4096 H32 | 1 | 2 | 1 | 0.50 | 10.0 |" in body  # workload, run number, ours, official
+    assert "| d decode B1 H32 (CuTe) | 1 | 0.004 | skipped | — | 10.0 |" in body
+    assert "1. run `" in body and "NVIDIA H200: copy 1000 GB/s, bf16 GEMM 100 TFLOP/s" in body
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Results on H200\n\n{render_results.BEGIN}\nold\n{render_results.END}\n\nafter\n")
     results = tmp_path / "h200.json"
