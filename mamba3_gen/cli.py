@@ -763,6 +763,15 @@ def schema(
 # --------------------------------------------------------------------------------------------------------- bench
 
 
+def _as_set_hint(problem: str) -> str:
+    """A validator line about an overridden field, its YAML-style hint (``dims.d_state: ...; try d_state: 128``)
+    rewritten as the option to type (``try --set dims.d_state=128``)."""
+    m = re.match(r"([A-Za-z_][\w.]*): (.*); try ([A-Za-z_]\w*): (.+)$", problem)
+    if m is None or not m.group(1).endswith("." + m.group(3)) and m.group(1) != m.group(3):
+        return problem
+    return f"{m.group(1)}: {m.group(2)}; try --set {m.group(1)}={m.group(4)}"
+
+
 @app.command()
 def bench(
     specs: Annotated[list[str], typer.Argument(help="One or more spec files (YAML) to benchmark.",
@@ -815,8 +824,8 @@ def bench(
         try:
             spec = spec_with_overrides(path, sets)
         except SpecError as e:
-            problems += [f"{path} with --set: {p[len('<dict>: '):]}" if p.startswith("<dict>: ") else p
-                         for p in e.problems]
+            problems += [f"{path} with --set: {_as_set_hint(p[len('<dict>: '):])}" if p.startswith("<dict>: ")
+                         else p for p in e.problems]
             continue
         for B, L, H in size_list:
             if H % spec.dims.ngroups:

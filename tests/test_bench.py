@@ -76,6 +76,7 @@ def test_heads_not_a_multiple_of_ngroups_exits_2():
 @pytest.mark.parametrize("args, message", [
     (["--set", "dims.d_state"], "--set: takes SECTION.FIELD=VALUE, got 'dims.d_state'"),
     (["--set", "dims.d_state=abc"], "with --set: dims.d_state: expected a whole number"),
+    (["--set", "dims.chunk_size=7"], "7 is not a power of two; try --set dims.chunk_size=8"),  # the option to type
     (["--decode", "--backward"], "--backward: the decode step has no backward"),
     (["--sizes", ""], "--sizes: an empty item in ''; try --sizes 8:4096:32"),
     (["--sizes", "8:4096:32,"], "--sizes: an empty item in '8:4096:32,'"),
