@@ -61,8 +61,12 @@ def test_explicit_python_signatures_match_the_table():
     assert _params(forward.ForwardOp.__call__)[:len(layer)] == layer
     assert _params(step.StepOp.__call__)[:len(layer)] == layer
     for a in sig.LAYER_ARGS:  # optional in the public call exactly when optional in the schema (q_bias, k_bias: zeros)
-        default = inspect.signature(forward.ForwardOp.__call__).parameters[a.name].default
-        assert (default is None) == (a.optional or a.name in ("q_bias", "k_bias")), a.name
+        for call in (forward.ForwardOp.__call__, step.StepOp.__call__):
+            default = inspect.signature(call).parameters[a.name].default
+            if a.omit:  # an explicit None means something (mimo_o: per rank), so leaving it out is told apart
+                assert default is checks.UNSET, a.name
+            else:
+                assert (default is None) == (a.optional or a.name in ("q_bias", "k_bias")), a.name
 
 
 def test_registered_op_functions_match_the_table():
