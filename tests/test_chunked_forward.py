@@ -97,6 +97,7 @@ def test_default_is_auto(monkeypatch):
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 128}, 8, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, cuda) == "fused"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, torch.device("cpu")) == "fused"
+    assert fwd.selected_forward(siso_complex, 2, 32, cuda, has_chunked=False) == "fused"  # an older module
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", " Chunked ")
     assert fwd.selected_forward(siso_complex, 8, 32, cuda) == "chunked"
     assert os.environ["MAMBA3_GEN_FORWARD"] == " Chunked "

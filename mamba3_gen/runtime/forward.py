@@ -48,13 +48,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
-                     device: Optional[torch.device] = None) -> str:
+                     device: Optional[torch.device] = None, has_chunked: bool = True) -> str:
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
     head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
     chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster on an H200 (benchmarks/NOTES.md,
     session 2026-12-02) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs NS·H than the
-    GPU has SMs (the fused kernel's programs would leave SMs idle) — else ``fused``. Under the CPU interpreter
-    ``auto`` is ``fused``.
+    GPU has SMs (the fused kernel's programs would leave SMs idle) — else ``fused``. Under the CPU interpreter, and
+    for a module without the chunked forward (``has_chunked=False``: built by an older generator), ``auto`` is
+    ``fused``.
 
     Raises:
         InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
@@ -65,7 +66,7 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
                          "MAMBA3_GEN_FORWARD=auto (the default) or unset it")
     if name != "auto":
         return name
-    if meta is None or device is None or device.type != "cuda" or INTERPRETING:
+    if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
         return "fused"
     if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64) or NS * H < _sm_count(device):
         return "chunked"
@@ -150,10 +151,7 @@ class ForwardOp:
 
         init = initial_states if has_init else Mamba3State(None, None, None, None)
         op = self.op
-        forward = selected_forward(m, NS, H, dev)
-        if forward == "chunked" and self.chunked_op is None and \
-                os.environ.get("MAMBA3_GEN_FORWARD", "auto").strip().lower() in ("", "auto"):
-            forward = "fused"  # a module built by an older generator: auto falls back
+        forward = selected_forward(m, NS, H, dev, has_chunked=self.chunked_op is not None)
         if forward == "chunked":
             if self.chunked_op is None:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
