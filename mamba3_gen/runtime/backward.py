@@ -188,11 +188,14 @@ class BackwardOp:
         # 1. the forward's states kernel again: E_c and Θ before each chunk (fp32)
         chunk_ssm = empty(slots, H, P, N)
         chunk_angle = empty(slots, H, S) if S else None
+        # J >= 2: the carried tokens t−1 … t−(J−1) entering each chunk (the chunk kernels' prev_tokens read them)
+        chunk_k = empty(slots, J - 1, R, H, N) if J > 1 else None
+        chunk_v = empty(slots, J - 1, H, P) if J > 1 else None
         fin = [None] * 4
         states_kernel = self.forward.chunked_kernels[0]
         states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
-            init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, None, None, cu_seqlens,
+            init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
             L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen,
             PER_RANK=per)
 
@@ -219,7 +222,7 @@ class BackwardOp:
         dmo_part = zeros(slots, H, R, P) if R > 1 and not per else None
         if slots:
             common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
-                      chunk_ssm, chunk_angle, None, None, dchunk)
+                      chunk_ssm, chunk_angle, chunk_k, chunk_v, dchunk)
             sizes = (L, H, G, NC, NS, search, *angle_strides)
             flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
             with _fits(m, "chunk_v"):
