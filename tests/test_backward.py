@@ -6,8 +6,8 @@ D, z, mimo_v, mimo_z, mimo_o and the initial states — against autograd through
 gradient path is exercised, the final states' included). Random specs (presets and drawn formula rules, real and
 complex state, both rotations, MIMO R ≤ 8, GQA, D, z, both input encodings), random sizes (L = 1, L off the chunk
 grid, several chunks, varlen packs with empty sequences, random initial states); fixed cases for the same edges;
-a finite-difference check that needs no oracle; torch.compile(fullgraph=True); activation checkpointing; the
-refusal of rules with two or more lags. The AOT tests (marked `aot`) compile the backward kernels for sm_90a in a
+a finite-difference check that needs no oracle; torch.compile(fullgraph=True); activation checkpointing; rules
+with two or more lags (the shipped two_lag_complex, J = 3, chunks shorter than J). The AOT tests (marked `aot`) compile the backward kernels for sm_90a in a
 subprocess (never in an interpreter process): every kernel of every shipped spec with a backward within the H200's
 shared memory and registers, without spills but a few dozen bytes in two chunk kernels (NOTES.md, issue 12).
 
@@ -31,7 +31,6 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
 from mamba3_gen.runtime.state import Mamba3State
 from tests.helpers import make_spec, respec
@@ -151,9 +150,8 @@ def test_gradients_match_float64_autograd(spec, data, interp_kernels):
     from mamba3_gen.lower.lowering import lower_discretization
 
     low = lower_discretization(spec)
-    # rules with two or more lags are refused (test below), and so are rules with a derivative the lowering refuses
-    # (tests/test_rules.py)
-    assume(low.lags <= 1 and low.backward_refusal is None)
+    # rules with a derivative the lowering refuses have no backward (tests/test_rules.py)
+    assume(low.backward_refusal is None)
     size = data.draw(input_kwargs(spec), label="size")
     assume("extreme_decays" not in size)  # module docstring: −inf decays have no finite chain rule through A·Δ
     kw = draw_inputs(spec, size)
@@ -171,6 +169,13 @@ _EDGE_SPECS = {
     "formula_two_weights": dict(rule="custom", weights=["dt * sigmoid(adt)", "0.5 * dt * tanh(dt) * exp(adt)"],
                                 log_decay="adt - 0.1 * dt", kind="complex", rope=1.0),
     "mimo_r4_trap": dict(rule="exp_trapezoidal", kind="complex", rotation="halved", R=4, G=2),
+    # J = 2 and J = 3: the carried tokens t−1 … t−(J−1) entering each chunk (NOTES.md, issue 12)
+    "two_lags_complex": dict(rule="custom", weights=["lam * dt", "(1 - lam) * dt * exp(adt) * 2 / 3",
+                                                    "(1 - lam) * dt * exp(adt) / 3"],
+                             log_decay="adt - 0.05 * dt", kind="complex"),
+    "three_lags_mimo": dict(rule="custom", weights=["dt", "0.5 * dt * exp(adt)", "0.25 * dt * tanh(dt)",
+                                                   "0.125 * dt * exp(adt)"],
+                            kind="complex", rotation="halved", R=2),
 }
 
 
@@ -186,7 +191,18 @@ def test_edges_with_initial_states(name, L, interp_kernels):
 
 
 @interpreter_only
-@pytest.mark.parametrize("name", ["trap_complex_pairwise", "mimo_r4_trap"])
+@pytest.mark.parametrize("name", ["two_lags_complex", "three_lags_mimo"])
+@pytest.mark.parametrize("chunk,L", [(1, 5), (2, 3), (2, 7)])
+def test_lags_longer_than_the_chunk(name, chunk, L, interp_kernels):
+    """Chunks shorter than the rule's lags (C < J: a carried token's lags land in several later chunks), with
+    initial states and every final state differentiated, L below and above J."""
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=chunk, init=True))
+    kw = make_inputs(spec, 2, L, 2 * spec.dims.ngroups, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["trap_complex_pairwise", "mimo_r4_trap", "two_lags_complex", "three_lags_mimo"])
 def test_varlen_pack_with_empty_sequences(name, interp_kernels):
     """A pack of sequences, empty ones included (their initial states' gradients are the final states'), one shorter
     than a chunk and one spanning three chunks."""
@@ -350,18 +366,16 @@ def test_torch_compile_fullgraph(interp_kernels):
 
 
 @interpreter_only
-def test_two_lag_rule_is_refused_naming_the_field(interp_kernels):
-    """A rule with three weights (J = 2) has no backward yet: asking for a gradient raises InputError naming
-    discretization.weights; under torch.no_grad the forward still runs."""
-    spec = _fp32(make_spec(rule="custom", weights=["dt", "0.5 * dt * exp(adt)", "0.25 * dt * exp(adt)"],
-                           kind="real", N=16, P=8, chunk=4))
-    module = interp_kernels(spec)
-    kw = make_inputs(spec, 1, 5, 2, seed=0)
-    with torch.no_grad():
-        assert module.mamba3_forward(**kw).shape == kw["v"].shape
-    x = _leaves(kw)
-    with pytest.raises(InputError, match=r"discretization\.weights has 3"):
-        module.mamba3_forward(**x)
+@pytest.mark.parametrize("L", [1, 2, 9])
+def test_shipped_two_lag_complex(L, interp_kernels):
+    """The shipped three-weight spec (J = 2; fp32 and small dims for the interpreter, chunk 4): every gradient,
+    initial and final states included, for L = 1, 2 (shorter than the carried tokens) and 9 (three chunks)."""
+    from mamba3_gen.spec.loader import load_spec
+
+    spec = _fp32(respec(load_spec(REPO / "specs" / "two_lag_complex.yaml"), dims={"d_state": 16, "headdim": 8,
+                                                                                  "chunk_size": 4}))
+    kw = make_inputs(spec, 2, L, 2, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
 
 
 @interpreter_only

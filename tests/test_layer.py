@@ -498,6 +498,8 @@ GRAD_CASES = {
     "mimo_r2_g2_no_z": (small_spec(R=2, G=2, chunk=4, options={"z_gate": False}), False),
     "formula_one_lag": (small_spec("custom", chunk=4, discretization=ONE_LAG_FORMULA), False),
     "cute_encodings": (small_spec(chunk=4, inputs={"decay": "a", "trap": "lambda"}), False),
+    "two_lag_complex": (small_spec("custom", chunk=4, discretization=TWO_LAG), False),
+    "two_lag_mimo_r2": (small_spec("custom", R=2, rotation="halved", chunk=2, discretization=TWO_LAG), False),
 }
 
 
@@ -581,19 +583,13 @@ def test_gradients_with_cu_seqlens(case):
 
 
 @interpreter_only
-def test_two_lag_rule_refuses_gradients_naming_the_field():
-    """A rule with three weights (J = 2) has no backward yet: a forward that autograd would differentiate raises
-    InputError naming discretization.weights (at the forward, before any kernel runs a backward); the same layer
-    runs under torch.no_grad, and in grad mode when nothing it reads needs a gradient (a frozen layer)."""
-    torch.manual_seed(11)
-    layer = Mamba3(small_spec(chunk=4, discretization=TWO_LAG), GRAD_D_MODEL)
-    u = torch.randn(1, 5, GRAD_D_MODEL)
-    with pytest.raises(InputError, match=r"discretization\.weights has 3.*torch\.no_grad"):
-        layer(u)
-    with torch.no_grad():
-        out = layer(u)
-    layer.requires_grad_(False)
-    assert torch.equal(layer(u), out)
+def test_two_lag_rule_gradients_with_cu_seqlens():
+    """A rule with three weights (J = 2, the carried tokens t−1, t−2) through a pack of sequences: its gradients
+    equal float64 autograd (tolerance: test_gradients_match_float64_autograd's)."""
+    layer = grad_layer("two_lag_complex")
+    cu = torch.tensor([0, 1, 1, 6, 11], dtype=torch.int32)
+    u = torch.randn(1, 11, GRAD_D_MODEL, generator=torch.Generator().manual_seed(12))
+    check_grads(layer_and_reference_grads(layer, u, cu_seqlens=cu), "two_lag_complex")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -65,10 +65,6 @@ def unsupported_reason(meta: dict) -> str | None:
     """Why a spec has no backward yet (None when it has one): the message names the spec field."""
     if meta.get("backward_refusal"):
         return f"spec {meta['name']!r}: {meta['backward_refusal']}"
-    if meta["J"] > 1:
-        return (f"spec {meta['name']!r}: the generated backward supports rules with at most one lag (one or two "
-                f"weights); discretization.weights has {meta['J'] + 1}, so this spec has no backward yet "
-                "(issue 12); use it under torch.no_grad(), or a rule with at most two weights")
     return None
 
 
@@ -101,6 +97,70 @@ def _fits(meta: dict, kind: str):
             f"dims.chunk_size·mimo_rank = {meta['C'] * meta['R']} rows x d_state = {meta['N']} x headdim = "
             f"{meta['P']} (in blocks): a smaller dims.chunk_size, d_state or headdim fits; the forward and the "
             "decode step are not affected") from e
+
+
+def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, dchunk_v, d_k, d_v, dk_h, dv,
+                    dtheta):
+    """J >= 2: add the gradients of the carried tokens t−i entering each chunk slot (dchunk_k: k̂, rotated frame;
+    dchunk_v: raw v) and of the final states' tokens 1 .. J−1 (index 0 is the kernels') to their tokens: the carried
+    token i of the chunk at c0 is token c0 − i, or the initial token c0 − i − bos − 1... of index bos − (c0 − i) − 1.
+    k̂_s = Rot(Θ_s)(k_s + k_bias), so dk̃_s = Rot(−Θ_s) dk̂_s and ∂L/∂Θ_s = dk̂_b·k̂_a − dk̂_a·k̂_b per pair (math doc
+    §2, §5), with Θ_s = Θ_init + Σ_{bos≤r≤s} Δ_r·π·tanh(angle_r) as the forward computes it (float64 here).
+    Adds into dk_h (B, L, R, H, N), dv (B, L, H, P), dtheta (B, L, H, S) in place; returns the initial tokens'
+    extra gradients (NS, J, R, H, N), (NS, J, H, P)."""
+    B, L, R, H, N = dk_h.shape
+    P, J, C, S, G = dv.shape[-1], m["J"], m["C"], m["S"], m["G"]
+    if cu_seqlens is not None:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        seqs = [(0, cu[s], cu[s + 1], cu[s] // C + s) for s in range(len(cu) - 1)]
+    else:
+        nc = triton.cdiv(L, C)
+        seqs = [(b, 0, L, b * nc) for b in range(B)]
+    NS = len(seqs)
+    dk_hat = torch.zeros_like(dk_h)  # rotated frame, per token
+    init_k = torch.zeros(NS, J, R, H, N, device=dv.device, dtype=torch.float32)
+    init_v = torch.zeros(NS, J, H, P, device=dv.device, dtype=torch.float32)
+    fk = d_k.float().reshape(NS, J, R, H, N) if d_k is not None else None
+    fv = d_v.float().reshape(NS, J, H, P) if d_v is not None else None
+
+    def add(s, b, bos, tok, gk, gv):  # one token's k̂ and v gradients: an input token or an initial one
+        if tok >= bos:
+            dk_hat[b, tok] += gk
+            dv[b, tok] += gv
+        else:
+            init_k[s, bos - tok - 1] += gk
+            init_v[s, bos - tok - 1] += gv
+
+    for s, (b, bos, eos, slot0) in enumerate(seqs):
+        for ci in range((eos - bos + C - 1) // C):
+            c0 = bos + ci * C
+            for i in range(1, J):
+                add(s, b, bos, c0 - i, dchunk_k[slot0 + ci, i - 1], dchunk_v[slot0 + ci, i - 1])
+        if fk is not None:
+            for i in range(1, J):
+                add(s, b, bos, eos - 1 - i, fk[s, i], fv[s, i])
+    if S:
+        idx = torch.arange(N // 2, device=dv.device)
+        a, bb = (2 * idx, 2 * idx + 1) if m["rotation"] == "pairwise" else (idx, idx + N // 2)
+        kt = k.float().reshape(B, L, R, G, 1, N).expand(B, L, R, G, H // G, N).reshape(B, L, R, H, N)
+        kt = kt + k_bias.float().reshape(H, R, N).permute(1, 0, 2)[None, None]
+        step = dt.double().permute(0, 2, 1)[..., None] * (torch.pi * torch.tanh(angles.double()[..., :S]))
+        theta = torch.zeros(B, L, H, S, device=dv.device, dtype=torch.float64)
+        for s, (b, bos, eos, _) in enumerate(seqs):
+            th0 = init_angle[s].double() if init_angle is not None else 0.0
+            theta[b, bos:eos] = th0 + torch.cumsum(step[b, bos:eos], dim=0)
+        full = torch.zeros(B, L, H, N // 2, device=dv.device, dtype=torch.float64)
+        full[..., :S] = theta
+        cos, sin = torch.cos(full).float()[:, :, None], torch.sin(full).float()[:, :, None]  # (B, L, 1, H, N/2)
+        ka, kb = kt[..., a], kt[..., bb]
+        ka, kb = ka * cos - kb * sin, ka * sin + kb * cos  # k̂
+        ga, gb = dk_hat[..., a], dk_hat[..., bb]
+        dtheta += (gb * ka - ga * kb).sum(2)[..., :S]
+        dk_h[..., a] += ga * cos + gb * sin
+        dk_h[..., bb] += gb * cos - ga * sin
+    else:
+        dk_h += dk_hat
+    return init_k, init_v
 
 
 class BackwardOp:
@@ -220,6 +280,11 @@ class BackwardOp:
         dmv_part = zeros(slots, H, R, P) if R > 1 else None
         dmz_part = zeros(slots, H, R, P) if R > 1 and z is not None else None
         dmo_part = zeros(slots, H, R, P) if R > 1 and not per else None
+        # J >= 2: the gradients of the carried tokens entering each chunk (the host adds them to their tokens)
+        dchunk_k = zeros(slots, J - 1, R, H, N) if J > 1 else None
+        dchunk_v = zeros(slots, J - 1, H, P) if J > 1 else None
+        extra_v = (dchunk_v,) if J > 1 else ()
+        extra_k = (dchunk_k,) if J > 1 else ()
         if slots:
             common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
                       chunk_ssm, chunk_angle, chunk_k, chunk_v, dchunk)
@@ -227,13 +292,17 @@ class BackwardOp:
             flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
             with _fits(m, "chunk_v"):
                 chunk_v_kernel[lambda cfg: (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))](
-                    *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, cu_seqlens, *sizes, **flags)
+                    *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, *extra_v, cu_seqlens, *sizes, **flags)
             with _fits(m, "chunk_coef"):
                 chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
             with _fits(m, "chunk_qk"):
                 chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-                    *common, d_k, dq_h, dk_h, dtheta, cu_seqlens, *sizes, **flags)
+                    *common, d_k, dq_h, dk_h, dtheta, *extra_k, cu_seqlens, *sizes, **flags)
 
+        init_extra = None
+        if J > 1:
+            init_extra = _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, dchunk_v,
+                                         d_k if has_dfinal else None, d_v if has_dfinal else None, dk_h, dv, dtheta)
         # 4. per-token step gradients, angles, initial states
         dadt, ddt = empty(B, H, L), empty(B, H, L)
         dtrap = empty(B, H, L) if trap is not None else None
@@ -248,6 +317,9 @@ class BackwardOp:
             da, dc, dtheta, dadt, ddt, dtrap, dangles, dinit_angle, dinit_k, dinit_v, dinit_mv, cu_seqlens,
             L, H, G, *angle_strides, HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen)
 
+        if init_extra is not None and has_init_tokens:
+            dinit_k += init_extra[0].reshape(dinit_k.shape)
+            dinit_v += init_extra[1].reshape(dinit_v.shape)
         # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)
         def qk_grads(d_h):
             d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row

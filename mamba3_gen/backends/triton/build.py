@@ -80,6 +80,7 @@ class Lowering:
             "state_dtype": s.dtypes.state, "trap_input": s.inputs.trap, "decay_input": s.inputs.decay,
             "arch": self.target.arch, "template_hash": template_hash()[:12],
             "chunk_states_dtype": chunk_states_dtype(s), "backward_refusal": self.lowered.backward_refusal,
+            "rotation": s.state.rotation if s.state.kind == "complex" else None,
         }
 
 
