@@ -46,13 +46,14 @@ def _pointer_types(spec, J: int) -> dict:
         "mimo_o_ptr": on(R > 1), "init_ssm_ptr": on(init), "init_k_ptr": on(init and lags),
         "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
         "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
-        "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": None, "chunk_v_ptr": None,
+        "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": on(J > 1), "chunk_v_ptr": on(J > 1),
         "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f, "dv_ptr": f,
         "dz_ptr": on(opt.z_gate), "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
         "dmv_ptr": on(R > 1), "dmz_ptr": on(R > 1 and opt.z_gate), "dmo_ptr": on(R > 1), "dadt_ptr": f,
         "ddt_ptr": f, "dtrap_ptr": on(spec.has_trap_input), "dangles_ptr": on(cplx),
         "dinit_angle_ptr": on(init and cplx), "dinit_k_ptr": on(init and lags), "dinit_v_ptr": on(init and lags),
         "dinit_mv_ptr": on(init and lags and R > 1), "cu_seqlens_ptr": on(opt.varlen, "*i32"),
+        "dchunk_k_ptr": on(J > 1), "dchunk_v_ptr": on(J > 1),  # J >= 2: the carried tokens' gradients
     }
 
 
