@@ -7,9 +7,10 @@ gradient path is exercised, the final states' included). Random specs (presets a
 complex state, both rotations, MIMO R ≤ 8, GQA, D, z, both input encodings), random sizes (L = 1, L off the chunk
 grid, several chunks, varlen packs with empty sequences, random initial states); fixed cases for the same edges;
 a finite-difference check that needs no oracle; torch.compile(fullgraph=True); activation checkpointing; rules
-with two or more lags (the shipped two_lag_complex, J = 3, chunks shorter than J). The AOT tests (marked `aot`) compile the backward kernels for sm_90a in a
-subprocess (never in an interpreter process): every kernel of every shipped spec with a backward within the H200's
-shared memory and registers, without spills but a few dozen bytes in two chunk kernels (NOTES.md, issue 12).
+with two or more lags (the shipped two_lag_complex, J = 3, chunks shorter than J). The AOT tests (marked `aot`)
+compile the backward kernels for sm_90a in a subprocess (never in an interpreter process): every kernel of every
+shipped spec with a backward within the H200's shared memory and registers, without spills but a few dozen bytes in
+two chunk kernels (NOTES.md, issue 12); two_lag_complex's within a spill bound of its own.
 
 Tolerance: ‖g − g_ref‖ ≤ 1e-4·‖g_ref‖ (+ 1e-5·√numel, only so an all-zero reference compares) for every gradient.
 Justification: as in tests/test_forward.py, the kernels compute in fp32 (unit roundoff 6e-8) what the oracle computes

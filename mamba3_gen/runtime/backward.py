@@ -37,8 +37,10 @@ per-chunk partials of D and the MIMO projections summed.
 MIMO with mimo_o None (the per-rank output, signature.per_rank): dout is (B, L, R, H, P), dY_{t,r} is its row (no
 reduction over ranks, no gate: such a spec has no z gate), and there is no mimo_o gradient.
 
-Supported: every spec feature but rules with two or more lags (J ≥ 2): their backward is refused when a gradient is
-requested (``InputError`` naming discretization.weights).
+Supported: every spec feature. Rules with two or more lags (J ≥ 2): the tokens t−1 … t−(J−1) carried into each chunk
+(the states kernel's chunk_k/chunk_v) add their terms to y and E_{c+1}; the chunk kernels add their share of dq̂, dc_j
+and da and store the carried tokens' dk̂ and dv per chunk slot (bwd_stages/dcarry_*), which the host adds to their
+tokens (or the initial ones) through each token's rotation (``_carried_tokens``), with the final states' tokens 1 … J−1.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, 
                     dtheta):
     """J >= 2: add the gradients of the carried tokens t−i entering each chunk slot (dchunk_k: k̂, rotated frame;
     dchunk_v: raw v) and of the final states' tokens 1 .. J−1 (index 0 is the kernels') to their tokens: the carried
-    token i of the chunk at c0 is token c0 − i, or the initial token c0 − i − bos − 1... of index bos − (c0 − i) − 1.
+    token i of the chunk at c0 is token c0 − i, or, before the sequence, the initial token of index bos − (c0 − i) − 1.
     k̂_s = Rot(Θ_s)(k_s + k_bias), so dk̃_s = Rot(−Θ_s) dk̂_s and ∂L/∂Θ_s = dk̂_b·k̂_a − dk̂_a·k̂_b per pair (math doc
     §2, §5), with Θ_s = Θ_init + Σ_{bos≤r≤s} Δ_r·π·tanh(angle_r) as the forward computes it (float64 here).
     Adds into dk_h (B, L, R, H, N), dv (B, L, H, P), dtheta (B, L, H, S) in place; returns the initial tokens'
