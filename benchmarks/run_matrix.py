@@ -28,6 +28,7 @@ SPECS = ROOT / "specs"
 H = 32
 BIG, LONG = (8, 4096, H), (1, 16384, H)
 N64 = ("dims.d_state=64",)
+BF16 = ("dtypes.compute=bf16",)  # bf16 tensor-core operands (the shipped specs say tf32): a user's speed option
 PREFILL = ("generated", "official")
 DECODE = ("generated", "generated-cute", "official", "official-cute")
 
@@ -40,6 +41,9 @@ MATRIX = [
     ("fwd", "mimo_r4", (), (BIG,), PREFILL),                      # vs TileLang mamba3_mimo
     ("fwd", "mimo_r4", N64, (BIG,), PREFILL),
     ("fwd", "two_lag_complex", (), (BIG,), PREFILL),              # a formula rule: within 1.15x of the trapezoid
+    ("fwd", "siso_trap_complex", BF16, (BIG, LONG), PREFILL),
+    ("fwd", "siso_euler_real", BF16, (BIG,), PREFILL),
+    ("fwd", "mimo_r4", BF16, (BIG,), PREFILL),
     ("decode", "siso_trap_complex", (), ((1, 1, H), (256, 1, H)), DECODE),   # R = 1
     ("decode", "mimo_r4", (), ((1, 1, H), (256, 1, H)), DECODE),             # R = 4
     ("bwd", "siso_trap_complex", (), (BIG,), PREFILL),
