@@ -13,6 +13,11 @@ walks every chunk with the state in registers) and the two kernels of the chunk-
 and carried tokens) and ``out`` (one program per chunk, head and P block: the chunk's output from the stored
 entering state). A stage names the variants it belongs to; each variant's graph is built, validated and ordered
 the same way.
+
+Complex specs have a fourth kernel, ``prep`` (the rotation pre-pass, grid: sequence, head, pair block; sequential
+over chunks for Θ): it writes Q̂ and K̂ per head, biased and rotated, and the final Θ. The other three kernels then
+take Q̂, K̂ in place of Q, K (constexpr ``PREPPED``) and skip the stages marked ``prepass`` (the angle cumsum and the
+rotation), so their chunk loop carries no angle work.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ from mamba3_gen.signature import features, presence
 from mamba3_gen.spec.model import Spec
 
 PHASES = ("prologue", "chunk", "epilogue")
-VARIANTS = ("fused", "states", "out")
-_ALL = VARIANTS
+VARIANTS = ("fused", "states", "out", "prep")
+_ALL = ("fused", "states", "out")
 _FUSED_STATES = ("fused", "states")
 _FUSED_OUT = ("fused", "out")
 
@@ -46,6 +51,7 @@ class Stage:
     stores: tuple[str, ...] = ()  # tensors written to memory
     when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
     variants: tuple[str, ...] = _ALL  # the kernels this stage is part of
+    prepass: bool = False  # done by the prep kernel when the others run with PREPPED (skipped there)
 
 
 def _complex(spec, low):
@@ -73,8 +79,12 @@ STAGES: tuple[Stage, ...] = (
           loads=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v", "mimo_v"), variants=("out",)),
     Stage("load_steps", "chunk", "the rule's prologue (a, c_j) at each token t + s, s = 0..J, and at the chunk's "
           "first J steps", writes=("dt", "a", "cw", "cm"), loads=("dt", "adt", "trap")),
-    Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves",
-          writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias")),
+    Stage("init_theta", "prologue", "Θ carried across chunks: zeros, or the initial states' angles",
+          writes=("theta",), loads=("init_angle",), variants=("prep",)),
+    Stage("load_dt", "chunk", "Δ of the chunk's tokens", writes=("dt",), loads=("dt",), variants=("prep",)),
+    Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves "
+          "(with PREPPED: the pre-pass's Q̂, K̂)", writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias"),
+          variants=_ALL + ("prep",)),
     Stage("load_v", "chunk", "V rows, times MIMO_V per rank", writes=("v_rows",), loads=("v", "mimo_v")),
     Stage("load_gate", "chunk", "Z rows, times MIMO_Z per rank", writes=("z_rows",), loads=("z", "mimo_z"),
           when=lambda spec, low: spec.options.z_gate, variants=_FUSED_OUT),
@@ -85,9 +95,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("decay_weights", "chunk", "cumsum of a, key scale, band weights, weights into the chunk-end state and "
           "of the carried tokens", reads=("a", "cw", "cm"), writes=("cs", "weights")),
     Stage("angle_cumsum", "chunk", "Θ_t = Θ + cumsum(Δ·π·tanh(angle)) in fp32; cos, sin per row",
-          reads=("dt",), updates=("theta",), writes=("cos", "sin", "theta_t"), loads=("angles",), when=_complex),
+          reads=("dt",), updates=("theta",), writes=("cos", "sin", "theta_t"), loads=("angles",), when=_complex,
+          variants=_ALL + ("prep",), prepass=True),
     Stage("rotate", "chunk", "rotate Q and K by Θ_t (pairwise or halved layout)",
-          reads=("cos", "sin"), updates=("q", "k"), when=_complex),
+          reads=("cos", "sin"), updates=("q", "k"), when=_complex, variants=_ALL + ("prep",), prepass=True),
+    Stage("store_qk_hat", "chunk", "store Q̂ and K̂ (biased, rotated) per head for the PREPPED kernels",
+          reads=("q", "k"), stores=("q_hat", "k_hat"), variants=("prep",)),
     Stage("intra_chunk", "chunk", "(Q Kᵀ ⊙ W) V: W = decay·key scale once all lags landed, band weights before",
           reads=("q", "k", "v_rows", "cs", "weights"), writes=("y",), variants=_FUSED_OUT),
     Stage("inter_chunk", "chunk", "y += exp(cs)·Q Hᵀ, the state entering the chunk (taken after its first step)",
@@ -114,6 +127,9 @@ STAGES: tuple[Stage, ...] = (
           reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
           loads=("k", "k_bias", "v"), loads_when=lambda spec, low: low.lags == 1,  # one lag: the last token from memory
           when=lambda spec, low: spec.options.final_states, variants=_FUSED_STATES),
+    Stage("store_final_angle", "epilogue", "store the final Θ (the PREPPED kernels do not carry it)",
+          reads=("theta",), stores=("final_angle",), when=lambda spec, low: spec.options.final_states,
+          variants=("prep",)),
 )
 
 
@@ -131,8 +147,11 @@ def spec_tensors(spec: Spec, low: Lowered, variant: str = "fused") -> frozenset[
         **presence(features(spec)._replace(lags=low.lags)),
         # the chunk-parallel forward's intermediates: the state entering each chunk, its Θ, the carried tokens
         # that land after a chunk's first step (J >= 2)
-        "chunk_ssm": variant != "fused", "chunk_angle": variant != "fused" and cplx,
-        "chunk_k": variant != "fused" and low.lags > 1, "chunk_v": variant != "fused" and low.lags > 1,
+        "chunk_ssm": variant in ("states", "out"), "chunk_angle": variant in ("states", "out") and cplx,
+        "chunk_k": variant in ("states", "out") and low.lags > 1,
+        "chunk_v": variant in ("states", "out") and low.lags > 1,
+        # the rotation pre-pass's output: Q̂, K̂ per head (complex states)
+        "q_hat": variant == "prep", "k_hat": variant == "prep",
     }
     return frozenset(name for name, used in present.items() if used)
 
@@ -216,9 +235,16 @@ def validate(g: nx.DiGraph) -> None:
 
 
 def plan_kernel(spec: Spec, lowered: Lowered, variant: str = "fused") -> KernelPlan:
-    """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default)."""
+    """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default; ``prep``, the
+    rotation pre-pass, exists for complex states only).
+
+    Raises:
+        ValueError: an unknown variant, or ``prep`` for a real state.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}; one of {VARIANTS}")
+    if variant == "prep" and not spec.is_complex:
+        raise ValueError(f"spec {spec.name!r} has a real state: no rotation pre-pass")
     for v in VARIANTS:  # each variant's full graph is well formed for every spec
         validate(build_graph([s for s in STAGES if v in s.variants]))
     active = [s for s in STAGES if variant in s.variants and s.when(spec, lowered)]

@@ -75,7 +75,7 @@ def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, c
     """Register the generated backward (its five kernels, module docstring) as the autograd formula of
     ``forward``'s ops (fused and chunked)."""
     bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
-    for op in (forward.op, forward.chunked_op):
+    for op in (forward.op, forward.chunked_op, *getattr(forward, "prepass_ops", {}).values()):
         if op is None:
             continue
         name = op._name if hasattr(op, "_name") else str(op)

@@ -73,6 +73,29 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
     return "fused"
 
 
+ROTATIONS = ("auto", "prepass", "inline")
+
+
+def selected_rotation(meta: dict, has_prep: bool = True) -> str:
+    """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (a prep
+    kernel writes Q̂, K̂ per head, biased and rotated, in the input dtype — fp32 for fp32 inputs or fp32 dot
+    operands — and the forward kernels read them, with no angle cumsum or rotation in their chunk loop) or
+    ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is ``prepass`` for every
+    complex state (benchmarks/NOTES.md, session 2026-12-03). A real state, or a module built without the prep kernel
+    (``has_prep=False``), is always ``inline``.
+
+    Raises:
+        InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
+    """
+    name = os.environ.get("MAMBA3_GEN_ROTATE", "auto").strip().lower() or "auto"
+    if name not in ROTATIONS:
+        raise InputError(f"MAMBA3_GEN_ROTATE={name!r}; expected one of {', '.join(ROTATIONS)}; try "
+                         "MAMBA3_GEN_ROTATE=auto (the default) or unset it")
+    if meta["S"] == 0 or not has_prep:
+        return "inline"
+    return "inline" if name == "inline" else "prepass"
+
+
 def chunk_states_dtype(meta: dict) -> str:
     """dtype of the chunked forward's per-chunk entering states: the spec's choice (META["chunk_states_dtype"]:
     bf16 with bf16 dot operands, else fp32), or MAMBA3_GEN_CHUNK_STATES=bf16|fp32 (read at each call; bf16 halves
@@ -104,12 +127,19 @@ class ForwardOp:
     a spec with options.z_gate raises InputError naming mimo_o. Its backward takes dout (B, L, R, H, P).
     """
 
-    def __init__(self, meta: dict, kernel, chunked=None):
+    def __init__(self, meta: dict, kernel, chunked=None, prep=None):
         self.meta = meta
         self.kernel = kernel
         self.chunked_kernels = chunked  # (states kernel, out kernel) of the chunk-parallel forward, or None
+        self.prep_kernel = prep  # the rotation pre-pass (complex states), or None
         self.op = self._register()
         self.chunked_op = self._register("chunked") if chunked is not None else None
+        # the same two forwards after the rotation pre-pass: their own ops (their launches differ)
+        self.prepass_ops = {}
+        if prep is not None:
+            self.prepass_ops["fused"] = self._register("fused", prepass=True)
+            if chunked is not None:
+                self.prepass_ops["chunked"] = self._register("chunked", prepass=True)
         self.__doc__ = f"Mamba-3 forward for spec {meta['name']!r}.\n\n" + (ForwardOp.__doc__ or "")
 
     def __repr__(self):
@@ -157,6 +187,8 @@ class ForwardOp:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
+        if selected_rotation(m, self.prep_kernel is not None) == "prepass":
+            op = self.prepass_ops[forward]
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
             return out
@@ -173,8 +205,27 @@ class ForwardOp:
                   else torch.empty((0,), device=v.device, dtype=torch.float32) for f in layout.values()]
         return out, states
 
+    def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                 init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
+        """The rotation pre-pass: Q̂, K̂ per head (B, L, H, N) / (B, L, R, H, N), biased and rotated, in the input
+        dtype (fp32 for fp32 inputs or fp32 dot operands), and the final Θ into ``fin[0]``; grid (sequence, head,
+        pair block), sequential over chunks. Returns (Q̂, K̂), to pass as q, k with G = H and PREPPED."""
+        m = self.meta
+        B, L, H, _ = v.shape
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        keep = q.dtype in (torch.bfloat16, torch.float16) and m["compute_dtype"] != "fp32"
+        shape = (B, L, H, m["N"]) if m["R"] == 1 else (B, L, m["R"], H, m["N"])
+        q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
+        k_hat = torch.empty_like(q_hat)
+        angle_strides = angles.stride()[:3]
+        self.prep_kernel[lambda cfg: (NS, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+            init_angle, init_ssm, init_k, init_v, *fin, q_hat, k_hat, cu_seqlens,
+            L, H, m["G"], *angle_strides, **flags)
+        return q_hat, k_hat
+
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=False):
         B, L, H, P = v.shape
         NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if cu_seqlens is not None:
@@ -185,6 +236,13 @@ class ForwardOp:
         out, states = self._outputs(v, NS, return_final_states, mimo_o)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
+        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states,
+                     IS_VARLEN=cu_seqlens is not None, PER_RANK=per_rank(features(self.meta), mimo_o))
+        G = self.meta["G"]
+        if prepass:
+            q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                                 init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
+            G = H
 
         def grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]))
@@ -192,13 +250,12 @@ class ForwardOp:
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init_angle, init_ssm, init_k, init_v, *fin, cu_seqlens,
-            L, H, self.meta["G"], *angle_strides, HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states,
-            IS_VARLEN=cu_seqlens is not None, PER_RANK=per_rank(features(self.meta), mimo_o),
+            L, H, G, *angle_strides, **flags, PREPPED=prepass,
         )
         return (out, *states)
 
     def _launch_chunked(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                        init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+                        init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=False):
         """The chunk-parallel forward: the states kernel (grid: sequence, head, P block x pair block; sequential over
         chunks) stores the state entering every chunk (after its first step), its Θ and, with two or more lags,
         the carried tokens; then the out kernel (grid: chunk slot, head, P block) computes every chunk at once. A
@@ -217,16 +274,23 @@ class ForwardOp:
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
         dev = v.device
+        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen,
+                     PER_RANK=per_rank(features(m), mimo_o))
+        G = m["G"]
+        if prepass:
+            q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                                 init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
+            G = H
         chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[chunk_states_dtype(m)])
-        chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S else None
+        # the PREPPED out kernel needs no Θ (its Q̂, K̂ are rotated)
+        chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S and not prepass else None
         chunk_k = torch.empty((slots, J - 1, R, H, N), device=dev, dtype=torch.float32) if J > 1 else None
         chunk_v = torch.empty((slots, J - 1, H, P), device=dev, dtype=torch.float32) if J > 1 else None
         states_kernel, out_kernel = self.chunked_kernels
         args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                 init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
-                L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
-        flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen,
-                     PER_RANK=per_rank(features(m), mimo_o))
+                L, H, G, NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
+        flags["PREPPED"] = prepass
 
         def states_grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))
@@ -239,14 +303,17 @@ class ForwardOp:
             out_kernel[out_grid](*args, **flags)
         return (out, *states)
 
-    def _register(self, forward: str = "fused"):
-        """A torch.library custom op per spec, so the forward is one opaque node under torch.compile(fullgraph=True)."""
+    def _register(self, forward: str = "fused", prepass: bool = False):
+        """A torch.library custom op per spec (and forward, and rotation), so the forward is one opaque node under
+        torch.compile(fullgraph=True)."""
         m = self.meta
         # one op per build: spec, templates and target (two builds of one spec from other templates, e.g. in a
         # notebook that edits a template, must not share the first one's kernel), and per forward
         name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
         if forward != "fused":
             name += f"_{forward}"
+        if prepass:
+            name += "_prepass"
         launch = self._launch if forward == "fused" else self._launch_chunked
         if name in _REGISTERED:
             return _REGISTERED[name]
@@ -255,7 +322,7 @@ class ForwardOp:
         def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
             return launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                          init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states)
+                          init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=prepass)
 
         @op.register_fake
         def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,

@@ -333,4 +333,10 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
             p, *rest = min(shapes, key=lambda sh: sh[0] * (sh[1] if kind == "states" else bn2))
             k = rest[0] if kind == "states" else None
             res[kind].append(ChunkedConfig(p, rest[-2], 1, est(k or bn2, p), block_k=k, maxnreg=rest[-1]))
+    # the rotation pre-pass (complex states): elementwise on [C·R, BLOCK_K] tiles, no dots, no shared memory to
+    # speak of; pair blocks small enough for B·H·(N/2/BLOCK_K) programs to fill the GPU at batch 1
+    if not target.is_gpu:
+        res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4))]
+    else:
+        res["prep"] = [ChunkedConfig(1, w, 1, 0, block_k=min(bn2, k)) for k, w in ((16, 4), (32, 4), (8, 2))]
     return res
