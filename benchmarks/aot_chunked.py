@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _signature(spec, fn, cfg):
+def _signature(spec, fn, cfg, prepped: bool = False):
     from mamba3_gen.backends.triton.aot import kernel_signature
     from mamba3_gen.backends.triton.resources import chunk_states_dtype
 
@@ -31,7 +31,7 @@ def _signature(spec, fn, cfg):
     }
     names = list(fn.arg_names)
     known = [n for n in names if n not in extra_ptr and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K")]
-    sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]))
+    sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]), prepped)
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
         if n in extra_ptr:

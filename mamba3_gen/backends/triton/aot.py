@@ -46,7 +46,7 @@ class AOTCompileError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # signature
 # ----------------------------------------------------------------------------------------------------------------
-def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, dict, dict]:
+def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = False) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` in Triton 3.6 conventions:
 
     - signature: {argument name: type string} for *every* parameter: "*bf16" / "*fp32" / "*i32" pointers,
@@ -54,6 +54,8 @@ def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, di
     - constexprs: {argument name: value} (ASTSource turns names into (index,) paths itself);
     - attrs: {(index,): [["tt.divisibility", 16]]} alignment hints, as the JIT derives them for 16-byte aligned
       tensors.
+
+    ``prepped``: compile the kernel as it runs after the rotation pre-pass (constexpr PREPPED).
     """
     io = "*bf16" if spec.dtypes.input == "bf16" else "*fp32"
     opt = spec.options
@@ -63,6 +65,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int) -> tuple[dict, di
     consts = {
         "HAS_INIT": bool(opt.initial_states), "STORE_FINAL": bool(opt.final_states),
         "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "BLOCK_P": int(block_p),  # the reduced output (mimo_o)
+        "PREPPED": bool(prepped),  # q, k are the rotation pre-pass's Q̂, K̂ (complex states)
     }
     if spec.dims.ngroups == 1:
         consts["G"] = 1  # the JIT specialises an int argument equal to 1 into a constant
