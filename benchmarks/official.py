@@ -49,8 +49,7 @@ def siso_forward(fn, kw: dict, chunk_size: int = 64, return_final_states: bool =
     """Run the official SISO forward on our keyword arguments (a trapezoidal, complex, pairwise SISO spec)."""
     st = kw.get("initial_states")
     init = None if st is None else (st.angle, st.ssm, st.k, st.v)
-    # the TileLang kernel takes Trap in the compute dtype (bf16); ours is fp32 (a differentiable cast)
-    return fn(kw["q"], kw["k"], kw["v"], kw["adt"], kw["dt"], kw["trap"].to(torch.bfloat16), kw["q_bias"], kw["k_bias"], kw["angles"],
+    return fn(kw["q"], kw["k"], kw["v"], kw["adt"], kw["dt"], kw["trap"], kw["q_bias"], kw["k_bias"], kw["angles"],
               D=kw.get("D"), Z=kw.get("z"), Input_States=init, chunk_size=chunk_size,
               return_final_states=return_final_states, cu_seqlens=kw.get("cu_seqlens"))
 
