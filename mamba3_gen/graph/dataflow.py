@@ -14,10 +14,11 @@ and carried tokens) and ``out`` (one program per chunk, head and P block: the ch
 entering state). A stage names the variants it belongs to; each variant's graph is built, validated and ordered
 the same way.
 
-Complex specs have a fourth kernel, ``prep`` (the rotation pre-pass, grid: sequence, head, pair block; sequential
-over chunks for Θ): it writes Q̂ and K̂ per head, biased and rotated, and the final Θ. The other three kernels then
-take Q̂, K̂ in place of Q, K (constexpr ``PREPPED``) and skip the stages marked ``prepass`` (the angle cumsum and the
-rotation), so their chunk loop carries no angle work.
+Complex specs have two more kernels, the rotation pre-pass, both chunk-parallel (grid: chunk slot, head, pair
+block): ``angle_sums`` stores each chunk's total angle step, the host turns them into each chunk's entering Θ (a
+float64 prefix over chunks), and ``prep`` writes Q̂ and K̂ per head, biased and rotated. The other three kernels
+then take Q̂, K̂ in place of Q, K (constexpr ``PREPPED``) and skip the stages marked ``prepass`` (the angle cumsum
+and the rotation), so their chunk loop carries no angle work.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from mamba3_gen.signature import features, presence
 from mamba3_gen.spec.model import Spec
 
 PHASES = ("prologue", "chunk", "epilogue")
-VARIANTS = ("fused", "states", "out", "prep")
+VARIANTS = ("fused", "states", "out", "angle_sums", "prep")
+PREPASS_VARIANTS = ("angle_sums", "prep")  # complex states only
 _ALL = ("fused", "states", "out")
 _FUSED_STATES = ("fused", "states")
 _FUSED_OUT = ("fused", "out")
@@ -79,9 +81,11 @@ STAGES: tuple[Stage, ...] = (
           loads=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v", "mimo_v"), variants=("out",)),
     Stage("load_steps", "chunk", "the rule's prologue (a, c_j) at each token t + s, s = 0..J, and at the chunk's "
           "first J steps", writes=("dt", "a", "cw", "cm"), loads=("dt", "adt", "trap")),
-    Stage("init_theta", "prologue", "Θ carried across chunks: zeros, or the initial states' angles",
-          writes=("theta",), loads=("init_angle",), variants=("prep",)),
-    Stage("load_dt", "chunk", "Δ of the chunk's tokens", writes=("dt",), loads=("dt",), variants=("prep",)),
+    Stage("load_chunk_theta", "prologue", "Θ entering the chunk (the host's prefix over the chunks' angle sums)",
+          writes=("theta",), loads=("chunk_angle",), variants=("prep",)),
+    Stage("load_dt", "chunk", "Δ of the chunk's tokens", writes=("dt",), loads=("dt",), variants=PREPASS_VARIANTS),
+    Stage("store_angle_sums", "chunk", "the chunk's total angle step per rotation pair", reads=("dt",),
+          loads=("angles",), stores=("chunk_angle",), variants=("angle_sums",)),
     Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves "
           "(with PREPPED: the pre-pass's Q̂, K̂)", writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias"),
           variants=_ALL + ("prep",)),
@@ -127,9 +131,6 @@ STAGES: tuple[Stage, ...] = (
           reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
           loads=("k", "k_bias", "v"), loads_when=lambda spec, low: low.lags == 1,  # one lag: the last token from memory
           when=lambda spec, low: spec.options.final_states, variants=_FUSED_STATES),
-    Stage("store_final_angle", "epilogue", "store the final Θ (the PREPPED kernels do not carry it)",
-          reads=("theta",), stores=("final_angle",), when=lambda spec, low: spec.options.final_states,
-          variants=("prep",)),
 )
 
 
@@ -147,7 +148,7 @@ def spec_tensors(spec: Spec, low: Lowered, variant: str = "fused") -> frozenset[
         **presence(features(spec)._replace(lags=low.lags)),
         # the chunk-parallel forward's intermediates: the state entering each chunk, its Θ, the carried tokens
         # that land after a chunk's first step (J >= 2)
-        "chunk_ssm": variant in ("states", "out"), "chunk_angle": variant in ("states", "out") and cplx,
+        "chunk_ssm": variant in ("states", "out"), "chunk_angle": variant != "fused" and cplx,
         "chunk_k": variant in ("states", "out") and low.lags > 1,
         "chunk_v": variant in ("states", "out") and low.lags > 1,
         # the rotation pre-pass's output: Q̂, K̂ per head (complex states)
@@ -235,15 +236,15 @@ def validate(g: nx.DiGraph) -> None:
 
 
 def plan_kernel(spec: Spec, lowered: Lowered, variant: str = "fused") -> KernelPlan:
-    """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default; ``prep``, the
-    rotation pre-pass, exists for complex states only).
+    """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default; the rotation
+    pre-pass's, PREPASS_VARIANTS, exist for complex states only).
 
     Raises:
-        ValueError: an unknown variant, or ``prep`` for a real state.
+        ValueError: an unknown variant, or a pre-pass variant for a real state.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}; one of {VARIANTS}")
-    if variant == "prep" and not spec.is_complex:
+    if variant in PREPASS_VARIANTS and not spec.is_complex:
         raise ValueError(f"spec {spec.name!r} has a real state: no rotation pre-pass")
     for v in VARIANTS:  # each variant's full graph is well formed for every spec
         validate(build_graph([s for s in STAGES if v in s.variants]))

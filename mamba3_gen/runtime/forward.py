@@ -96,6 +96,35 @@ def selected_rotation(meta: dict, has_prep: bool = True) -> str:
     return "inline" if name == "inline" else "prepass"
 
 
+def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 NS: int, L: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Θ entering each chunk slot and each sequence's final Θ, from each chunk's total angle step (math doc §2:
+    Θ_t = Θ_init + Σ_{r ≤ t} Δ_r·π·tanh(angle_r)), as a float64 prefix over chunks reduced mod 2π.
+
+    sums: (slots, H, S) fp32, 0 at the slots no sequence uses; chunk j of sequence s is slot s·cdiv(L, C) + j, or
+    with ``cu_seqlens`` (varlen) cu[s] // C + s + j. init_angle: (NS, H, S) or None. Returns (theta (slots, H, S)
+    fp32 in [0, 2π), final (NS, H, S) fp32 in [0, 2π)). All on the device: no host sync."""
+    dev = sums.device
+    slots = sums.shape[0]
+    excl = torch.cat([torch.zeros_like(sums[:1], dtype=torch.float64), torch.cumsum(sums.double(), 0)])
+    seqs = torch.arange(NS, device=dev)
+    if cu_seqlens is None:
+        NC = -(-L // C)
+        first = seqs * NC
+        chunks = torch.full((NS,), NC, device=dev, dtype=torch.long)
+    else:
+        cu = cu_seqlens.long()
+        first = cu[:-1] // C + seqs
+        chunks = (cu[1:] - cu[:-1] + C - 1) // C
+    seq = (torch.searchsorted(first, torch.arange(slots, device=dev), right=True) - 1).clamp(min=0)  # [slots]
+    base = excl[first]  # [NS, H, S]: the sum before each sequence's first chunk
+    if init_angle is not None:
+        base = base - init_angle.double()
+    theta = torch.remainder(excl[:-1] - base[seq], 2 * torch.pi).float()
+    final = torch.remainder(excl[first + chunks] - base, 2 * torch.pi).float()
+    return theta, final
+
+
 def chunk_states_dtype(meta: dict) -> str:
     """dtype of the chunked forward's per-chunk entering states: the spec's choice (META["chunk_states_dtype"]:
     bf16 with bf16 dot operands, else fp32), or MAMBA3_GEN_CHUNK_STATES=bf16|fp32 (read at each call; bf16 halves
@@ -131,7 +160,7 @@ class ForwardOp:
         self.meta = meta
         self.kernel = kernel
         self.chunked_kernels = chunked  # (states kernel, out kernel) of the chunk-parallel forward, or None
-        self.prep_kernel = prep  # the rotation pre-pass (complex states), or None
+        self.prep_kernels = prep  # the rotation pre-pass (complex states): (angle-sums kernel, prep kernel), or None
         self.op = self._register()
         self.chunked_op = self._register("chunked") if chunked is not None else None
         # the same two forwards after the rotation pre-pass: their own ops (their launches differ)
@@ -187,7 +216,7 @@ class ForwardOp:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
-        if selected_rotation(m, self.prep_kernel is not None) == "prepass":
+        if selected_rotation(m, self.prep_kernels is not None) == "prepass":
             op = self.prepass_ops[forward]
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
@@ -207,21 +236,38 @@ class ForwardOp:
 
     def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
-        """The rotation pre-pass: Q̂, K̂ per head (B, L, H, N) / (B, L, R, H, N), biased and rotated, in the input
-        dtype (fp32 for fp32 inputs or fp32 dot operands), and the final Θ into ``fin[0]``; grid (sequence, head,
-        pair block), sequential over chunks. Returns (Q̂, K̂), to pass as q, k with G = H and PREPPED."""
+        """The rotation pre-pass, chunk-parallel (grids: chunk slot, head, pair block): the angle-sums kernel stores
+        each chunk's total angle step, :func:`chunk_thetas` turns them into the Θ entering each chunk (and the
+        final Θ, into ``fin[0]`` when it is asked for), then the prep kernel writes Q̂, K̂ per head (B, L, H, N) /
+        (B, L, R, H, N), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
+        Returns (Q̂, K̂), to pass as q, k with G = H and PREPPED."""
         m = self.meta
         B, L, H, _ = v.shape
-        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        C, S = m["C"], m["S"]
+        is_varlen = cu_seqlens is not None
+        NS = B if not is_varlen else cu_seqlens.shape[0] - 1
+        NC = triton.cdiv(L, C)
+        slots = L // C + NS if is_varlen else B * NC
         keep = q.dtype in (torch.bfloat16, torch.float16) and m["compute_dtype"] != "fp32"
         shape = (B, L, H, m["N"]) if m["R"] == 1 else (B, L, m["R"], H, m["N"])
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
         k_hat = torch.empty_like(q_hat)
-        angle_strides = angles.stride()[:3]
-        self.prep_kernel[lambda cfg: (NS, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
-            init_angle, init_ssm, init_k, init_v, *fin, q_hat, k_hat, cu_seqlens,
-            L, H, m["G"], *angle_strides, **flags)
+        sums = torch.zeros((slots, H, S), device=v.device, dtype=torch.float32)  # unused varlen slots stay 0
+        sums_kernel, prep_kernel = self.prep_kernels
+        common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                  init_angle, init_ssm, init_k, init_v, *fin)
+        scalars = (cu_seqlens, L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angles.stride()[:3])
+
+        def grid(cfg):
+            return (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
+
+        if slots:
+            sums_kernel[grid](*common, sums, *scalars, **flags)
+        theta, final = chunk_thetas(sums, init_angle, cu_seqlens, NS, L, C)
+        if flags["STORE_FINAL"] and fin[0] is not None:
+            fin[0].copy_(final)
+        if slots:
+            prep_kernel[grid](*common, theta, q_hat, k_hat, *scalars, **flags)
         return q_hat, k_hat
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
