@@ -238,9 +238,9 @@ class ForwardOp:
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
         """The rotation pre-pass, chunk-parallel (grids: chunk slot, head, pair block): the angle-sums kernel stores
         each chunk's total angle step, :func:`chunk_thetas` turns them into the Θ entering each chunk (and the
-        final Θ, into ``fin[0]`` when it is asked for), then the prep kernel writes Q̂, K̂ per head (B, L, H, N) /
-        (B, L, R, H, N), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
-        Returns (Q̂, K̂), to pass as q, k with G = H and PREPPED."""
+        final Θ, into ``fin[0]`` when it is asked for), then the prep kernel writes Q̂, K̂ per head, head-major
+        (B, H, L, R, N), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
+        Returns (Q̂, K̂), to pass as q, k with PREPPED."""
         m = self.meta
         B, L, H, _ = v.shape
         C, S = m["C"], m["S"]
@@ -249,7 +249,7 @@ class ForwardOp:
         NC = triton.cdiv(L, C)
         slots = L // C + NS if is_varlen else B * NC
         keep = q.dtype in (torch.bfloat16, torch.float16) and m["compute_dtype"] != "fp32"
-        shape = (B, L, H, m["N"]) if m["R"] == 1 else (B, L, m["R"], H, m["N"])
+        shape = (B, H, L, m["R"], m["N"])  # head-major: a chunk's rows of one head are contiguous
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
         k_hat = torch.empty_like(q_hat)
         sums = torch.zeros((slots, H, S), device=v.device, dtype=torch.float32)  # unused varlen slots stay 0
@@ -288,7 +288,6 @@ class ForwardOp:
         if prepass:
             q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
-            G = H
 
         def grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]))
@@ -326,7 +325,6 @@ class ForwardOp:
         if prepass:
             q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
-            G = H
         chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[chunk_states_dtype(m)])
         # the PREPPED out kernel needs no Θ (its Q̂, K̂ are rotated)
         chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S and not prepass else None
