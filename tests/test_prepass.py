@@ -1,5 +1,6 @@
-"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass, the default for complex states): the angle-sums kernel, the host's
-prefix over chunks (`chunk_thetas`) and the prep kernel write Q̂, K̂ per head; the forward kernels then run PREPPED.
+"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass; the default under the chunked forward): the angle-sums kernel,
+the host's prefix over chunks (`chunk_thetas`) and the prep kernel write Q̂, K̂ per head; the forward kernels then
+run PREPPED.
 It must give what the inline rotation gives, under both forwards, with every feature of the shipped complex specs.
 
 Tolerances (fp32 inputs and fp32 dot operands in the interpreter): the two paths differ only in how Θ entering a
@@ -118,11 +119,14 @@ def test_chunk_thetas_batched_without_initial_angle():
 def test_rotation_selection(monkeypatch):
     complex_meta, real_meta = {"S": 32}, {"S": 0}
     monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
-    assert selected_rotation(complex_meta) == "prepass"
-    assert selected_rotation(real_meta) == "inline"
-    assert selected_rotation(complex_meta, has_prep=False) == "inline"
+    assert selected_rotation(complex_meta, "chunked") == "prepass"  # auto: where it was measured faster
+    assert selected_rotation(complex_meta, "fused") == "inline"
+    assert selected_rotation(real_meta, "chunked") == "inline"
+    assert selected_rotation(complex_meta, "chunked", has_prep=False) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "inline")
-    assert selected_rotation(complex_meta) == "inline"
+    assert selected_rotation(complex_meta, "chunked") == "inline"
+    monkeypatch.setenv("MAMBA3_GEN_ROTATE", "prepass")
+    assert selected_rotation(complex_meta, "fused") == "prepass"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "sideways")
     with pytest.raises(InputError, match="MAMBA3_GEN_ROTATE='sideways'.*auto"):
         selected_rotation(complex_meta)

@@ -76,13 +76,15 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
 ROTATIONS = ("auto", "prepass", "inline")
 
 
-def selected_rotation(meta: dict, has_prep: bool = True) -> str:
-    """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (a prep
-    kernel writes Q̂, K̂ per head, biased and rotated, in the input dtype — fp32 for fp32 inputs or fp32 dot
-    operands — and the forward kernels read them, with no angle cumsum or rotation in their chunk loop) or
-    ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is ``prepass`` for every
-    complex state (benchmarks/NOTES.md, session 2026-12-03). A real state, or a module built without the prep kernel
-    (``has_prep=False``), is always ``inline``.
+def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True) -> str:
+    """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (two
+    chunk-parallel kernels and a prefix over chunks write Q̂, K̂ per head, biased and rotated, in the input dtype —
+    fp32 for fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
+    in their chunk loop) or ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is
+    ``prepass`` under the chunked forward (``forward``: its states and out kernels both rotate inline) and
+    ``inline`` under the fused one: measured on an H200 (benchmarks/NOTES.md, session 2026-12-02 "rotation
+    pre-pass"), the pre-pass kernel still runs far from its byte floor, so it pays only where it removes two
+    rotations. A real state, or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
@@ -93,7 +95,9 @@ def selected_rotation(meta: dict, has_prep: bool = True) -> str:
                          "MAMBA3_GEN_ROTATE=auto (the default) or unset it")
     if meta["S"] == 0 or not has_prep:
         return "inline"
-    return "inline" if name == "inline" else "prepass"
+    if name == "auto":
+        return "prepass" if forward == "chunked" else "inline"
+    return name
 
 
 def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
@@ -216,7 +220,7 @@ class ForwardOp:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
-        if selected_rotation(m, self.prep_kernels is not None) == "prepass":
+        if selected_rotation(m, forward, self.prep_kernels is not None) == "prepass":
             op = self.prepass_ops[forward]
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
