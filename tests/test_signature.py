@@ -51,8 +51,10 @@ def test_schemas_list_the_table():
 def test_explicit_python_signatures_match_the_table():
     """The op functions keep explicit parameters; they must be the table's, in its order."""
     op_params = list(sig.LAYER_INPUTS) + [f"init_{f}" for f in sig.STATE_FIELDS] + ["cu_seqlens"]
-    assert _params(forward.ForwardOp._launch) == op_params + ["return_final_states"]
-    assert _params(forward.ForwardOp._launch_chunked) == op_params + ["return_final_states"]
+    # prepass: the launch's own option (the rotation pre-pass), after the table's
+    assert _params(forward.ForwardOp._launch) == op_params + ["return_final_states", "prepass"]
+    assert _params(forward.ForwardOp._launch_chunked) == op_params + ["return_final_states", "prepass"]
+    assert _params(forward.ForwardOp._prepass)[:len(sig.LAYER_INPUTS)] == list(sig.LAYER_INPUTS)
     grads = ["dout"] + [f"d_{f}" for f in sig.STATE_FIELDS]
     assert _params(backward.BackwardOp._launch) == op_params + grads
     assert _params(backward.BackwardOp.backward)[1:] == grads  # after ctx
@@ -90,7 +92,9 @@ def _kernels(path: Path) -> dict[str, list[str]]:
 def test_generated_kernels_start_with_the_table(d):
     layer_ptrs = [a.ptr for a in sig.LAYER_ARGS]
     fwd = _kernels(d / "fwd.py")
-    assert set(fwd) == {"mamba3_fwd_kernel", "mamba3_chunk_states_kernel", "mamba3_chunk_out_kernel"}
+    prepass = {"mamba3_angle_sums_kernel", "mamba3_rotate_prep_kernel"} if load_spec(SPECS / f"{d.name}.yaml").is_complex \
+        else set()  # the rotation pre-pass: complex states only
+    assert set(fwd) == {"mamba3_fwd_kernel", "mamba3_chunk_states_kernel", "mamba3_chunk_out_kernel", *prepass}
     for name, params in fwd.items():
         assert params[:len(sig.FORWARD_POINTERS)] == list(sig.FORWARD_POINTERS), name
     stp = _kernels(d / "step.py")["mamba3_step_kernel"]
