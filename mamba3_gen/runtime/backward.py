@@ -112,45 +112,67 @@ def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, 
     extra gradients (NS, J, R, H, N), (NS, J, H, P)."""
     B, L, R, H, N = dk_h.shape
     P, J, C, S, G = dv.shape[-1], m["J"], m["C"], m["S"], m["G"]
+    dev = dv.device
+    # sequences (batch row, first token, end, first chunk slot) as device tensors: no host sync
     if cu_seqlens is not None:
-        cu = [int(x) for x in cu_seqlens.tolist()]
-        seqs = [(0, cu[s], cu[s + 1], cu[s] // C + s) for s in range(len(cu) - 1)]
+        cu = cu_seqlens.long()
+        NS = cu.shape[0] - 1
+        seq_b = torch.zeros(NS, device=dev, dtype=torch.long)
+        bos, eos = cu[:-1], cu[1:]
+        slot0 = bos // C + torch.arange(NS, device=dev)
     else:
-        nc = triton.cdiv(L, C)
-        seqs = [(b, 0, L, b * nc) for b in range(B)]
-    NS = len(seqs)
-    dk_hat = torch.zeros_like(dk_h)  # rotated frame, per token
-    init_k = torch.zeros(NS, J, R, H, N, device=dv.device, dtype=torch.float32)
-    init_v = torch.zeros(NS, J, H, P, device=dv.device, dtype=torch.float32)
-    fk = d_k.float().reshape(NS, J, R, H, N) if d_k is not None else None
-    fv = d_v.float().reshape(NS, J, H, P) if d_v is not None else None
+        NS, nc = B, triton.cdiv(L, C)
+        seq_b = torch.arange(B, device=dev)
+        bos, eos = torch.zeros(B, device=dev, dtype=torch.long), torch.full((B,), L, device=dev, dtype=torch.long)
+        slot0 = seq_b * nc
+    dk_hat = torch.zeros_like(dk_h).reshape(B * L, R, H, N)  # rotated frame, per token
+    dv_flat = dv.view(B * L, H, P)
+    init_k = torch.zeros(NS * J, R, H, N, device=dev, dtype=torch.float32)
+    init_v = torch.zeros(NS * J, H, P, device=dev, dtype=torch.float32)
 
-    def add(s, b, bos, tok, gk, gv):  # one token's k̂ and v gradients: an input token or an initial one
-        if tok >= bos:
-            dk_hat[b, tok] += gk
-            dv[b, tok] += gv
-        else:
-            init_k[s, bos - tok - 1] += gk
-            init_v[s, bos - tok - 1] += gv
+    def add(s, tok, gk, gv):  # gradients of token `tok` of sequence s (an input token, or before bos an initial one)
+        inside = tok >= bos[s]
+        if B * L:  # (an empty batch has initial tokens only)
+            row = torch.where(inside, seq_b[s] * L + tok, 0).clamp(0, B * L - 1)
+            dk_hat.index_put_((row,), torch.where(inside[:, None, None, None], gk, 0.0), accumulate=True)
+            dv_flat.index_put_((row,), torch.where(inside[:, None, None], gv, 0.0), accumulate=True)
+        init_row = torch.where(inside, 0, s * J + (bos[s] - tok - 1).clamp(min=0))
+        init_k.index_put_((init_row,), torch.where(inside[:, None, None, None], 0.0, gk), accumulate=True)
+        init_v.index_put_((init_row,), torch.where(inside[:, None, None], 0.0, gv), accumulate=True)
 
-    for s, (b, bos, eos, slot0) in enumerate(seqs):
-        for ci in range((eos - bos + C - 1) // C):
-            c0 = bos + ci * C
-            for i in range(1, J):
-                add(s, b, bos, c0 - i, dchunk_k[slot0 + ci, i - 1], dchunk_v[slot0 + ci, i - 1])
-        if fk is not None:
-            for i in range(1, J):
-                add(s, b, bos, eos - 1 - i, fk[s, i], fv[s, i])
+    slots = dchunk_k.shape[0]
+    if slots:
+        slot = torch.arange(slots, device=dev)
+        s_of = (torch.searchsorted(slot0, slot, right=True) - 1).clamp(min=0)  # the sequence of each slot
+        c0 = bos[s_of] + (slot - slot0[s_of]) * C
+        live = (slot >= slot0[s_of]) & (c0 < eos[s_of])  # slots past a sequence's last chunk carry nothing
+        for i in range(1, J):
+            gk = torch.where(live[:, None, None, None], dchunk_k[:, i - 1], 0.0)
+            gv = torch.where(live[:, None, None], dchunk_v[:, i - 1], 0.0)
+            add(s_of, torch.where(live, c0 - i, bos[s_of]), gk, gv)
+    if d_k is not None:
+        fk, fv = d_k.float().reshape(NS, J, R, H, N), d_v.float().reshape(NS, J, H, P)
+        seqs = torch.arange(NS, device=dev)
+        for i in range(1, J):
+            add(seqs, eos - 1 - i, fk[:, i], fv[:, i])
+    dk_hat = dk_hat.view(B, L, R, H, N)
+    init_k, init_v = init_k.view(NS, J, R, H, N), init_v.view(NS, J, H, P)
     if S:
         idx = torch.arange(N // 2, device=dv.device)
         a, bb = (2 * idx, 2 * idx + 1) if m["rotation"] == "pairwise" else (idx, idx + N // 2)
         kt = k.float().reshape(B, L, R, G, 1, N).expand(B, L, R, G, H // G, N).reshape(B, L, R, H, N)
         kt = kt + k_bias.float().reshape(H, R, N).permute(1, 0, 2)[None, None]
         step = dt.double().permute(0, 2, 1)[..., None] * (torch.pi * torch.tanh(angles.double()[..., :S]))
-        theta = torch.zeros(B, L, H, S, device=dv.device, dtype=torch.float64)
-        for s, (b, bos, eos, _) in enumerate(seqs):
-            th0 = init_angle[s].double() if init_angle is not None else 0.0
-            theta[b, bos:eos] = th0 + torch.cumsum(step[b, bos:eos], dim=0)
+        # Θ_s per token: a cumsum over each sequence (varlen: the packed row's cumsum less its value before bos)
+        theta = torch.cumsum(step, dim=1)  # (B, L, H, S)
+        if cu_seqlens is not None:
+            tok_seq = torch.searchsorted(cu[1:], torch.arange(L, device=dev), right=True).clamp(max=NS - 1)
+            before = torch.cat([torch.zeros_like(theta[:, :1]), theta], dim=1)[:, bos]  # (1, NS, H, S)
+            theta = theta - before[:, tok_seq]
+            if init_angle is not None:
+                theta = theta + init_angle.double()[tok_seq][None]
+        elif init_angle is not None:
+            theta = theta + init_angle.double()[:, None]
         full = torch.zeros(B, L, H, N // 2, device=dv.device, dtype=torch.float64)
         full[..., :S] = theta
         cos, sin = torch.cos(full).float()[:, :, None], torch.sin(full).float()[:, :, None]  # (B, L, 1, H, N/2)
