@@ -110,7 +110,7 @@ def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seql
     fp32 in [0, 2π), final (NS, H, S) fp32 in [0, 2π)). All on the device: no host sync."""
     dev = sums.device
     slots = sums.shape[0]
-    excl = torch.cat([torch.zeros_like(sums[:1], dtype=torch.float64), torch.cumsum(sums.double(), 0)])
+    excl = torch.cat([sums.new_zeros((1, *sums.shape[1:]), dtype=torch.float64), torch.cumsum(sums.double(), 0)])
     seqs = torch.arange(NS, device=dev)
     if cu_seqlens is None:
         NC = -(-L // C)
@@ -126,6 +126,8 @@ def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seql
         base = base - init_angle.double()
     theta = torch.remainder(excl[:-1] - base[seq], 2 * torch.pi).float()
     final = torch.remainder(excl[first + chunks] - base, 2 * torch.pi).float()
+    if init_angle is not None:  # an empty sequence keeps its initial Θ bit for bit, as the inline kernels do
+        final = torch.where((chunks == 0)[:, None, None], init_angle.float(), final)
     return theta, final
 
 
