@@ -17,7 +17,7 @@ import torch
 
 from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
-from mamba3_gen.runtime.forward import chunk_thetas, selected_rotation
+from mamba3_gen.runtime.forward import ForwardOp, chunk_thetas, selected_rotation
 from mamba3_gen.spec.loader import load_spec
 from tests.helpers import SHIPPED_SPECS, assert_matches, run_op
 from tests.strategies import CPU_TOL, _interpretable, interpreter_only
@@ -48,10 +48,9 @@ def test_prepass_equals_inline(spec_path, forward, env, interp_kernels, monkeypa
     recurrence's; the pre-pass really ran (counted)."""
     spec = _interpretable(load_spec(spec_path))
     module = interp_kernels(spec)
-    op = module.mamba3_forward
     calls = []
-    original = op._prepass
-    monkeypatch.setattr(op, "_prepass", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = ForwardOp._prepass  # patched on the class: a registered op may hold an earlier load's instance
+    monkeypatch.setattr(ForwardOp, "_prepass", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     C = spec.dims.chunk_size
     H = 2 * spec.dims.ngroups
     common = dict(with_initial_states=spec.options.initial_states, dt_range=(1e-3, 1.0))
@@ -101,6 +100,17 @@ def test_chunk_thetas_is_a_prefix_per_sequence():
             acc = acc + sums[first[s] + j].double()
         assert _circular(final[s], acc) <= 1e-6
     assert theta.dtype == torch.float32 and bool(((theta >= 0) & (theta <= 2 * math.pi)).all())
+
+
+def test_chunk_thetas_non_finite_stays_in_its_sequence():
+    """A non-finite chunk sum makes Θ NaN for its sequence's later chunks and final Θ only (causality)."""
+    C, H, S, NS, L = 4, 1, 2, 2, 8  # two batch rows of two chunks
+    sums = torch.ones(4, H, S)
+    sums[0, 0, 0] = float("inf")
+    theta, final = chunk_thetas(sums, None, None, NS, L, C)
+    assert torch.isnan(theta[1, 0, 0]) and torch.isfinite(theta[1, 0, 1]) and torch.isnan(final[0, 0, 0])
+    assert bool(torch.isfinite(theta[2:]).all()) and bool(torch.isfinite(final[1]).all())
+    assert theta[0].eq(0).all()  # the first chunk enters with Θ = 0
 
 
 def test_chunk_thetas_batched_without_initial_angle():

@@ -107,10 +107,16 @@ def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seql
 
     sums: (slots, H, S) fp32, 0 at the slots no sequence uses; chunk j of sequence s is slot s·cdiv(L, C) + j, or
     with ``cu_seqlens`` (varlen) cu[s] // C + s + j. init_angle: (NS, H, S) or None. Returns (theta (slots, H, S)
-    fp32 in [0, 2π), final (NS, H, S) fp32 in [0, 2π)). All on the device: no host sync."""
+    fp32 in [0, 2π), final (NS, H, S) fp32 in [0, 2π)); NaN after a non-finite sum of the same sequence. All on the
+    device: no host sync."""
     dev = sums.device
     slots = sums.shape[0]
-    excl = torch.cat([sums.new_zeros((1, *sums.shape[1:]), dtype=torch.float64), torch.cumsum(sums.double(), 0)])
+    # a non-finite chunk sum poisons its own sequence's later chunks only (as the inline carry does): the prefix
+    # runs over the finite part and a count of non-finite chunks, both segmented by subtraction
+    bad = ~torch.isfinite(sums)
+    zero = sums.new_zeros((1, *sums.shape[1:]), dtype=torch.float64)
+    excl = torch.cat([zero, torch.cumsum(torch.where(bad, 0.0, sums).double(), 0)])
+    nbad = torch.cat([zero.long(), torch.cumsum(bad.long(), 0)])
     seqs = torch.arange(NS, device=dev)
     if cu_seqlens is None:
         NC = -(-L // C)
@@ -124,8 +130,11 @@ def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seql
     base = excl[first]  # [NS, H, S]: the sum before each sequence's first chunk
     if init_angle is not None:
         base = base - init_angle.double()
-    theta = torch.remainder(excl[:-1] - base[seq], 2 * torch.pi).float()
-    final = torch.remainder(excl[first + chunks] - base, 2 * torch.pi).float()
+    nan = torch.tensor(float("nan"), device=dev, dtype=torch.float64)
+    theta = torch.remainder(excl[:-1] - base[seq], 2 * torch.pi)
+    theta = torch.where(nbad[:-1] > nbad[first][seq], nan, theta).float()
+    final = torch.remainder(excl[first + chunks] - base, 2 * torch.pi)
+    final = torch.where(nbad[first + chunks] > nbad[first], nan, final).float()
     if init_angle is not None:  # an empty sequence keeps its initial Θ bit for bit, as the inline kernels do
         final = torch.where((chunks == 0)[:, None, None], init_angle.float(), final)
     return theta, final
