@@ -299,7 +299,6 @@ class ForwardOp:
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
         flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states,
                      IS_VARLEN=cu_seqlens is not None, PER_RANK=per_rank(features(self.meta), mimo_o))
-        G = self.meta["G"]
         if prepass:
             q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
@@ -310,7 +309,7 @@ class ForwardOp:
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init_angle, init_ssm, init_k, init_v, *fin, cu_seqlens,
-            L, H, G, *angle_strides, **flags, PREPPED=prepass,
+            L, H, self.meta["G"], *angle_strides, **flags, PREPPED=prepass,
         )
         return (out, *states)
 
@@ -336,7 +335,6 @@ class ForwardOp:
         dev = v.device
         flags = dict(HAS_INIT=init_ssm is not None, STORE_FINAL=return_final_states, IS_VARLEN=is_varlen,
                      PER_RANK=per_rank(features(m), mimo_o))
-        G = m["G"]
         if prepass:
             q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
@@ -348,7 +346,7 @@ class ForwardOp:
         states_kernel, out_kernel = self.chunked_kernels
         args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                 init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
-                L, H, G, NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
+                L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
         flags["PREPPED"] = prepass
 
         def states_grid(cfg):
