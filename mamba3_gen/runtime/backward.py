@@ -51,6 +51,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
+from mamba3_gen.runtime.forward import chunk_slots
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, backward_schema, features, out_shape, per_rank
 
@@ -246,8 +247,7 @@ class BackwardOp:
         dev, f32 = v.device, torch.float32
         is_varlen = cu_seqlens is not None
         NS = cu_seqlens.shape[0] - 1 if is_varlen else B
-        NC = triton.cdiv(L, C)
-        slots = L // C + NS if is_varlen else B * NC
+        NC, slots = chunk_slots(B, L, C, NS, is_varlen)
         has_init = init_ssm is not None
         layout = state_layout(m, NS, H)
         has_dfinal = any(x is not None for x in (d_angle, d_ssm, d_k, d_v)) and m["final_states"]

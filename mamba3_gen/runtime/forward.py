@@ -100,6 +100,13 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     return name
 
 
+def chunk_slots(B: int, L: int, C: int, NS: int, is_varlen: bool) -> tuple[int, int]:
+    """(NC, slots): chunks per batch row, and the per-chunk tensors' slot count. Sequence s's chunk j is slot
+    s·NC + j, or packed (varlen) cu[s] // C + s + j, below L // C + NS: an upper bound known from the shapes."""
+    NC = triton.cdiv(L, C)
+    return NC, (L // C + NS if is_varlen else B * NC)
+
+
 def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  NS: int, L: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Θ entering each chunk slot and each sequence's final Θ, from each chunk's total angle step (math doc §2:
@@ -261,8 +268,7 @@ class ForwardOp:
         C, S = m["C"], m["S"]
         is_varlen = cu_seqlens is not None
         NS = B if not is_varlen else cu_seqlens.shape[0] - 1
-        NC = triton.cdiv(L, C)
-        slots = L // C + NS if is_varlen else B * NC
+        NC, slots = chunk_slots(B, L, C, NS, is_varlen)
         keep = q.dtype in (torch.bfloat16, torch.float16) and m["compute_dtype"] != "fp32"
         shape = (B, H, L, m["R"], m["N"])  # head-major: a chunk's rows of one head are contiguous
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
@@ -327,8 +333,7 @@ class ForwardOp:
         NS = B if not is_varlen else cu_seqlens.shape[0] - 1
         if is_varlen:
             check_cu_seqlens_values(cu_seqlens, L)
-        NC = triton.cdiv(L, C)
-        slots = L // C + NS if is_varlen else B * NC
+        NC, slots = chunk_slots(B, L, C, NS, is_varlen)
         out, states = self._outputs(v, NS, return_final_states, mimo_o)
         fin = [t if t.numel() else None for t in states]
         angle_strides = angles.stride()[:3] if angles is not None else (0, 0, 0)
