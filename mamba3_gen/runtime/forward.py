@@ -261,7 +261,7 @@ class ForwardOp:
         """The rotation pre-pass, chunk-parallel (grids: chunk slot, head, pair block): the angle-sums kernel stores
         each chunk's total angle step, :func:`chunk_thetas` turns them into the Θ entering each chunk (and the
         final Θ, into ``fin[0]`` when it is asked for), then the prep kernel writes Q̂, K̂ per head, head-major
-        (B, H, L, R, N), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
+        (B, H, L, R, N; each row holds the rotation pairs' first dims, then their second), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
         Returns (Q̂, K̂), to pass as q, k with PREPPED."""
         m = self.meta
         B, L, H, _ = v.shape
