@@ -55,7 +55,8 @@ def _signature(spec, fn, cfg, prepped: bool = False):
     return signature, constexprs, attrs
 
 
-def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None, trial: dict | None = None) -> list[dict]:
+def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None, trial: dict | None = None,
+           prepped: bool = False) -> list[dict]:
     """trial: {kernel name: [triton.Config]} to compile instead of the generated configs (exploring tile sizes)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("TRITON_INTERPRET=1 is set: run the AOT compile in a clean process")
@@ -80,7 +81,7 @@ def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None,
             if trial is not None:
                 configs = trial.get(kname, [])
             for cfg in configs:
-                signature, constexprs, attrs = _signature(spec, autotuner.fn, cfg)
+                signature, constexprs, attrs = _signature(spec, autotuner.fn, cfg, prepped and spec.is_complex)
                 src = ASTSource(fn=autotuner.fn, signature=signature, constexprs=constexprs, attrs=attrs)
                 opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 if getattr(cfg, "maxnreg", None):
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--max-configs", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prepped", action="store_true", help="compile as after the rotation pre-pass (PREPPED)")
     ap.add_argument("--trial", default=None, help="compile these tiles instead: 'states:PxKxW,...;out:PxW,...'")
     args = ap.parse_args()
     trial = None
@@ -119,7 +121,7 @@ def main() -> int:
                     cfg = triton.Config({"BLOCK_P": x[0]}, num_warps=x[1], num_stages=1)
                 trial.setdefault(STATES_KERNEL_NAME if kind == "states" else OUT_KERNEL_NAME, []).append(cfg)
     for p in args.specs:
-        for r in report(p, args.arch, args.max_configs, trial):
+        for r in report(p, args.arch, args.max_configs, trial, args.prepped):
             if args.json:
                 print(json.dumps(r))
             else:

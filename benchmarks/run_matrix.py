@@ -2,7 +2,7 @@
 outputs checked before timing (mamba3_gen/bench.py does the work; this file only lists the workloads).
 
     python benchmarks/run_matrix.py [--out DIR] [--only fwd|bwd|decode] [--specs NAME,...] [--name NAME]
-    python benchmarks/run_matrix.py --merge A.json B.json ... [--out DIR] [--name NAME]   # no GPU: join runs
+    python benchmarks/run_matrix.py --merge A.json B.json ... [--latest] [--out DIR] [--name NAME]   # no GPU: join runs
 
 Heads H = 32 and P = 64 everywhere. Writes DIR/NAME.json (default: $OUT when set, else benchmarks/results; NAME
 h200) and DIR/NAME.png (needs matplotlib), and prints the table. `--merge` joins the rows of earlier runs (say one
@@ -63,13 +63,21 @@ def workloads(only: str | None = None, specs: list[str] | None = None) -> list[t
     return out
 
 
-def merge(paths: list[Path]) -> dict:
-    """The rows and runs of several result files in one document (rows in file order)."""
+def merge(paths: list[Path], latest: bool = False) -> dict:
+    """The rows and runs of several result files in one document (rows in file order). With ``latest``, a
+    (workload, provider) row of a later file replaces the earlier ones (re-measuring part of the matrix), and runs
+    left without rows are dropped."""
     doc = {"runs": {}, "rows": []}
     for path in paths:
         part = json.loads(Path(path).read_text(encoding="utf-8"))
+        if latest:
+            fresh = {(r["workload"], r["provider"]) for r in part["rows"]}
+            doc["rows"] = [r for r in doc["rows"] if (r["workload"], r["provider"]) not in fresh]
         doc["runs"].update(part["runs"])
         doc["rows"] += part["rows"]
+    if latest:
+        used = {r["run"] for r in doc["rows"]}
+        doc["runs"] = {k: v for k, v in doc["runs"].items() if k in used}
     return doc
 
 
@@ -82,12 +90,14 @@ def main(argv=None) -> int:
                     help="only these spec files of the matrix (e.g. siso_trap_complex,mimo_r4), to split a run")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join these result files instead of "
                     "running anything")
+    ap.add_argument("--latest", action="store_true", help="with --merge: a later file's (workload, provider) row "
+                    "replaces the earlier ones (a re-measured part of the matrix); runs left without rows are dropped")
     args = ap.parse_args(argv)
     from rich.console import Console
 
     console = Console(width=200)
     if args.merge:
-        doc = merge(args.merge)
+        doc = merge(args.merge, latest=args.latest)
         path = args.out / f"{args.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

@@ -373,6 +373,10 @@ def test_merge_keeps_every_run(tmp_path):
     merged = run_matrix.merge(paths)
     assert set(merged["runs"]) == {"r1", "r2"} and len(merged["rows"]) == 8
     assert render_results.render(merged).count("| w fwd B8 L4096 H32 |") == 2  # one line per run
+    latest = run_matrix.merge(paths, latest=True)  # the second run re-measured every row: only it is left
+    assert set(latest["runs"]) == {"r2"} and len(latest["rows"]) == 4
+    assert {r["run"] for r in latest["rows"]} == {"r2"}
+    assert render_results.render(latest).count("| w fwd B8 L4096 H32 |") == 1
 
 
 # ------------------------------------------------------------------------------------------------- GPU

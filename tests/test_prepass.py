@@ -1,4 +1,4 @@
-"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass; the default under the chunked forward): the angle-sums kernel,
+"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass; `auto` picks inline): the angle-sums kernel,
 the host's prefix over chunks (`chunk_thetas`) and the prep kernel write Q̂, K̂ per head; the forward kernels then
 run PREPPED.
 It must give what the inline rotation gives, under both forwards, with every feature of the shipped complex specs.
@@ -129,7 +129,7 @@ def test_chunk_thetas_batched_without_initial_angle():
 def test_rotation_selection(monkeypatch):
     complex_meta, real_meta = {"S": 32}, {"S": 0}
     monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
-    assert selected_rotation(complex_meta, "chunked") == "prepass"  # auto: where it was measured faster
+    assert selected_rotation(complex_meta, "chunked") == "inline"  # auto: measured as fast or faster (NOTES)
     assert selected_rotation(complex_meta, "fused") == "inline"
     assert selected_rotation(real_meta, "chunked") == "inline"
     assert selected_rotation(complex_meta, "chunked", has_prep=False) == "inline"

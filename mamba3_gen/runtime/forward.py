@@ -81,10 +81,10 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     chunk-parallel kernels and a prefix over chunks write Q̂, K̂ per head, biased and rotated, in the input dtype —
     fp32 for fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
     in their chunk loop) or ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is
-    ``prepass`` under the chunked forward (``forward``: its states and out kernels both rotate inline) and
-    ``inline`` under the fused one: measured on an H200 (benchmarks/NOTES.md, session 2026-12-02 "rotation
-    pre-pass"), the pre-pass kernel still runs far from its byte floor, so it pays only where it removes two
-    rotations. A real state, or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
+    ``inline`` under both forwards (``forward`` is kept for a policy that differs by forward): measured on an H200
+    (benchmarks/NOTES.md, 2026-12-02 third session) the inline rotation with contiguous pair loads is as fast or
+    faster (fused 2.76 vs 3.03 ms, chunked 4.67 vs 4.77 ms at B8 L4096 N128; MIMO R4 chunked 9.86 vs 11.27 ms),
+    the pre-pass kernel still being far from its byte floor. A real state, or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
@@ -96,7 +96,7 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     if meta["S"] == 0 or not has_prep:
         return "inline"
     if name == "auto":
-        return "prepass" if forward == "chunked" else "inline"
+        return "inline"
     return name
 
 
@@ -122,8 +122,12 @@ def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seql
     # runs over the finite part and a count of non-finite chunks, both segmented by subtraction
     bad = ~torch.isfinite(sums)
     zero = sums.new_zeros((1, *sums.shape[1:]), dtype=torch.float64)
-    excl = torch.cat([zero, torch.cumsum(torch.where(bad, 0.0, sums).double(), 0)])
-    nbad = torch.cat([zero.long(), torch.cumsum(bad.long(), 0)])
+    # scans along the innermost dim (torch's outer-dim scan runs one thread per column: ~0.4 ms at 2k slots)
+    def prefix(x):
+        return torch.cumsum(x.movedim(0, -1).contiguous(), -1).movedim(-1, 0)
+
+    excl = torch.cat([zero, prefix(torch.where(bad, 0.0, sums).double())])
+    nbad = torch.cat([zero.long(), prefix(bad.long())])
     seqs = torch.arange(NS, device=dev)
     if cu_seqlens is None:
         NC = -(-L // C)
