@@ -57,7 +57,8 @@ def _signature(spec, fn, cfg, prepped: bool = False):
 
 def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None, trial: dict | None = None,
            prepped: bool = False) -> list[dict]:
-    """trial: {kernel name: [triton.Config]} to compile instead of the generated configs (exploring tile sizes)."""
+    """trial: {kernel name: [triton.Config]} to compile instead of the generated configs (exploring tile sizes).
+    prepped: compile a complex spec's kernels as they run after the rotation pre-pass (constexpr PREPPED)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("TRITON_INTERPRET=1 is set: run the AOT compile in a clean process")
     import triton
