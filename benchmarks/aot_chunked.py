@@ -1,6 +1,6 @@
 """AOT compile report of the chunk-parallel forward's two kernels (issue 11), for a GPU target without a GPU.
 
-    python benchmarks/aot_chunked.py specs/siso_trap_complex.yaml [more specs] [--arch sm_90a] [--max-configs N]
+    python benchmarks/aot_chunked.py specs/siso_trap_complex.yaml [more specs] [--arch sm_90a] [--max-configs N] [--prepped]
 
 Renders each spec into a temporary folder and compiles every autotune config of `mamba3_chunk_states_kernel` and
 `mamba3_chunk_out_kernel` (and the fused kernel's first config, for comparison) through Triton and ptxas; prints
@@ -28,6 +28,9 @@ def _signature(spec, fn, cfg, prepped: bool = False):
         "chunk_angle_ptr": "*fp32" if spec.is_complex else None,
         "chunk_k_ptr": "*fp32" if spec.lags > 1 else None,
         "chunk_v_ptr": "*fp32" if spec.lags > 1 else None,
+        # the rotation pre-pass's outputs (prep kernel): Q̂, K̂ in the input dtype
+        "q_hat_ptr": "*bf16" if spec.dtypes.input == "bf16" else "*fp32",
+        "k_hat_ptr": "*bf16" if spec.dtypes.input == "bf16" else "*fp32",
     }
     names = list(fn.arg_names)
     known = [n for n in names if n not in extra_ptr and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K")]

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is importable from the repository root
     sys.path.insert(0, str(REPO))
 
-from benchmarks import render_results, run_matrix  # noqa: E402
+from benchmarks import ablate, render_results, run_matrix, sass_lines  # noqa: E402
 
 SPECS = REPO / "specs"
 TINY = ("name: tiny_bench\nstate: {rotation: pairwise}\ndims: {d_state: 8, headdim: 4, chunk_size: 4}\n"
@@ -377,6 +377,46 @@ def test_merge_keeps_every_run(tmp_path):
     assert set(latest["runs"]) == {"r2"} and len(latest["rows"]) == 4
     assert {r["run"] for r in latest["rows"]} == {"r2"}
     assert render_results.render(latest).count("| w fwd B8 L4096 H32 |") == 1
+
+
+def test_ablate_variants_are_their_own_ops(tmp_path):
+    """benchmarks/ablate.py: each variant's module gets its own op name; an edit whose text the generated source no
+    longer has is refused (the template moved), as is an unknown key; the shipped variant file applies cleanly."""
+    import runpy
+
+    same = ("PREPPED: tl.constexpr = False", "PREPPED: tl.constexpr = False")  # an edit that changes nothing
+    paths = ablate.write_variants("siso_trap_complex", {"base": {}, "cut": {"edits": [same]}}, tmp_path)
+    hashes = [next(line for line in p.read_text().splitlines() if "'template_hash'" in line) for p in paths]
+    assert len(set(hashes)) == 2 and "'base_" in hashes[0] and "'cut_" in hashes[1]
+    with pytest.raises(ValueError, match="edit text not found"):
+        ablate.variant_source("siso_trap_complex", {"edits": [("no such line", "x")]}, "bad")
+    with pytest.raises(ValueError, match="unknown keys"):
+        ablate.variant_source("siso_trap_complex", {"edit": []}, "typo")
+    shipped = runpy.run_path(str(REPO / "benchmarks" / "variants" / "fused_next.py"))["VARIANTS"]
+    for name, variant in shipped.items():
+        if not variant.get("sets"):  # (the sets variants build a spec: slow, and covered by the bench tests)
+            assert "'template_hash': '" + name in ablate.variant_source("siso_trap_complex", variant, name)
+
+
+def test_sass_lines_counts_the_main_loop():
+    """benchmarks/sass_lines.py: instructions per source line inside the longest backward branch of an nvdisasm -g
+    listing (the chunk loop), or in the whole kernel."""
+    listing = "\n".join([
+        '        //## File "/x/fwd.py", line 10',
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        '        //## File "/x/fwd.py", line 12',
+        "        /*0010*/                   FADD R2, R2, R3 ;",
+        "        /*0020*/               @P1 FMUL R2, R2, R3 ;",
+        '        //## File "/x/fwd.py", line 13',
+        "        /*0030*/               @P0 BRA `(.L_x_0) ;",
+        "        /*0040*/                   EXIT ;",
+    ])
+    count, ops, n, whole = sass_lines.per_line(listing)
+    assert (n, whole) == (3, False) and count == {("fwd.py", 12): 2, ("fwd.py", 13): 1}
+    assert ops[("fwd.py", 12)] == {"FADD": 1, "FMUL": 1}
+    count, _, n, whole = sass_lines.per_line(listing, loop_only=False)
+    assert (n, whole) == (5, True) and sum(count.values()) == 5
 
 
 # ------------------------------------------------------------------------------------------------- GPU
