@@ -8,7 +8,9 @@ whole kernel.
 SPEC: a spec name under specs/ or a YAML path (its dims and dtypes give the signature); --source: a fwd.py to take
 the kernel from (default generated/<spec>/fwd.py; e.g. a variant written by benchmarks/ablate.py --write-only);
 --kernel: mamba3_fwd_kernel (default), mamba3_chunk_states_kernel, mamba3_chunk_out_kernel,
-mamba3_angle_sums_kernel, mamba3_rotate_prep_kernel; --prepped: as after the rotation pre-pass. Prints registers,
+mamba3_angle_sums_kernel, mamba3_rotate_prep_kernel, or a backward kernel (mamba3_bwd_chunk_qk_kernel, ..._chunk_v_,
+..._chunk_coef_, ..._dstate_, ..._steps_: taken from the spec's built package); --prepped: as after the rotation
+pre-pass. Prints registers,
 spills, shared memory, the instruction counts by opcode and the --top source lines with their leading opcodes.
 Needs nvdisasm (Triton bundles it under triton/backends/nvidia/bin). Never with TRITON_INTERPRET=1.
 """
@@ -101,14 +103,24 @@ def main(argv=None) -> int:
 
     spec_path = Path(args.spec) if args.spec.endswith((".yaml", ".yml")) else ROOT / "specs" / f"{args.spec}.yaml"
     spec = load_spec(str(spec_path))
-    source = args.source or ROOT / "generated" / spec_path.stem / "fwd.py"
-    sp = importlib.util.spec_from_file_location("sass_lines_module", source)
-    mod = importlib.util.module_from_spec(sp)
-    sys.modules[sp.name] = mod
-    sp.loader.exec_module(mod)
-    tuner = getattr(mod, args.kernel)
-    cfg = tuner.configs[args.config]
-    sig, const, attrs = _signature(spec, tuner.fn, cfg, args.prepped and spec.is_complex)
+    if args.kernel.startswith("mamba3_bwd_"):  # the backward's kernels: from the built package (bwd.py imports fwd.py)
+        import mamba3_gen
+        from mamba3_gen.backends.triton.aot_backward import backward_signature
+
+        package = mamba3_gen.load(spec_path, arch="sm_90a")
+        source = Path(package.__file__).parent / "bwd.py"
+        tuner = getattr(package.bwd, args.kernel)
+        cfg = tuner.configs[args.config]
+        sig, const, attrs = backward_signature(spec, package.META["J"], tuner.fn, cfg)
+    else:
+        source = args.source or ROOT / "generated" / spec_path.stem / "fwd.py"
+        sp = importlib.util.spec_from_file_location("sass_lines_module", source)
+        mod = importlib.util.module_from_spec(sp)
+        sys.modules[sp.name] = mod
+        sp.loader.exec_module(mod)
+        tuner = getattr(mod, args.kernel)
+        cfg = tuner.configs[args.config]
+        sig, const, attrs = _signature(spec, tuner.fn, cfg, args.prepped and spec.is_complex)
     compiled = triton.compile(ASTSource(fn=tuner.fn, signature=sig, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})

@@ -57,6 +57,36 @@ def _pointer_types(spec, J: int) -> dict:
     }
 
 
+def backward_signature(spec, J: int, fn, cfg) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` of one backward kernel ``fn`` at autotune
+    config ``cfg``, as the JIT sees it for ``spec`` (J: the rule's lags, ``META["J"]``): every option the spec has
+    switched on, the reduced output (PER_RANK False), G = 1 specialised.
+
+    Raises:
+        AOTCompileError: ``fn`` has an argument this table does not know (the template gained one)."""
+    ptrs = _pointer_types(spec, J)
+    opt = spec.options
+    consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
+              "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, **{k: int(v) for k, v in cfg.kwargs.items()}}
+    if spec.dims.ngroups == 1:
+        consts["G"] = 1
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name], constexprs[name] = "constexpr", consts[name]
+        elif name in ptrs:
+            if ptrs[name] is None:
+                signature[name], constexprs[name] = "constexpr", None
+            else:
+                signature[name] = ptrs[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh"):
+            signature[name] = "i32"
+        else:
+            raise AOTCompileError(f"backward kernel argument {name!r} is unknown to aot_backward.py")
+    return signature, constexprs, attrs
+
+
 def _report_in_process(spec_path: str, arch: str) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise AOTCompileError("TRITON_INTERPRET=1 is set: run backward_compile_report (a clean subprocess)")
@@ -74,29 +104,10 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mamba3_aot_bwd_") as out_dir:
         module = load_module(spec_path, out_dir, arch=arch)
         meta = module.META
-        ptrs = _pointer_types(spec, meta["J"])
-        opt = spec.options
         for kind, kname in KERNELS.items():
             autotuner = getattr(module.bwd, kname)
             fn, cfg = autotuner.fn, autotuner.configs[0]
-            consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
-                      "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, **{k: int(v) for k, v in cfg.kwargs.items()}}
-            if spec.dims.ngroups == 1:
-                consts["G"] = 1
-            signature, constexprs, attrs = {}, {}, {}
-            for i, name in enumerate(fn.arg_names):
-                if name in consts:
-                    signature[name], constexprs[name] = "constexpr", consts[name]
-                elif name in ptrs:
-                    if ptrs[name] is None:
-                        signature[name], constexprs[name] = "constexpr", None
-                    else:
-                        signature[name] = ptrs[name]
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh"):
-                    signature[name] = "i32"
-                else:
-                    raise AOTCompileError(f"backward kernel argument {name!r} is unknown to aot_backward.py")
+            signature, constexprs, attrs = backward_signature(spec, meta["J"], fn, cfg)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             t0 = time.perf_counter()
             try:
@@ -106,8 +117,8 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
                 raise AOTCompileError(f"{spec.name} backward {kind} kernel does not compile for {arch}: "
                                       f"{type(e).__name__}:\n{_first_lines(e)}") from None
             stats = ptxas_stats(compiled.asm["ptx"], target.capability)
-            rows.append({"spec": spec.name, "kernel": kind, "block_p": consts.get("BLOCK_P"),
-                         "block_k": consts.get("BLOCK_K"), "num_warps": cfg.num_warps,
+            rows.append({"spec": spec.name, "kernel": kind, "block_p": constexprs.get("BLOCK_P"),
+                         "block_k": constexprs.get("BLOCK_K"), "num_warps": cfg.num_warps,
                          "shared": int(compiled.metadata.shared), **{k: stats[k] for k in (
                              "registers", "spill_stores", "spill_loads", "stack_frame")},
                          "compile_s": round(time.perf_counter() - t0, 3)})
