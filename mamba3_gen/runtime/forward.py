@@ -84,7 +84,8 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     ``inline`` under both forwards (``forward`` is kept for a policy that differs by forward): measured on an H200
     (benchmarks/NOTES.md, 2026-12-02 third session) the inline rotation with contiguous pair loads is as fast or
     faster (fused 2.76 vs 3.03 ms, chunked 4.67 vs 4.77 ms at B8 L4096 N128; MIMO R4 chunked 9.86 vs 11.27 ms),
-    the pre-pass kernel still being far from its byte floor. A real state, or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
+    the pre-pass kernel still being far from its byte floor. A real state, or a module built without the pre-pass
+    (``has_prep=False``), is always ``inline``.
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
