@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     from mamba3_gen.backends.triton.aot import ptxas_stats
     from mamba3_gen.spec.loader import load_spec
 
-    spec_path = Path(args.spec) if args.spec.endswith((".yaml", ".yml")) else ROOT / "specs" / f"{args.spec}.yaml"
+    from ablate import _spec_path
+
+    spec_path = _spec_path(args.spec)
     spec = load_spec(str(spec_path))
     if args.kernel.startswith("mamba3_bwd_"):  # the backward's kernels: from the built package (bwd.py imports fwd.py)
         import mamba3_gen
