@@ -42,8 +42,11 @@ MATRIX = [
     ("fwd", "mimo_r4", N64, (BIG,), PREFILL),
     ("fwd", "two_lag_complex", (), (BIG,), PREFILL),              # a formula rule: within 1.15x of the trapezoid
     ("fwd", "siso_trap_complex", BF16, (BIG, LONG), PREFILL),
+    ("fwd", "siso_trap_complex", N64 + BF16, (BIG,), PREFILL),
+    ("fwd", "two_lag_complex", BF16, (BIG,), PREFILL),
     ("fwd", "siso_euler_real", BF16, (BIG,), PREFILL),
     ("fwd", "mimo_r4", BF16, (BIG,), PREFILL),
+    ("fwd", "mimo_r4", N64 + BF16, (BIG,), PREFILL),
     ("decode", "siso_trap_complex", (), ((1, 1, H), (256, 1, H)), DECODE),   # R = 1
     ("decode", "mimo_r4", (), ((1, 1, H), (256, 1, H)), DECODE),             # R = 4
     ("bwd", "siso_trap_complex", (), (BIG,), PREFILL),

@@ -8,7 +8,7 @@ whole kernel.
 SPEC: a spec name under specs/ or a YAML path (its dims and dtypes give the signature); --source: a fwd.py to take
 the kernel from (default generated/<spec>/fwd.py; e.g. a variant written by benchmarks/ablate.py --write-only);
 --kernel: mamba3_fwd_kernel (default), mamba3_chunk_states_kernel, mamba3_chunk_out_kernel,
-mamba3_angle_sums_kernel, mamba3_rotate_prep_kernel, or a backward kernel (mamba3_bwd_chunk_qk_kernel, ..._chunk_v_,
+mamba3_rotate_prep_kernel, or a backward kernel (mamba3_bwd_chunk_qk_kernel, ..._chunk_v_,
 ..._chunk_coef_, ..._dstate_, ..._steps_: taken from the spec's built package); --prepped: as after the rotation
 pre-pass. Prints registers,
 spills, shared memory, the instruction counts by opcode and the --top source lines with their leading opcodes.

@@ -195,7 +195,7 @@ def test_check_json():
     assert obj["spec"]["dims"]["mimo_rank"] == 4
     assert obj["derived"]["S_angles"] == 32 and obj["derived"]["chunk_rows"] == 64
     assert obj["lowering"]["weight c_0(t) (token t-0)"] == "dt*lam"
-    assert obj["stage_order"]["epilogue"] == ["final_states"]
+    assert obj["stage_order"]["epilogue"] == ["final_theta", "final_states"]
     assert all(c["smem_estimate"] <= c["smem_limit"] for c in obj["configs"]) and obj["configs"]
     assert obj["aot"] is None
     assert "discretization.lambda_value" in obj["defaults"]

@@ -1,11 +1,11 @@
-"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass; `auto` picks inline): the angle-sums kernel,
-the host's prefix over chunks (`chunk_thetas`) and the prep kernel write Q̂, K̂ per head; the forward kernels then
-run PREPPED.
+"""The rotation pre-pass (MAMBA3_GEN_ROTATE=prepass): the prep kernel walks each sequence's chunks carrying Θ and
+writes Q̂, K̂ per head and the final Θ; the forward kernels then run PREPPED.
 It must give what the inline rotation gives, under both forwards, with every feature of the shipped complex specs.
 
-Tolerances (fp32 inputs and fp32 dot operands in the interpreter): the two paths differ only in how Θ entering a
-chunk is formed (an fp32 carry mod 2π inline, a float64 prefix mod 2π in the pre-pass), a difference of a few fp32
-ulps of Θ ≤ 2π, so outputs and states agree to 1e-5 relative, and both match the float64 recurrence to CPU_TOL.
+Tolerances (fp32 inputs and fp32 dot operands in the interpreter): both paths carry Θ in fp32 mod 2π with the same
+operations, but over tiles of different widths (a pair block in the prep kernel, all pairs inline), so their sums
+may round apart by an ulp of Θ ≤ 2π; outputs and states agree to 1e-5 relative, and both match the float64
+recurrence to CPU_TOL.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
-from mamba3_gen.runtime.forward import ForwardOp, chunk_thetas, selected_rotation
+from mamba3_gen.runtime.forward import ForwardOp, selected_rotation
 from mamba3_gen.spec.loader import load_spec
 from tests.helpers import SHIPPED_SPECS, assert_matches, run_op
 from tests.strategies import CPU_TOL, _interpretable, interpreter_only
@@ -76,62 +76,17 @@ def test_prepass_equals_inline(spec_path, forward, env, interp_kernels, monkeypa
         calls.clear()
 
 
-def test_chunk_thetas_is_a_prefix_per_sequence():
-    """Θ entering each slot = Θ_init + the sums of the sequence's earlier chunks, mod 2π; the final Θ adds all of
-    them; an empty sequence keeps its initial Θ; slots no sequence uses are ignored (float64 loops as the oracle)."""
-    C, H, S = 4, 2, 3
-    cu = torch.tensor([0, 9, 9, 12, 25])  # lengths 9, 0, 3, 13
-    NS, L = 4, 25
-    slots = L // C + NS
-    gen = torch.Generator().manual_seed(0)
-    sums = torch.randn(slots, H, S, generator=gen) * 3
-    init = torch.rand(NS, H, S, generator=gen) * 6
-    first = [int(cu[s]) // C + s for s in range(NS)]
-    count = [-(-(int(cu[s + 1]) - int(cu[s])) // C) for s in range(NS)]
-    used = {f + j for f, n in zip(first, count) for j in range(n)}
-    for j in range(slots):
-        if j not in used:
-            sums[j] = 0.0  # the kernel leaves them at 0 (zero-initialised)
-    theta, final = chunk_thetas(sums, init, cu, NS, L, C)
-    for s in range(NS):
-        acc = init[s].double()
-        for j in range(count[s]):
-            assert _circular(theta[first[s] + j], acc) <= 1e-6
-            acc = acc + sums[first[s] + j].double()
-        assert _circular(final[s], acc) <= 1e-6
-    assert theta.dtype == torch.float32 and bool(((theta >= 0) & (theta <= 2 * math.pi)).all())
-
-
-def test_chunk_thetas_non_finite_stays_in_its_sequence():
-    """A non-finite chunk sum makes Θ NaN for its sequence's later chunks and final Θ only (causality)."""
-    C, H, S, NS, L = 4, 1, 2, 2, 8  # two batch rows of two chunks
-    sums = torch.ones(4, H, S)
-    sums[0, 0, 0] = float("inf")
-    theta, final = chunk_thetas(sums, None, None, NS, L, C)
-    assert torch.isnan(theta[1, 0, 0]) and torch.isfinite(theta[1, 0, 1]) and torch.isnan(final[0, 0, 0])
-    assert bool(torch.isfinite(theta[2:]).all()) and bool(torch.isfinite(final[1]).all())
-    assert theta[0].eq(0).all()  # the first chunk enters with Θ = 0
-
-
-def test_chunk_thetas_batched_without_initial_angle():
-    B, L, C, H, S = 2, 10, 4, 1, 2
-    NC = 3
-    sums = torch.randn(B * NC, H, S, dtype=torch.float32)
-    theta, final = chunk_thetas(sums, None, None, B, L, C)
-    for b in range(B):
-        acc = torch.zeros(H, S, dtype=torch.float64)
-        for j in range(NC):
-            assert _circular(theta[b * NC + j], acc) <= 1e-6
-            acc = acc + sums[b * NC + j].double()
-        assert _circular(final[b], acc) <= 1e-6
-
-
 def test_rotation_selection(monkeypatch):
-    complex_meta, real_meta = {"S": 32}, {"S": 0}
+    """auto: the pre-pass with bf16 dot operands only (it rounds Q̂, K̂ to bf16; measured faster, NOTES)."""
+    complex_meta, real_meta = {"S": 32, "compute_dtype": "tf32"}, {"S": 0, "compute_dtype": "bf16"}
     monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
-    assert selected_rotation(complex_meta, "chunked") == "inline"  # auto: measured as fast or faster (NOTES)
+    assert selected_rotation(complex_meta, "chunked") == "inline"
     assert selected_rotation(complex_meta, "fused") == "inline"
+    assert selected_rotation({**complex_meta, "compute_dtype": "bf16"}, "fused") == "prepass"
+    assert selected_rotation({**complex_meta, "compute_dtype": "bf16"}, "chunked") == "prepass"
+    assert selected_rotation({**complex_meta, "compute_dtype": "fp32"}, "fused") == "inline"
     assert selected_rotation(real_meta, "chunked") == "inline"
+    assert selected_rotation(real_meta, "fused") == "inline"
     assert selected_rotation(complex_meta, "chunked", has_prep=False) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "inline")
     assert selected_rotation(complex_meta, "chunked") == "inline"

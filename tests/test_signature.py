@@ -92,7 +92,7 @@ def _kernels(path: Path) -> dict[str, list[str]]:
 def test_generated_kernels_start_with_the_table(d):
     layer_ptrs = [a.ptr for a in sig.LAYER_ARGS]
     fwd = _kernels(d / "fwd.py")
-    prepass = {"mamba3_angle_sums_kernel", "mamba3_rotate_prep_kernel"} if load_spec(SPECS / f"{d.name}.yaml").is_complex \
+    prepass = {"mamba3_rotate_prep_kernel"} if load_spec(SPECS / f"{d.name}.yaml").is_complex \
         else set()  # the rotation pre-pass: complex states only
     assert set(fwd) == {"mamba3_fwd_kernel", "mamba3_chunk_states_kernel", "mamba3_chunk_out_kernel", *prepass}
     for name, params in fwd.items():

@@ -8,7 +8,8 @@ of shared memory, which the resource table must be re-fitted for); rare_dot: one
 every chunk by a [C, C]·[C, P] dot of the lower triangle and the non-finite indicator (no block-wide reduction, no
 branch; equal to the branch on NaN/inf inputs in the interpreter); no_rare cuts the non-finite check (wrong on NaN
 inputs: it measures the check's cost); warps4 / p32 change the fused and out kernels' default tile; the bf16 ones
-build the spec with bf16 dot operands first.
+build the spec with bf16 dot operands first; stages2 lets
+Triton pipeline the chunk loop's loads (num_stages=2).
 """
 RARE_IF = "if tl.sum(tl.where(v_finite, 0, 1)) > 0:"
 SEEN = "seen = _rows2d(tl.cumsum(bad_tok, axis=0), BLOCK_P) > 0"
@@ -38,4 +39,8 @@ VARIANTS = {
     "bf16": {"sets": ["dtypes.compute=bf16"]},
     "bf16_one_dot": {"sets": ["dtypes.compute=bf16"], "edits": one_dot(bf16=True)},
     "bf16_rare_dot": {"sets": ["dtypes.compute=bf16"], "edits": one_dot(bf16=True) + RARE_DOT},
+    "stages2": {"edits": [(FIRST_CONFIG, FIRST_CONFIG.replace("num_stages=1", "num_stages=2"))]},
+    "bf16_no_rare": {"sets": ["dtypes.compute=bf16"], "edits": [(RARE_IF, "if False:")]},
+    "bf16_stages2": {"sets": ["dtypes.compute=bf16"],
+                     "edits": [(FIRST_CONFIG, FIRST_CONFIG.replace("num_stages=1", "num_stages=2"))]},
 }

@@ -14,11 +14,10 @@ and carried tokens) and ``out`` (one program per chunk, head and P block: the ch
 entering state). A stage names the variants it belongs to; each variant's graph is built, validated and ordered
 the same way.
 
-Complex specs have two more kernels, the rotation pre-pass, both chunk-parallel (grid: chunk slot, head, pair
-block): ``angle_sums`` stores each chunk's total angle step, the host turns them into each chunk's entering Θ (a
-float64 prefix over chunks), and ``prep`` writes Q̂ and K̂ per head, biased and rotated. The other three kernels
-then take Q̂, K̂ in place of Q, K (constexpr ``PREPPED``) and skip the stages marked ``prepass`` (the angle cumsum
-and the rotation), so their chunk loop carries no angle work.
+Complex specs have one more kernel, the rotation pre-pass ``prep`` (grid: sequence, head, pair block; sequential
+over chunks like the fused kernel, carrying Θ): it writes Q̂ and K̂ per head, biased and rotated, and the final Θ.
+The other three kernels then take Q̂, K̂ in place of Q, K (constexpr ``PREPPED``) and skip the stages marked
+``prepass`` (the angle cumsum, the rotation and the final Θ), so their chunk loop carries no angle work.
 """
 from __future__ import annotations
 
@@ -32,8 +31,8 @@ from mamba3_gen.signature import features, presence
 from mamba3_gen.spec.model import Spec
 
 PHASES = ("prologue", "chunk", "epilogue")
-VARIANTS = ("fused", "states", "out", "angle_sums", "prep")
-PREPASS_VARIANTS = ("angle_sums", "prep")  # complex states only
+VARIANTS = ("fused", "states", "out", "prep")
+PREPASS_VARIANTS = ("prep",)  # complex states only
 _ALL = ("fused", "states", "out")
 _FUSED_STATES = ("fused", "states")
 _FUSED_OUT = ("fused", "out")
@@ -70,9 +69,10 @@ def _lags(spec, low):
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("init_carry", "prologue", "carried Θ, H and the last J tokens' (k̂, v): zeros, or the initial states",
-          writes=("theta", "h", "prev"), loads=("init_angle", "init_ssm", "init_k", "init_v", "mimo_v"),
-          variants=_FUSED_STATES),
+    Stage("init_theta", "prologue", "Θ carried across chunks: zeros, or the initial Θ", writes=("theta",),
+          loads=("init_angle",), when=_complex, variants=_FUSED_STATES + ("prep",)),
+    Stage("init_carry", "prologue", "carried H and the last J tokens' (k̂, v): zeros, or the initial states",
+          writes=("h", "prev"), loads=("init_ssm", "init_k", "init_v", "mimo_v"), variants=_FUSED_STATES),
     Stage("fold_init", "prologue", "the first step on the initial state: its decay and the carried tokens' lag terms",
           reads=("prev",), updates=("h",), loads=("dt", "adt", "trap"),
           when=lambda spec, low: spec.options.initial_states, variants=_FUSED_STATES),
@@ -81,11 +81,7 @@ STAGES: tuple[Stage, ...] = (
           loads=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v", "mimo_v"), variants=("out",)),
     Stage("load_steps", "chunk", "the rule's prologue (a, c_j) at each token t + s, s = 0..J, and at the chunk's "
           "first J steps", writes=("dt", "a", "cw", "cm"), loads=("dt", "adt", "trap")),
-    Stage("load_chunk_theta", "prologue", "Θ entering the chunk (the host's prefix over the chunks' angle sums)",
-          writes=("theta",), loads=("chunk_angle",), variants=("prep",)),
     Stage("load_dt", "chunk", "Δ of the chunk's tokens", writes=("dt",), loads=("dt",), variants=PREPASS_VARIANTS),
-    Stage("store_angle_sums", "chunk", "the chunk's total angle step per rotation pair", reads=("dt",),
-          loads=("angles",), stores=("chunk_angle",), variants=("angle_sums",)),
     Stage("load_qk", "chunk", "Q and K rows (time-major, rank-minor) plus per-head biases, split in two halves "
           "(with PREPPED: the pre-pass's Q̂, K̂)", writes=("q", "k"), loads=("q", "k", "q_bias", "k_bias"),
           variants=_ALL + ("prep",)),
@@ -94,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
           when=lambda spec, low: spec.options.z_gate, variants=_FUSED_OUT),
     # before angle_cumsum, state_update and carry_update move Θ, H and the carried tokens past the chunk
     Stage("store_chunk_state", "chunk", "store the state entering the chunk (after its first step), its Θ and the "
-          "carried tokens, for the out kernel", reads=("theta", "h", "prev"),
+          "carried tokens, for the out kernel", reads=("h", "prev"), optional_reads=("theta",),
           stores=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v"), variants=("states",)),
     Stage("decay_weights", "chunk", "cumsum of a, key scale, band weights, weights into the chunk-end state and "
           "of the carried tokens", reads=("a", "cw", "cm"), writes=("cs", "weights")),
@@ -127,8 +123,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("carry_update", "chunk", "the chunk's last J tokens (k̂ rotated by their Θ, raw v) become the carried ones",
           optional_reads=("theta", "theta_t"), updates=("prev",), loads=("k", "k_bias", "v"),
           when=lambda spec, low: low.lags > 1, variants=_FUSED_STATES),  # one lag: final_states reads it from memory
-    Stage("final_states", "epilogue", "store Θ, H, and the last J tokens' k̂ and v",
-          reads=("theta", "h", "prev"), stores=("final_angle", "final_ssm", "final_k", "final_v"),
+    Stage("final_theta", "epilogue", "store the final Θ", reads=("theta",), stores=("final_angle",),
+          when=lambda spec, low: spec.is_complex and spec.options.final_states, variants=_FUSED_STATES + ("prep",),
+          prepass=True),
+    Stage("final_states", "epilogue", "store H and the last J tokens' k̂ and v",
+          optional_reads=("theta",), reads=("h", "prev"), stores=("final_ssm", "final_k", "final_v"),
           loads=("k", "k_bias", "v"), loads_when=lambda spec, low: low.lags == 1,  # one lag: the last token from memory
           when=lambda spec, low: spec.options.final_states, variants=_FUSED_STATES),
 )

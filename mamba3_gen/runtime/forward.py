@@ -52,10 +52,11 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
     head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
     chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster on an H200 (benchmarks/NOTES.md,
-    session 2026-12-02) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs NS·H than the
-    GPU has SMs (the fused kernel's programs would leave SMs idle) — else ``fused``. Under the CPU interpreter, and
-    for a module without the chunked forward (``has_chunked=False``: built by an older generator), ``auto`` is
-    ``fused``.
+    sessions 2026-12-02 and 2026-12-03) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs
+    NS·H than the GPU has SMs (the fused kernel's programs would leave SMs idle), except a complex SISO state with
+    bf16 dot operands, whose fused kernel after the rotation pre-pass is faster at every batch (B1 L16384: 2.54 vs
+    3.22 ms) — else ``fused``. Under the CPU interpreter, and for a module without the chunked forward
+    (``has_chunked=False``: built by an older generator), ``auto`` is ``fused``.
 
     Raises:
         InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
@@ -68,7 +69,9 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
         return "fused"
-    if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64) or NS * H < _sm_count(device):
+    if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64):
+        return "chunked"
+    if NS * H < _sm_count(device) and not (meta["S"] > 0 and meta.get("compute_dtype") == "bf16"):
         return "chunked"
     return "fused"
 
@@ -77,15 +80,16 @@ ROTATIONS = ("auto", "prepass", "inline")
 
 
 def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True) -> str:
-    """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (two
-    chunk-parallel kernels and a prefix over chunks write Q̂, K̂ per head, biased and rotated, in the input dtype —
-    fp32 for fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
+    """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (one
+    kernel walking each sequence's chunks writes Q̂, K̂ per head, biased and rotated, in the input dtype — fp32 for
+    fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
     in their chunk loop) or ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is
-    ``inline`` under both forwards (``forward`` is kept for a policy that differs by forward): measured on an H200
-    (benchmarks/NOTES.md, 2026-12-02 third session) the inline rotation with contiguous pair loads is as fast or
-    faster (fused 2.76 vs 3.03 ms, chunked 4.67 vs 4.77 ms at B8 L4096 N128; MIMO R4 chunked 9.86 vs 11.27 ms),
-    the pre-pass kernel still being far from its byte floor. A real state, or a module built without the pre-pass
-    (``has_prep=False``), is always ``inline``.
+    ``prepass`` with bf16 dot operands, where storing Q̂, K̂ in bf16 rounds nothing the dots would not, and it is
+    faster on an H200 (benchmarks/NOTES.md, session 2026-12-03, B8 L4096 N128 unless said): fused 1.64 vs 1.89 ms
+    (B1 L16384: 2.54 vs 3.84), chunked 4.06 vs 4.19, MIMO R4 chunked 7.48 vs 8.44. With tf32 or fp32 operands it
+    is ``inline``: the pre-pass would round Q̂, K̂ to the bf16 input dtype (output error 2.8e-3 instead of 1.9e-3)
+    for 5-12 % under the chunked forward, and the fused forward is slower with it (3.05 vs 2.68 ms). A real state,
+    or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
@@ -97,7 +101,7 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     if meta["S"] == 0 or not has_prep:
         return "inline"
     if name == "auto":
-        return "inline"
+        return "prepass" if meta.get("compute_dtype") == "bf16" else "inline"
     return name
 
 
@@ -106,50 +110,6 @@ def chunk_slots(B: int, L: int, C: int, NS: int, is_varlen: bool) -> tuple[int, 
     s·NC + j, or packed (varlen) cu[s] // C + s + j, below L // C + NS: an upper bound known from the shapes."""
     NC = triton.cdiv(L, C)
     return NC, (L // C + NS if is_varlen else B * NC)
-
-
-def chunk_thetas(sums: torch.Tensor, init_angle: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                 NS: int, L: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Θ entering each chunk slot and each sequence's final Θ, from each chunk's total angle step (math doc §2:
-    Θ_t = Θ_init + Σ_{r ≤ t} Δ_r·π·tanh(angle_r)), as a float64 prefix over chunks reduced mod 2π.
-
-    sums: (slots, H, S) fp32, 0 at the slots no sequence uses; chunk j of sequence s is slot s·cdiv(L, C) + j, or
-    with ``cu_seqlens`` (varlen) cu[s] // C + s + j. init_angle: (NS, H, S) or None. Returns (theta (slots, H, S)
-    fp32 in [0, 2π), final (NS, H, S) fp32 in [0, 2π)); NaN after a non-finite sum of the same sequence. All on the
-    device: no host sync."""
-    dev = sums.device
-    slots = sums.shape[0]
-    # a non-finite chunk sum poisons its own sequence's later chunks only (as the inline carry does): the prefix
-    # runs over the finite part and a count of non-finite chunks, both segmented by subtraction
-    bad = ~torch.isfinite(sums)
-    zero = sums.new_zeros((1, *sums.shape[1:]), dtype=torch.float64)
-    # scans along the innermost dim (torch's outer-dim scan runs one thread per column: ~0.4 ms at 2k slots)
-    def prefix(x):
-        return torch.cumsum(x.movedim(0, -1).contiguous(), -1).movedim(-1, 0)
-
-    excl = torch.cat([zero, prefix(torch.where(bad, 0.0, sums).double())])
-    nbad = torch.cat([zero.long(), prefix(bad.long())])
-    seqs = torch.arange(NS, device=dev)
-    if cu_seqlens is None:
-        NC = -(-L // C)
-        first = seqs * NC
-        chunks = torch.full((NS,), NC, device=dev, dtype=torch.long)
-    else:
-        cu = cu_seqlens.long()
-        first = cu[:-1] // C + seqs
-        chunks = (cu[1:] - cu[:-1] + C - 1) // C
-    seq = (torch.searchsorted(first, torch.arange(slots, device=dev), right=True) - 1).clamp(min=0)  # [slots]
-    base = excl[first]  # [NS, H, S]: the sum before each sequence's first chunk
-    if init_angle is not None:
-        base = base - init_angle.double()
-    nan = torch.tensor(float("nan"), device=dev, dtype=torch.float64)
-    theta = torch.remainder(excl[:-1] - base[seq], 2 * torch.pi)
-    theta = torch.where(nbad[:-1] > nbad[first][seq], nan, theta).float()
-    final = torch.remainder(excl[first + chunks] - base, 2 * torch.pi)
-    final = torch.where(nbad[first + chunks] > nbad[first], nan, final).float()
-    if init_angle is not None:  # an empty sequence keeps its initial Θ bit for bit, as the inline kernels do
-        final = torch.where((chunks == 0)[:, None, None], init_angle.float(), final)
-    return theta, final
 
 
 def chunk_states_dtype(meta: dict) -> str:
@@ -187,7 +147,7 @@ class ForwardOp:
         self.meta = meta
         self.kernel = kernel
         self.chunked_kernels = chunked  # (states kernel, out kernel) of the chunk-parallel forward, or None
-        self.prep_kernels = prep  # the rotation pre-pass (complex states): (angle-sums kernel, prep kernel), or None
+        self.prep_kernel = prep  # the rotation pre-pass (complex states), or None
         self.op = self._register()
         self.chunked_op = self._register("chunked") if chunked is not None else None
         # the same two forwards after the rotation pre-pass: their own ops (their launches differ)
@@ -243,7 +203,7 @@ class ForwardOp:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
-        if selected_rotation(m, forward, self.prep_kernels is not None) == "prepass":
+        if selected_rotation(m, forward, self.prep_kernel is not None) == "prepass":
             op = self.prepass_ops[forward]
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
         if not return_final_states:
@@ -263,37 +223,25 @@ class ForwardOp:
 
     def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
-        """The rotation pre-pass, chunk-parallel (grids: chunk slot, head, pair block): the angle-sums kernel stores
-        each chunk's total angle step, :func:`chunk_thetas` turns them into the Θ entering each chunk (and the
-        final Θ, into ``fin[0]`` when it is asked for), then the prep kernel writes Q̂, K̂ per head, head-major
-        (B, H, L, R, N; each row holds the rotation pairs' first dims, then their second), biased and rotated, in the input dtype (fp32 for fp32 inputs or fp32 dot operands).
+        """The rotation pre-pass: one kernel, grid (sequence, head, pair block), walks each sequence chunk by chunk
+        carrying Θ (fp32, mod 2π, as the inline kernels do) and writes Q̂, K̂ per head, head-major (B, H, L, R, N;
+        each row holds the rotation pairs' first dims, then their second), biased and rotated, in the input dtype
+        (fp32 for fp32 inputs or fp32 dot operands), and the final Θ into ``fin[0]`` when it is asked for.
         Returns (Q̂, K̂), to pass as q, k with PREPPED."""
         m = self.meta
         B, L, H, _ = v.shape
-        C, S = m["C"], m["S"]
-        is_varlen = cu_seqlens is not None
-        NS = B if not is_varlen else cu_seqlens.shape[0] - 1
-        NC, slots = chunk_slots(B, L, C, NS, is_varlen)
+        NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         keep = q.dtype in (torch.bfloat16, torch.float16) and m["compute_dtype"] != "fp32"
         shape = (B, H, L, m["R"], m["N"])  # head-major: a chunk's rows of one head are contiguous
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
         k_hat = torch.empty_like(q_hat)
-        sums = torch.zeros((slots, H, S), device=v.device, dtype=torch.float32)  # unused varlen slots stay 0
-        sums_kernel, prep_kernel = self.prep_kernels
-        common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
-                  init_angle, init_ssm, init_k, init_v, *fin)
-        scalars = (cu_seqlens, L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angles.stride()[:3])
 
         def grid(cfg):
-            return (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
+            return (NS, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
 
-        if slots:
-            sums_kernel[grid](*common, sums, *scalars, **flags)
-        theta, final = chunk_thetas(sums, init_angle, cu_seqlens, NS, L, C)
-        if flags["STORE_FINAL"] and fin[0] is not None:
-            fin[0].copy_(final)
-        if slots:
-            prep_kernel[grid](*common, theta, q_hat, k_hat, *scalars, **flags)
+        self.prep_kernel[grid](q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
+                               init_angle, init_ssm, init_k, init_v, *fin, q_hat, k_hat, cu_seqlens, L, H, m["G"],
+                               *angles.stride()[:3], **flags)
         return q_hat, k_hat
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,

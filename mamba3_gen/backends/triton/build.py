@@ -32,8 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE_DIR = templates_dir("triton")  # the checkout's templates/, or the copy inside an installed wheel
 GENERATED_DIR = REPO_ROOT / "generated"  # the checkout's committed examples; build() defaults to default_out_dir()
 KERNEL_NAME = "mamba3_fwd_kernel"
-ANGLE_SUMS_KERNEL_NAME = "mamba3_angle_sums_kernel"  # complex states: each chunk's total angle step
-PREP_KERNEL_NAME = "mamba3_rotate_prep_kernel"  # ... then Q̂, K̂ per head (biased, rotated) for PREPPED
+PREP_KERNEL_NAME = "mamba3_rotate_prep_kernel"  # complex states: Q̂, K̂ per head (biased, rotated) for PREPPED
 STATES_KERNEL_NAME = "mamba3_chunk_states_kernel"  # the chunk-parallel forward: per-chunk entering states
 OUT_KERNEL_NAME = "mamba3_chunk_out_kernel"  # ... and the outputs of every chunk from them
 STEP_KERNEL_NAME = "mamba3_step_kernel"
@@ -122,7 +121,7 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
     ctx = dict(spec=low.spec, lowered=low.lowered, plan=low.plan, plans=low.plans, header=header, meta=low.meta(),
                configs=low.configs, chunked_configs=low.chunked_configs, kernel_name=KERNEL_NAME,
                states_kernel_name=STATES_KERNEL_NAME, out_kernel_name=OUT_KERNEL_NAME,
-               prep_kernel_name=PREP_KERNEL_NAME, angle_sums_kernel_name=ANGLE_SUMS_KERNEL_NAME, prepped=False, J=low.lowered.lags,
+               prep_kernel_name=PREP_KERNEL_NAME, prepped=False, J=low.lowered.lags,
                prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered),
                shifted_input_codes=[input_codes(low.spec, low.lowered, suffix=f"_s{k}") for k in range(low.lowered.lags + 1)],
                chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()], **low.dims)

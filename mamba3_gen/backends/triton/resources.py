@@ -333,10 +333,13 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
             p, *rest = min(shapes, key=lambda sh: sh[0] * (sh[1] if kind == "states" else bn2))
             k = rest[0] if kind == "states" else None
             res[kind].append(ChunkedConfig(p, rest[-2], 1, est(k or bn2, p), block_k=k, maxnreg=rest[-1]))
-    # the rotation pre-pass (complex states): elementwise on [C·R, BLOCK_K] tiles, no dots, no shared memory to
-    # speak of; pair blocks small enough for B·H·(N/2/BLOCK_K) programs to fill the GPU at batch 1
+    # the rotation pre-pass (complex states): a walk over chunks, elementwise on [C·R, BLOCK_K] tiles, no dots, no
+    # shared memory to speak of. Measured on an H200 (SISO N128 B8 L4096, benchmarks/NOTES.md 2026-12-03): 32 pairs
+    # 0.56 ms, 16 pairs 0.69, 64 pairs (8 warps) 0.72, 8 pairs (2 warps) 1.67, two stages no change; MIMO R4: 32
+    # pairs 1.66, 16 pairs 3.1. 8 warps: fewer registers per thread (227 at 32 pairs and 4 warps: 2 programs per SM)
     if not target.is_gpu:
         res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4))]
     else:
-        res["prep"] = [ChunkedConfig(1, w, 1, 0, block_k=min(bn2, k)) for k, w in ((16, 4), (32, 4), (8, 2))]
+        res["prep"] = [ChunkedConfig(1, w, st, 0, block_k=min(bn2, k))
+                       for k, w, st in ((32, 4, 1), (32, 8, 1), (16, 4, 1), (64, 8, 1), (16, 8, 1))]
     return res
