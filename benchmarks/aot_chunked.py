@@ -1,10 +1,12 @@
 """AOT compile report of the chunk-parallel forward's two kernels (issue 11), for a GPU target without a GPU.
 
-    python benchmarks/aot_chunked.py specs/siso_trap_complex.yaml [more specs] [--arch sm_90a] [--max-configs N] [--prepped]
+    python benchmarks/aot_chunked.py specs/siso_trap_complex.yaml [more specs] [--arch sm_90a] [--max-configs N]
+                                     [--prepped] [--kernels states,out,fused,prep] [--json]
 
 Renders each spec into a temporary folder and compiles every autotune config of `mamba3_chunk_states_kernel` and
-`mamba3_chunk_out_kernel` (and the fused kernel's first config, for comparison) through Triton and ptxas; prints
-one line per config: registers, spills, shared memory. Runs each spec in this process: never with TRITON_INTERPRET=1
+`mamba3_chunk_out_kernel` (and the fused kernel's first config, for comparison; `--kernels prep`: every config of
+the rotation pre-pass, complex specs) through Triton and ptxas; prints one line per config: registers, spills,
+shared memory. Runs each spec in this process: never with TRITON_INTERPRET=1
 (refused). The signature is the one of `mamba3_gen.backends.triton.aot.kernel_signature` plus the chunk buffers.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _signature(spec, fn, cfg, prepped: bool = False):
         "k_hat_ptr": "*bf16" if spec.dtypes.input == "bf16" else "*fp32",
     }
     names = list(fn.arg_names)
-    known = [n for n in names if n not in extra_ptr and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K")]
+    known = [n for n in names if n not in extra_ptr and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T")]
     sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]), prepped)
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
@@ -46,9 +48,9 @@ def _signature(spec, fn, cfg, prepped: bool = False):
                 constexprs[n] = None
         elif n in ("NC", "NS", "SEARCH_STEPS"):
             signature[n] = "i32"
-        elif n == "BLOCK_K":
+        elif n in ("BLOCK_K", "BLOCK_T"):  # the pair block; the prep kernel's token block
             signature[n] = "constexpr"
-            constexprs[n] = int(cfg.kwargs["BLOCK_K"])
+            constexprs[n] = int(cfg.kwargs[n])
         else:
             signature[n] = sig_k[n]
             if n in const_k:
@@ -58,8 +60,11 @@ def _signature(spec, fn, cfg, prepped: bool = False):
     return signature, constexprs, attrs
 
 
+KERNELS = ("states", "out", "fused", "prep")
+
+
 def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None, trial: dict | None = None,
-           prepped: bool = False) -> list[dict]:
+           prepped: bool = False, kernels: tuple[str, ...] = ("states", "out", "fused")) -> list[dict]:
     """trial: {kernel name: [triton.Config]} to compile instead of the generated configs (exploring tile sizes).
     prepped: compile a complex spec's kernels as they run after the rotation pre-pass (constexpr PREPPED)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -70,7 +75,8 @@ def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None,
 
     from mamba3_gen.backends.device import get_target
     from mamba3_gen.backends.triton.aot import ptxas_stats
-    from mamba3_gen.backends.triton.build import KERNEL_NAME, OUT_KERNEL_NAME, STATES_KERNEL_NAME, load_module
+    from mamba3_gen.backends.triton.build import (KERNEL_NAME, OUT_KERNEL_NAME, PREP_KERNEL_NAME, STATES_KERNEL_NAME,
+                                                  load_module)
     from mamba3_gen.spec.loader import load_spec
 
     spec = load_spec(spec_path)
@@ -78,8 +84,10 @@ def report(spec_path: str, arch: str = "sm_90a", max_configs: int | None = None,
     rows = []
     with tempfile.TemporaryDirectory(prefix="mamba3_aot_chunked_") as out_dir:
         module = load_module(spec_path, out_dir, arch=arch)
-        for kname in (STATES_KERNEL_NAME, OUT_KERNEL_NAME, KERNEL_NAME):
-            autotuner = getattr(module, kname)
+        names = {"states": STATES_KERNEL_NAME, "out": OUT_KERNEL_NAME, "fused": KERNEL_NAME,
+                 "prep": PREP_KERNEL_NAME if spec.is_complex else None}
+        for kname in filter(None, (names[k] for k in kernels)):
+            autotuner = getattr(module, kname, None) or getattr(module.fwd, kname)
             configs = list(autotuner.configs)
             configs = configs[:1] if kname == KERNEL_NAME else configs[:max_configs]
             if trial is not None:
@@ -106,6 +114,8 @@ def main() -> int:
     ap.add_argument("--max-configs", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--prepped", action="store_true", help="compile as after the rotation pre-pass (PREPPED)")
+    ap.add_argument("--kernels", default="states,out,fused", type=lambda t: tuple(t.split(",")),
+                    help=f"comma-separated, of {', '.join(KERNELS)}")
     ap.add_argument("--trial", default=None, help="compile these tiles instead: 'states:PxKxW,...;out:PxW,...'")
     args = ap.parse_args()
     trial = None
@@ -125,11 +135,11 @@ def main() -> int:
                     cfg = triton.Config({"BLOCK_P": x[0]}, num_warps=x[1], num_stages=1)
                 trial.setdefault(STATES_KERNEL_NAME if kind == "states" else OUT_KERNEL_NAME, []).append(cfg)
     for p in args.specs:
-        for r in report(p, args.arch, args.max_configs, trial, args.prepped):
+        for r in report(p, args.arch, args.max_configs, trial, args.prepped, args.kernels):
             if args.json:
                 print(json.dumps(r))
             else:
-                tiles = f"BLOCK_P={r['BLOCK_P']}" + (f" BLOCK_K={r['BLOCK_K']}" if "BLOCK_K" in r else "")
+                tiles = " ".join(f"{k}={r[k]}" for k in ("BLOCK_P", "BLOCK_K", "BLOCK_T") if k in r)
                 print(f"{r['spec']:<28} {r['kernel']:<28} {tiles:<22} warps={r['num_warps']} "
                       f"stages={r['num_stages']}  regs={r['registers']:<4} spills={r['spill_stores']}/"
                       f"{r['spill_loads']}  smem={r['shared']}", flush=True)

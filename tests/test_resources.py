@@ -185,3 +185,25 @@ def test_refusal_without_a_single_fix_says_so():
     with pytest.raises(BuildError, match=r"no single change of dtypes.compute, dims.chunk_size, dims.d_state or "
                                          r"dims.headdim fits; try lowering several of them"):
         lower(spec, "sm_89")
+
+
+@pytest.mark.aot
+def test_prep_kernel_compiles_every_config_without_spills():
+    """The rotation pre-pass (complex specs): every autotune config compiles for sm_90a within the register file
+    and the shared memory, with no spills (it has no shared-memory table: its tiles hold no dot operands)."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the AOT compile refuses the interpreter
+    specs = [str(REPO / "specs" / f"{n}.yaml") for n in ("siso_trap_complex", "mimo_r4")]
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "aot_chunked.py"), *specs, "--kernels", "prep",
+                          "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for name in ("siso_trap_complex", "mimo_r4"):
+        n_cfg = len(lower(load_spec(REPO / "specs" / f"{name}.yaml"), "sm_90a").chunked_configs["prep"])
+        assert sum(r["spec"] == name for r in rows) == n_cfg > 1, name
+    for r in rows:
+        what = f"{r['spec']} BLOCK_K={r['BLOCK_K']} BLOCK_T={r['BLOCK_T']} warps={r['num_warps']}"
+        assert r["spill_stores"] == 0 and r["registers"] <= 255, what
+        assert r["shared"] <= TARGETS["sm_90a"].smem_per_block, what

@@ -272,7 +272,8 @@ class ChunkedConfig:
     num_warps: int
     num_stages: int
     smem_estimate: int
-    block_k: int | None = None  # states kernel only: rotation pairs per tile
+    block_k: int | None = None  # states and prep kernels: rotation pairs per tile
+    block_t: int | None = None  # prep kernel: tokens per step
     maxnreg: int | None = None
 
 
@@ -333,13 +334,19 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
             p, *rest = min(shapes, key=lambda sh: sh[0] * (sh[1] if kind == "states" else bn2))
             k = rest[0] if kind == "states" else None
             res[kind].append(ChunkedConfig(p, rest[-2], 1, est(k or bn2, p), block_k=k, maxnreg=rest[-1]))
-    # the rotation pre-pass (complex states): a walk over chunks, elementwise on [C·R, BLOCK_K] tiles, no dots, no
-    # shared memory to speak of. Measured on an H200 (SISO N128 B8 L4096, benchmarks/NOTES.md 2026-12-03): 32 pairs
-    # 0.56 ms, 16 pairs 0.69, 64 pairs (8 warps) 0.72, 8 pairs (2 warps) 1.67, two stages no change; MIMO R4: 32
-    # pairs 1.66, 16 pairs 3.1. 8 warps: fewer registers per thread (227 at 32 pairs and 4 warps: 2 programs per SM)
+    # the rotation pre-pass (complex states): a walk over blocks of BLOCK_T tokens (any block carries Θ: the chunk is
+    # the other kernels' unit), elementwise on [BLOCK_T·R, BLOCK_K] tiles, no dots, no shared memory to speak of.
+    # Measured on an H200 at BLOCK_T = C (SISO N128 B8 L4096, benchmarks/NOTES.md 2026-12-03): 32 pairs 0.56 ms, 16
+    # pairs 0.69, 64 pairs (8 warps) 0.72, 8 pairs (2 warps) 1.67, two stages no change; MIMO R4: 32 pairs 1.66, 16
+    # pairs 3.1. It is latency-bound at 2 programs per SM (227 registers at 32 pairs, 4 warps): the smaller token
+    # blocks (16-32 rows: 96-165 registers, sm_90a) are for more programs per SM (not timed yet). The interpreter's
+    # tile splits the chunk, so the CPU tests walk several blocks per chunk.
+    C = d["C"]
     if not target.is_gpu:
-        res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4))]
+        res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4), block_t=max(1, C // 2))]
     else:
-        res["prep"] = [ChunkedConfig(1, w, st, 0, block_k=min(bn2, k))
-                       for k, w, st in ((32, 4, 1), (32, 8, 1), (16, 4, 1), (64, 8, 1), (16, 8, 1))]
+        res["prep"] = [ChunkedConfig(1, w, st, 0, block_k=min(bn2, k), block_t=t)
+                       for t, k, w, st in ((C, 32, 4, 1), (C, 32, 8, 1), (C, 16, 4, 1), (C, 64, 8, 1), (C, 16, 8, 1),
+                                           (max(1, 16 // d["R"]), 32, 2, 1), (max(1, 32 // d["R"]), 32, 4, 1),
+                                           (max(1, 32 // d["R"]), 64, 4, 1), (max(1, 16 // d["R"]), 64, 4, 1))]
     return res
