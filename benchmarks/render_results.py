@@ -42,8 +42,10 @@ def render(doc: dict | None) -> str:
              "plot: `benchmarks/results/h200.png`). bf16 Q/K/V/Z, H32 P64, N = 128 unless the workload names "
              "another d_state; each provider's outputs are checked against ours on the same inputs before it is "
              "timed. Median ms (do_bench, L2 flushed; decode: CUDA-graph replay of one in-place step). The last "
-             "columns compare ours with the official kernel of the same kind (Triton with Triton; a (CuTe) row: "
-             "our CuTe step with the official CuTe step): official/ours above 1 means ours is faster.", ""]
+             "columns compare ours with the official kernel that computes the same layer (the Triton SISO kernel, "
+             "Mamba-2's SSD for exp-Euler real specs, TileLang for MIMO, the Triton step; a (CuTe) row: our CuTe "
+             "step with the official CuTe step): official/ours above 1 means ours is faster. % of copy ceiling: "
+             "each input read once and each output written once, over the run's measured copy bandwidth.", ""]
     runs = sorted(doc["runs"].items(), key=lambda kv: kv[1].get("started") or kv[0])
     number = {run_id: i + 1 for i, (run_id, _) in enumerate(runs)}
     for run_id, info in runs:
