@@ -7,6 +7,7 @@ its progress lines go to stderr.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -504,8 +505,11 @@ def check(
         "trap_input": spec.has_trap_input,
         "lags": spec.lags,
     }
-    configs = [{"block_p": c.block_p, "num_warps": c.num_warps, "num_stages": c.num_stages,
+    configs = [{"block_p": c.block_p, "num_warps": c.num_warps, "num_stages": c.num_stages, "maxnreg": c.maxnreg,
                 "smem_estimate": c.smem_estimate, "smem_limit": limit} for c in low.configs]
+    # the chunk-parallel forward's two kernels and the rotation pre-pass (complex specs): their autotune tiles
+    other_configs = {kind: [{k: v for k, v in dataclasses.asdict(c).items() if v is not None} for c in cfgs]
+                     for kind, cfgs in (low.chunked_configs or {}).items()}
     stage_order = {p: [s.name for s in low.plan.order[p]] for p in PHASES}
 
     if as_json:
@@ -532,6 +536,7 @@ def check(
                 "text": plan.describe(),
             },
             "configs": configs,
+            "chunked_configs": other_configs,
             "targets": fits,
             "aot": report,
         }
@@ -584,10 +589,22 @@ def check(
                 echo(f"  {line}")
         echo("")
         echo(f"autotune configs for {arch} ({target.name}), shared memory limit {_size(limit)} per block:")
-        echo(f"  {'block_p':>7} {'num_warps':>9} {'num_stages':>10} {'smem estimate':>14} {'of limit':>8}")
+        echo(f"  {'block_p':>7} {'num_warps':>9} {'num_stages':>10} {'maxnreg':>7} {'smem estimate':>14} "
+             f"{'of limit':>8}")
         for c in low.configs:
-            echo(f"  {c.block_p:>7} {c.num_warps:>9} {c.num_stages:>10} {_size(c.smem_estimate):>14} "
-                 f"{100 * c.smem_estimate / limit:>7.0f}%")
+            echo(f"  {c.block_p:>7} {c.num_warps:>9} {c.num_stages:>10} {c.maxnreg or '-':>7} "
+                 f"{_size(c.smem_estimate):>14} {100 * c.smem_estimate / limit:>7.0f}%")
+        echo("other kernels' autotune tiles (P: block of the head dim, K: of rotation pairs, T: of tokens; w: warps, "
+             "st: stages; shared-memory estimate):")
+        names = {"states": "chunked forward, states kernel", "out": "chunked forward, out kernel",
+                 "prep": "rotation pre-pass"}
+        short = {"block_p": "P", "block_k": "K", "block_t": "T", "num_warps": "w", "num_stages": "st",
+                 "maxnreg": "maxnreg"}
+        for kind, cfgs in other_configs.items():
+            tiles = "; ".join(" ".join(f"{short[k]}={v}" for k, v in c.items()
+                                       if k in short and not (k == "block_p" and kind == "prep"))
+                              + (f" ({_size(c['smem_estimate'])})" if c.get("smem_estimate") else "") for c in cfgs)
+            echo(f"  {names.get(kind, kind)}: {tiles}")
         sc = low.step_config
         echo("")
         from mamba3_gen.backends.cute.build import step_layout

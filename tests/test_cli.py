@@ -173,7 +173,10 @@ def test_check_prints_derived_quantities():
                if ln.startswith("  weight c_")}
     assert lowered == {"weight c_0(t) (token t-0)": "dt*lam", "weight c_1(t) (token t-1)": "dt*(1 - lam)*exp(adt)"}
     assert "chunk: load_steps -> " in out
-    assert "smem estimate" in out and "227.0 KiB" in out
+    assert "smem estimate" in out and "227.0 KiB" in out and "maxnreg" in out
+    # every kernel's tiles, not only the fused forward's: the chunked pair and the rotation pre-pass (complex)
+    assert "chunked forward, states kernel: P=" in out and "chunked forward, out kernel: P=" in out
+    assert "rotation pre-pass: w=" in out and " T=16" in out
     assert "compiled for" not in out and "AOT" not in out
 
 
@@ -197,6 +200,9 @@ def test_check_json():
     assert obj["lowering"]["weight c_0(t) (token t-0)"] == "dt*lam"
     assert obj["stage_order"]["epilogue"] == ["final_theta", "final_states"]
     assert all(c["smem_estimate"] <= c["smem_limit"] for c in obj["configs"]) and obj["configs"]
+    assert all("maxnreg" in c for c in obj["configs"])
+    assert set(obj["chunked_configs"]) == {"states", "out", "prep"}
+    assert all(c["block_t"] >= 1 and c["block_k"] >= 1 for c in obj["chunked_configs"]["prep"])
     assert obj["aot"] is None
     assert "discretization.lambda_value" in obj["defaults"]
 
