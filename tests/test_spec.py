@@ -188,7 +188,8 @@ def test_yaml_syntax_error_line():
     text = "name: a\ndims:\n  d_state: 64\n    headdim: 3\n"
     assert one_problem(text) == (
         "specs/x.yaml:4: yaml: mapping values are not allowed here; "
-        "try a space after each ':' and one 'key: value' per line (quote values that contain ': ')"
+        "try indenting this line as the other keys of its section (an indented 'key: value' under a value is read "
+        "as part of it), a space after each ':' and one 'key: value' per line (quote values that contain ': ')"
     )
 
 

@@ -210,7 +210,9 @@ def _yaml_hint(problem: str) -> str:
     if "\\t" in problem or "\t" in problem:
         return "indenting with spaces, not tabs"
     if "mapping values are not allowed" in problem:
-        return "a space after each ':' and one 'key: value' per line (quote values that contain ': ')"
+        return ("indenting this line as the other keys of its section (an indented 'key: value' under a value is "
+                "read as part of it), a space after each ':' and one 'key: value' per line (quote values that contain "
+                "': ')")
     if "another document" in problem:
         return "one document per file (remove the second '---' and what follows it)"
     if "end of stream" in problem or "expected" in problem:
