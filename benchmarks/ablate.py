@@ -101,9 +101,13 @@ def time_variant(path: Path, spec: str, size: tuple, modes: list[str], calls: in
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import triton
+
     from mamba3_gen import bench
     from mamba3_gen.spec.sources import spec_with_overrides
 
+    # device-side tensor descriptors (the TMA variants) take their scratch memory from Triton's allocator
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     mod = _load(path)
     kw = bench.build_inputs(spec_with_overrides(_spec_path(spec), ()), *size, "fwd", seed=0)
     res = {}
