@@ -605,11 +605,21 @@ def check(
                                        if k in short and not (k == "block_p" and kind == "prep"))
                               + (f" ({_size(c['smem_estimate'])})" if c.get("smem_estimate") else "") for c in cfgs)
             echo(f"  {names.get(kind, kind)}: {tiles}")
+        from mamba3_gen.runtime.forward import auto_forward, auto_rotation
+
+        meta = low.meta()
+        many, few = auto_forward(meta, few_programs=False), auto_forward(meta, few_programs=True)
+        echo("at run time, on a GPU, with MAMBA3_GEN_FORWARD / MAMBA3_GEN_ROTATE unset (auto; README):")
+        echo("  forward: " + (f"{many} at every batch" if many == few else
+                              f"{many} when sequences × heads >= the GPU's SM count, else {few}"))
+        if meta["S"]:
+            echo(f"  rotation: {'the pre-pass' if auto_rotation(meta) == 'prepass' else 'inline'}")
+        if spec.dtypes.input == "fp32" and spec.dtypes.compute == "bf16":
+            echo("  note: bf16 dot operands round the fp32 inputs to bf16 at the products")
         sc = low.step_config
         echo("")
         from mamba3_gen.backends.cute.build import step_layout
 
-        meta = low.meta()
         tiling = step_layout(meta, low.spec.state.rotation if meta["S"] else None)
         echo(f"decode step: Triton, one program per (batch row, head) over {sc.block_p} rows of H, {sc.num_warps} "
              f"warps, {'head-major' if sc.head_major else 'batch-major'} grid; CuTe DSL, {tiling['NT']} threads per "

@@ -177,7 +177,21 @@ def test_check_prints_derived_quantities():
     # every kernel's tiles, not only the fused forward's: the chunked pair and the rotation pre-pass (complex)
     assert "chunked forward, states kernel: P=" in out and "chunked forward, out kernel: P=" in out
     assert "rotation pre-pass: w=" in out and " T=16" in out
+    # what auto picks at run time (MIMO: the chunked forward; tf32 operands: the inline rotation)
+    assert "  forward: chunked at every batch" in out and "  rotation: inline" in out and "note:" not in out
     assert "compiled for" not in out and "AOT" not in out
+
+
+def test_check_names_autos_choice_and_bf16_operands_on_fp32_inputs(tmp_path):
+    text = (REPO / "specs" / "siso_trap_complex.yaml").read_text()
+    text = text.replace("compute: tf32 ", "compute: bf16 ").replace("input: bf16 ", "input: fp32 ")
+    path = tmp_path / "s.yaml"
+    path.write_text(text.replace("name: siso_trap_complex ", "name: s_bf16_ops "))
+    result = invoke("check", str(path), "--no-aot")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "  forward: fused at every batch" in out and "  rotation: the pre-pass" in out
+    assert "note: bf16 dot operands round the fp32 inputs to bf16" in out
 
 
 def test_check_graph_prints_stages():

@@ -69,11 +69,21 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
         return "fused"
+    return auto_forward(meta, few_programs=NS * H < _sm_count(device))
+
+
+def auto_forward(meta: dict, few_programs: bool) -> str:
+    """``auto``'s forward on a GPU (see :func:`selected_forward`): ``few_programs`` is NS·H below the SM count."""
     if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64):
         return "chunked"
-    if NS * H < _sm_count(device) and not (meta["S"] > 0 and meta.get("compute_dtype") == "bf16"):
+    if few_programs and not (meta["S"] > 0 and meta.get("compute_dtype") == "bf16"):
         return "chunked"
     return "fused"
+
+
+def auto_rotation(meta: dict) -> str:
+    """``auto``'s rotation (see :func:`selected_rotation`): the pre-pass for a complex state with bf16 dot operands."""
+    return "prepass" if meta["S"] > 0 and meta.get("compute_dtype") == "bf16" else "inline"
 
 
 ROTATIONS = ("auto", "prepass", "inline")
@@ -101,7 +111,7 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     if meta["S"] == 0 or not has_prep:
         return "inline"
     if name == "auto":
-        return "prepass" if meta.get("compute_dtype") == "bf16" else "inline"
+        return auto_rotation(meta)
     return name
 
 
