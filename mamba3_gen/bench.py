@@ -16,6 +16,7 @@ runs on the CPU in the tests.
 from __future__ import annotations
 
 import datetime
+import os
 import json
 import math
 import re
@@ -451,10 +452,16 @@ def compare(got: Any, ref: Any) -> tuple[bool, float, str]:
     return err <= OUTPUT_RTOL, err, "out"
 
 
+# the run-time choices of the generated forward (README, environment variables): a run records those that are set
+RUN_ENV = ("MAMBA3_GEN_FORWARD", "MAMBA3_GEN_ROTATE", "MAMBA3_GEN_CHUNK_STATES", "MAMBA3_GEN_AUTOTUNE")
+
+
 def new_run() -> dict:
-    """A run id shared by every row of one run: a uuid and the UTC start time."""
+    """A run id shared by every row of one run: a uuid and the UTC start time, and the environment variables of
+    ``RUN_ENV`` that are set (what the generated kernels' ``auto`` choices were overridden with)."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"id": f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}", "started": now.isoformat()}
+    env = {k: os.environ[k] for k in RUN_ENV if os.environ.get(k)}
+    return {"id": f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}", "started": now.isoformat(), "env": env}
 
 
 def run_workload(work: Workload, providers: Sequence[Provider], inputs: dict, *, timer: Callable = gpu_timer,
@@ -539,7 +546,8 @@ class Result:
 
     def to_json(self) -> dict:
         return {"runs": {self.run["id"]: {"device": self.device, "started": self.run["started"],
-                                          "ceilings": self.ceilings}}, "rows": self.rows}
+                                          "ceilings": self.ceilings, "env": self.run.get("env", {})}},
+                "rows": self.rows}
 
 
 def run(workloads: Sequence[Workload], provider_names: Sequence[str], *, timer: Callable = gpu_timer,

@@ -820,6 +820,12 @@ def bench(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a spec field, SECTION.FIELD=VALUE (repeatable), e.g. --set dims.d_state=64.",
         metavar="SECTION.FIELD=VALUE")] = None,
+    forward: Annotated[Optional[str], typer.Option(
+        help="The generated forward for this run: auto, fused or chunked (sets MAMBA3_GEN_FORWARD; default: the "
+             "environment's, else auto).", show_default=False)] = None,
+    rotate: Annotated[Optional[str], typer.Option(
+        help="Where a complex state is rotated for this run: auto, inline or prepass (sets MAMBA3_GEN_ROTATE; "
+             "default: the environment's, else auto).", show_default=False)] = None,
 ) -> None:
     """Time SPEC's generated kernels beside the official ones on a CUDA GPU (exits 1 without one).
 
@@ -846,6 +852,16 @@ def bench(
         raise _fail([str(e)]) from None
     sets = tuple(set_ or ())
     workloads, problems = [], []
+    from mamba3_gen.runtime.forward import FORWARDS, ROTATIONS
+
+    for opt, value, allowed, var in (("--forward", forward, FORWARDS, "MAMBA3_GEN_FORWARD"),
+                                     ("--rotate", rotate, ROTATIONS, "MAMBA3_GEN_ROTATE")):
+        if value is None:
+            continue
+        if value.strip().lower() not in allowed:
+            problems.append(f"{opt}: {value!r} is not one of {', '.join(allowed)}; try {opt} {allowed[0]}")
+        else:
+            os.environ[var] = value.strip().lower()  # read by the generated op at each call (README)
     for path in specs:
         _load(path)  # the file's own problems, with their lines
         try:

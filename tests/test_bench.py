@@ -5,6 +5,7 @@ section. One end-to-end test needs a CUDA GPU and is skipped without one."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,6 +200,13 @@ def _fake_factory(spec, mode, names):
     return good + [lib.Provider("broken", broken)], {"official-cute": "decode only"}
 
 
+def test_a_run_records_the_forward_choices_it_ran_with(monkeypatch):
+    for k in lib.RUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MAMBA3_GEN_ROTATE", "prepass")
+    assert lib.new_run()["env"] == {"MAMBA3_GEN_ROTATE": "prepass"}
+
+
 def test_run_checks_before_timing_and_writes_rows(tmp_path, capsys):
     spec = spec_with_overrides(TINY)
     timer = CountingTimer()
@@ -227,6 +235,7 @@ def test_run_checks_before_timing_and_writes_rows(tmp_path, capsys):
     path = lib.write_json(tmp_path / "x.json", result)
     doc = json.loads(path.read_text())
     assert doc["runs"][result.run["id"]]["ceilings"] == CEILINGS
+    assert doc["runs"][result.run["id"]]["env"] == {k: os.environ[k] for k in lib.RUN_ENV if os.environ.get(k)}
     for row in doc["rows"]:
         for key in ("workload", "provider", "ms", "gbps", "tflops", "device", "run", "check", "error"):
             assert key in row

@@ -418,6 +418,13 @@ def test_cache_path_ls_clear(tmp_path, monkeypatch):
     assert not folders["mimo_r4"].exists()
 
 
+def test_bench_forward_and_rotate_choices_are_checked():
+    result = invoke("bench", SPEC, "--forward", "sideways", "--rotate", "up")
+    assert result.exit_code == 2
+    assert "--forward: 'sideways' is not one of auto, fused, chunked; try --forward auto" in result.stderr
+    assert "--rotate: 'up' is not one of auto, prepass, inline; try --rotate auto" in result.stderr
+
+
 def test_bench_without_gpu():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
