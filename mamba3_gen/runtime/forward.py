@@ -95,11 +95,12 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
     in their chunk loop) or ``inline`` (each forward kernel rotates in its chunk loop). ``auto`` (the default) is
     ``prepass`` with bf16 dot operands, where storing Q̂, K̂ in bf16 rounds nothing the dots would not, and it is
-    faster on an H200 (benchmarks/NOTES.md, session 2026-12-03, B8 L4096 N128 unless said): fused 1.64 vs 1.89 ms
-    (B1 L16384: 2.54 vs 3.84), chunked 4.06 vs 4.19, MIMO R4 chunked 7.48 vs 8.44. With tf32 or fp32 operands it
-    is ``inline``: the pre-pass would round Q̂, K̂ to the bf16 input dtype (output error 2.8e-3 instead of 1.9e-3)
-    for 5-12 % under the chunked forward, and the fused forward is slower with it (3.05 vs 2.68 ms). A real state,
-    or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
+    faster on an H200 (benchmarks/NOTES.md, session 2026-12-03, autotuned, B8 L4096 N128 unless said): fused 1.46
+    vs 1.90 ms (B1 L16384: 2.77 vs 3.83), chunked 3.87 vs 4.10, MIMO R4 chunked 5.67 vs 7.80. With tf32 or fp32
+    operands it is ``inline``: the pre-pass would round Q̂, K̂ to the bf16 input dtype (output error 2.8e-3 instead
+    of 1.9e-3) for 5-12 % under the chunked forward, and the fused forward is slower with it (3.05 vs 2.68 ms). The
+    policy does not depend on ``forward`` today (kept for one that would). A real state, or a module built without
+    the pre-pass (``has_prep=False``), is always ``inline``.
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
