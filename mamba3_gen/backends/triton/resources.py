@@ -345,8 +345,9 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
     if not target.is_gpu:
         res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4), block_t=max(1, C // 2))]
     else:
-        res["prep"] = [ChunkedConfig(1, w, st, 0, block_k=min(bn2, k), block_t=t)
-                       for t, k, w, st in ((C, 32, 4, 1), (C, 32, 8, 1), (C, 16, 4, 1), (C, 64, 8, 1), (C, 16, 8, 1),
-                                           (max(1, 16 // d["R"]), 32, 2, 1), (max(1, 32 // d["R"]), 32, 4, 1),
-                                           (max(1, 32 // d["R"]), 64, 4, 1), (max(1, 16 // d["R"]), 64, 4, 1))]
+        t16, t32 = max(1, 16 // d["R"]), max(1, 32 // d["R"])  # 16 or 32 tile rows (a chunk of C = 16 or 32
+        tiles = ((C, 32, 4), (C, 32, 8), (C, 16, 4), (C, 64, 8), (C, 16, 8),   # would repeat some: kept once)
+                 (t16, 32, 2), (t32, 32, 4), (t32, 64, 4), (t16, 64, 4))
+        res["prep"] = [ChunkedConfig(1, w, 1, 0, block_k=min(bn2, k), block_t=t)
+                       for t, k, w in dict.fromkeys((t, min(bn2, k), w) for t, k, w in tiles)]
     return res
