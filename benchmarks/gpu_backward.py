@@ -2,6 +2,7 @@
 official SISO backward on the same inputs), and forward + backward times side by side with the official kernel.
 
     python benchmarks/gpu_backward.py [--specs siso_trap_complex,mimo_r4] [--B 8 --L 4096 --H 32] [--skip-grads]
+                                      [--set dtypes.compute=bf16] [--no-official] [--profile]
 
 Gradients: inputs drawn once in fp32 (make_inputs, seed 0); q, k, v, z rounded to bf16 values, so one float64
 reference serves every provider. The loss is Σ out·W with a fixed random W (float64), the same for all providers.
@@ -9,6 +10,8 @@ The reference is autograd through `chunked_reference` in float64, computed for a
 (gradients are per sequence; the parameter-like inputs q_bias, k_bias, D sum over the slices). Reported per
 gradient: ‖g − g_ref‖ / ‖g_ref‖. Times: `triton.testing.do_bench` (median, L2 flushed) of forward + backward
 (`out.backward(dout)`), bf16 q/k/v/z, no states, the official SISO on its spec (trapezoidal, complex, pairwise).
+``--set`` builds every spec with those overrides (the official rows are unchanged); ``--profile`` adds each
+generated kernel's mean time over 5 forward + backward calls (torch.profiler) to the time rows.
 Results: $OUT/gpu_backward.json (or ./gpu_results) and a printed table.
 """
 from __future__ import annotations
@@ -73,9 +76,9 @@ def reference_grads(spec, kw: dict, W: torch.Tensor, per: int) -> dict:
     return {k: (torch.cat(v) if isinstance(v, list) else v) for k, v in acc.items()}
 
 
-def grad_errors(spec_path: Path, B: int, L: int, H: int, per: int, official_fn) -> list[dict]:
-    spec = load_spec(str(spec_path))
-    mod = mamba3_gen.load(spec_path)
+def grad_errors(spec_path: Path, B: int, L: int, H: int, per: int, official_fn, sets: tuple = ()) -> list[dict]:
+    spec = _spec(spec_path, None, sets)
+    mod = mamba3_gen.load(spec)
     kw = make_inputs(spec, B, L, H, dtype=torch.float32, device="cuda", seed=0)
     for key in LOW:
         if key in kw:
@@ -94,7 +97,8 @@ def grad_errors(spec_path: Path, B: int, L: int, H: int, per: int, official_fn) 
         out = fn(leaves)
         (out.double() * W).sum().backward()
         torch.cuda.synchronize()
-        row = {"spec": spec.name, "provider": name, "B": B, "L": L, "H": H, "ref_seconds": round(t_ref, 1)}
+        row = {"spec": spec.name, "sets": list(sets), "provider": name, "B": B, "L": L, "H": H,
+               "ref_seconds": round(t_ref, 1)}
         for k, g in _grads(leaves).items():
             if k in ref:
                 row[k] = rel_err(g, ref[k])
@@ -104,9 +108,12 @@ def grad_errors(spec_path: Path, B: int, L: int, H: int, per: int, official_fn) 
     return rows
 
 
-def _spec(spec_path: Path, d_state: int | None = None):
-    """The spec at `spec_path`, with dims.d_state replaced (and the name suffixed) when given."""
-    spec = load_spec(str(spec_path))
+def _spec(spec_path: Path, d_state: int | None = None, sets: tuple = ()):
+    """The spec at `spec_path` with the ``--set`` overrides, dims.d_state replaced (and the name suffixed) when
+    given."""
+    from mamba3_gen.spec.sources import spec_with_overrides
+
+    spec = spec_with_overrides(spec_path, tuple(sets))
     if d_state is None or d_state == spec.dims.d_state:
         return spec
     doc = spec.model_dump(mode="json", by_alias=True)
@@ -115,10 +122,28 @@ def _spec(spec_path: Path, d_state: int | None = None):
     return type(spec).model_validate(doc)
 
 
-def time_fwd_bwd(spec_path: Path, B: int, L: int, H: int, official_fn, d_state: int | None = None) -> list[dict]:
+def kernel_profile(fn, dout, calls: int = 5) -> dict:
+    """{kernel name: mean ms per forward + backward} over `calls` calls (torch.profiler, after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn().backward(dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn().backward(dout)
+        torch.cuda.synchronize()
+    acc: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            acc[ev.name] = acc.get(ev.name, 0.0) + ev.device_time / 1e3 / calls
+    return {k: round(v, 4) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+
+
+def time_fwd_bwd(spec_path: Path, B: int, L: int, H: int, official_fn, d_state: int | None = None,
+                 sets: tuple = (), profile_it: bool = False) -> list[dict]:
     import triton
 
-    spec = _spec(spec_path, d_state)
+    spec = _spec(spec_path, d_state, sets)
     mod = mamba3_gen.load(spec)
     kw = make_inputs(spec, B, L, H, dtype=torch.float32, device="cuda", seed=0)
     leaves = _leaves(kw)
@@ -137,8 +162,10 @@ def time_fwd_bwd(spec_path: Path, B: int, L: int, H: int, official_fn, d_state: 
                                      return_mode="median")
         with torch.no_grad():
             ms_fwd = triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
-        row = {"spec": spec.name, "provider": name, "B": B, "L": L, "H": H, "fwd_bwd_ms": ms, "fwd_ms": ms_fwd,
-               "first_call_s": round(first, 1)}
+        row = {"spec": spec.name, "sets": list(sets), "provider": name, "B": B, "L": L, "H": H, "fwd_bwd_ms": ms,
+               "fwd_ms": ms_fwd, "first_call_s": round(first, 1)}
+        if profile_it and name == "generated":
+            row["kernels_ms"] = kernel_profile(fn, dout)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if len(rows) == 2:
@@ -160,21 +187,32 @@ def main():
     ap.add_argument("--per", type=int, default=2, help="sequences per float64 reference slice")
     ap.add_argument("--skip-grads", action="store_true")
     ap.add_argument("--skip-times", action="store_true")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="build every spec with this override (repeatable)")
+    ap.add_argument("--no-official", action="store_true", help="skip the official SISO backward (minutes of autotune)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the generated fwd+bwd")
+    ap.add_argument("--sizes", default=None, metavar="B:L[:N],...", help="time these sizes instead of the issue's")
+    ap.add_argument("--name", default="gpu_backward", help="base name of the JSON file")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", ROOT / "gpu_results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    fn = official.load_siso()
+    fn = None if args.no_official else official.load_siso()
+    sets = tuple(args.sets)
+    sizes = None
+    if args.sizes:
+        sizes = [tuple(int(x) for x in item.split(":")) for item in args.sizes.split(",")]
+        sizes = [(s[0], s[1], s[2] if len(s) > 2 else None) for s in sizes]
     res = {"device": torch.cuda.get_device_name(), "grads": [], "times": []}
     for name in args.specs.split(","):
         path = ROOT / "specs" / f"{name}.yaml"
         if not args.skip_times:
-            for b, l, n in SIZES.get(name, [(args.B, args.L, None)]):
-                res["times"] += time_fwd_bwd(path, b, l, args.H, fn, d_state=n)
+            for b, l, n in sizes or SIZES.get(name, [(args.B, args.L, None)]):
+                res["times"] += time_fwd_bwd(path, b, l, args.H, fn, d_state=n, sets=sets, profile_it=args.profile)
                 torch.cuda.empty_cache()
         if not args.skip_grads:
-            res["grads"] += grad_errors(path, args.B, args.L, args.H, args.per, fn)
+            res["grads"] += grad_errors(path, args.B, args.L, args.H, args.per, fn, sets)
         torch.cuda.empty_cache()
-    (out_dir / "gpu_backward.json").write_text(json.dumps(res, indent=1))
+        (out_dir / f"{args.name}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
 from mamba3_gen.runtime.state import Mamba3State
 from tests.helpers import make_spec, respec
-from tests.strategies import draw_inputs, examples, input_kwargs, interpreter_only, specs
+from tests.strategies import draw_inputs, examples, gpu_only, input_kwargs, interpreter_only, specs
 
 REPO = Path(__file__).resolve().parents[1]
 REL = 1e-4  # justified in the module docstring
@@ -158,6 +158,60 @@ def test_gradients_match_float64_autograd(spec, data, interp_kernels):
     kw = draw_inputs(spec, size)
     final = spec.options.final_states and data.draw(st.booleans(), label="final")
     assert_grads_match(interp_kernels(spec), spec, kw, final)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU: every shipped spec's backward compiled for the device, both dot precisions
+# ------------------------------------------------------------------------------------------------------------------
+# Tolerances (RMS ratio against float64 autograd on the same fp32 inputs): tf32 rounds each dot operand to 2^-11
+# (4.9e-4) and bf16 to 2^-8 (3.9e-3); the products are summed over a chunk and N in fp32, which averages the
+# roundings (errors ~√terms, relative ~ one operand's). Observed on the H200 at B8 L4096 H32 with bf16 inputs
+# (benchmarks/gpu_backward.py): 1.6e-3 .. 3.8e-3 (bf16 operands), 1.6e-3 .. 2.6e-3 (tf32), but ∂L/∂angles: 6.6e-2 /
+# 8.7e-3, a difference of two products per pair (dq̂_b·q̂_a − dq̂_a·q̂_b) whose cancellation amplifies the operands'
+# rounding (the official SISO backward: 1.0e-1). A missing term gives ≥ 1e-1 on its gradient.
+_GPU_REL = {"tf32": 1e-2, "bf16": 3e-2}
+_GPU_ANGLE_FACTOR = 10
+
+
+def _to(kw: dict, device) -> dict:
+    return {key: (Mamba3State(*[None if x is None else x.to(device) for x in val]) if isinstance(val, Mamba3State)
+                  else val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("compute", ["tf32", "bf16"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "specs").glob("*.yaml")))
+def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels):
+    """The device-compiled backward of every shipped spec (three chunks and a tail, B 2, H = 2·G, initial states
+    where the spec takes them) against float64 autograd through the naive recurrence on the CPU. Catches what the
+    interpreter cannot: a miscompiled kernel (bf16 MIMO chunk_qk once read shared memory out of range)."""
+    from mamba3_gen.spec.loader import load_spec
+
+    spec = respec(load_spec(str(REPO / "specs" / f"{name}.yaml")), dtypes={"compute": compute})
+    C, G = spec.dims.chunk_size, spec.dims.ngroups
+    kw = make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=0, with_initial_states=spec.options.initial_states)
+    final = spec.options.final_states
+    mine, ref = _leaves(_to(kw, "cuda")), _leaves(kw, torch.float64)
+    res = gpu_kernels(spec).mamba3_forward(**mine, return_final_states=final)
+    out, state = res if final else (res, None)
+    rout, rstate = naive_recurrence(spec, **ref)
+    w = _weights(rout, rstate if final else None)
+    _loss(out, state, {k: v.cuda() for k, v in w.items()}).backward()
+    _loss(rout, rstate if final else None, w).backward()
+    torch.cuda.synchronize()
+    bad = []
+    for (key, x), (_, y) in zip(_named_leaves(mine), _named_leaves(ref)):
+        g, r = x.grad, (y.grad if y.grad is not None else torch.zeros_like(y))
+        if g is None:
+            if r.abs().max() > 0:
+                bad.append(f"{key}: no gradient")
+            continue
+        tol = _GPU_REL[compute] * (_GPU_ANGLE_FACTOR if key == "angles" else 1)
+        err = rel_err(g, r)
+        if not err <= tol:  # NaN fails
+            bad.append(f"{key}: {err:.3e} > {tol:g}")
+    assert not bad, "; ".join(bad)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,16 @@ def lower(spec: Spec, arch: str = DEFAULT_TARGET) -> Lowering:
     return low
 
 
+def backward_dot_dtype(spec) -> str:
+    """The backward kernels' dot operand precision: the spec's ``dtypes.compute``, but tf32 where it says bf16.
+
+    Measured on the H200 (benchmarks/NOTES.md, session 2026-12-03 second): bf16 operands made the backward no faster
+    (siso_trap_complex B8 L4096 fwd+bwd 20.8 ms either way; mimo_r4 55.8 ms against 44.6 with tf32), and Triton 3.6
+    miscompiled its chunk_qk kernel with them (an out-of-range shared-memory access for MIMO, wrong dq/dk for
+    siso_euler_real; tests/test_backward.py::test_gpu_backward_of_shipped_specs). The forward keeps bf16 operands."""
+    return "tf32" if spec.dtypes.compute == "bf16" else spec.dtypes.compute
+
+
 def _env() -> jinja2.Environment:
     return template_env(TEMPLATE_DIR)
 
@@ -124,10 +134,11 @@ def render(low: Lowering, spec_path: str = "<spec>") -> dict[str, str]:
                prep_kernel_name=PREP_KERNEL_NAME, prepped=False, J=low.lowered.lags,
                prologue=print_prologue(low.lowered, triton_printer()), input_codes=input_codes(low.spec, low.lowered),
                shifted_input_codes=[input_codes(low.spec, low.lowered, suffix=f"_s{k}") for k in range(low.lowered.lags + 1)],
-               chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()], **low.dims)
+               chunk_terms=[(n, triton_printer().doprint(e)) for n, e in low.lowered.chunk_terms()],
+               dot_dtype=low.spec.dtypes.compute, **low.dims)
     fwd = env.get_template("fwd.py.jinja").render(**ctx)
     # the backward (issue 12): its kernels, and the rule's prologue derivatives printed for them
-    bwd = env.get_template("bwd.py.jinja").render(**ctx, derivatives=[
+    bwd = env.get_template("bwd.py.jinja").render(**{**ctx, "dot_dtype": backward_dot_dtype(low.spec)}, derivatives=[
         (sym, [(name, triton_printer().doprint(e)) for name, e in terms])
         for sym, terms in prologue_derivatives(low.lowered)])
     step = env.get_template("step.py.jinja").render(
