@@ -22,7 +22,8 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
      the final state, in fp32 (recomputed, not saved);
   2. dstate: sequential over chunks backwards, grid (sequence, head, P block x pair block): dX_c = ∂L/∂E_{c+1};
   3. three chunk kernels, all chunks at once, each recomputing what it needs of the chunk's forward (the sums
-     over N in a loop over blocks of rotation pairs, so no program holds a chunk x N tile of P columns):
+     over N in a loop over blocks of rotation pairs, so no program holds a chunk x N tile of P columns; with
+     MAMBA3_GEN_BWD_CHUNKS=merged, chunk_vc does chunk_v's and chunk_coef's work in one program, ``selected_chunks``):
      chunk_v, one program per (chunk slot, head, P block): y, then dv, dz and the partials of the MIMO projections;
      chunk_coef, one program per (chunk slot, head): the coefficient gradients dc_j, da and the partial of D;
      chunk_qk, one program per (chunk slot, head, block of rotation pairs), all of P: dq̂, dk̂ and the rotation's
@@ -45,6 +46,7 @@ tokens (or the initial ones) through each token's rotation (``_carried_tokens``)
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -55,13 +57,33 @@ from mamba3_gen.runtime.forward import chunk_slots
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, backward_schema, features, out_shape, per_rank
 
-__all__ = ["attach_backward", "BackwardOp", "unsupported_reason"]
+__all__ = ["attach_backward", "BackwardOp", "selected_chunks", "unsupported_reason"]
 
 # The gradients' names (the forward's tensor inputs but cu_seqlens) and the op's schema, from the signature table
 # (mamba3_gen/signature.py); the op's Python parameters below are checked against it by tests/test_signature.py.
 _GRAD_NAMES = GRAD_NAMES
 _BWD_SCHEMA = backward_schema()
 _ATTACHED: dict = {}  # forward op name -> BackwardOp (a build shared by several loaded modules attaches once)
+
+
+CHUNK_LAYOUTS = ("split", "merged")
+
+
+def selected_chunks(has_merged: bool = True) -> str:
+    """How the backward's value and coefficient sides run, read from MAMBA3_GEN_BWD_CHUNKS at each call: ``split``
+    (the default: chunk_v per block of P columns, then chunk_coef per chunk, each recomputing the chunk's loads, sums
+    over N and decay weights) or ``merged`` (chunk_vc: both in one program per chunk and head, all of P, so those are
+    computed once). ``merged`` is not yet timed on a GPU (NOTES.md, issue 12): on sm_90a its one program spills
+    0.5-0.7 KiB for the SISO specs and 1.1-1.4 KiB for MIMO (a whole P of 64 columns; chunk_v takes 32), against
+    0.05 + 0.5 KiB for the split pair. A module built without the merged kernel is always ``split``.
+
+    Raises:
+        InputError: MAMBA3_GEN_BWD_CHUNKS names neither ``split`` nor ``merged``."""
+    name = os.environ.get("MAMBA3_GEN_BWD_CHUNKS", "split").strip().lower() or "split"
+    if name not in CHUNK_LAYOUTS:
+        raise InputError(f"MAMBA3_GEN_BWD_CHUNKS={name!r}; expected one of {', '.join(CHUNK_LAYOUTS)}; try "
+                         "MAMBA3_GEN_BWD_CHUNKS=split (the default) or unset it")
+    return name if has_merged else "split"
 
 
 def unsupported_reason(meta: dict) -> str | None:
@@ -72,10 +94,11 @@ def unsupported_reason(meta: dict) -> str | None:
 
 
 def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
-                    steps_kernel) -> "BackwardOp":
-    """Register the generated backward (its five kernels, module docstring) as the autograd formula of
-    ``forward``'s ops (fused and chunked)."""
-    bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
+                    steps_kernel, chunk_vc_kernel=None) -> "BackwardOp":
+    """Register the generated backward (its five kernels, module docstring; ``chunk_vc_kernel``: chunk_v and
+    chunk_coef in one, see ``selected_chunks``) as the autograd formula of ``forward``'s ops (fused and chunked)."""
+    bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
+                     chunk_vc_kernel)
     for op in (forward.op, forward.chunked_op, *getattr(forward, "prepass_ops", {}).values()):
         if op is None:
             continue
@@ -192,10 +215,12 @@ class BackwardOp:
     """The backward of one spec's forward op: ``setup_context``/``backward`` for ``register_autograd`` and the
     registered ``bwd_...`` op that launches the kernels (module docstring)."""
 
-    def __init__(self, forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel):
+    def __init__(self, forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
+                 chunk_vc_kernel=None):
         self.forward = forward
         self.meta = forward.meta
         self.kernels = (dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
+        self.chunk_vc_kernel = chunk_vc_kernel
         self.op = self._register()
 
     # -- autograd ------------------------------------------------------------------------------------------------
@@ -314,11 +339,16 @@ class BackwardOp:
                       chunk_ssm, chunk_angle, chunk_k, chunk_v, dchunk)
             sizes = (L, H, G, NC, NS, search, *angle_strides)
             flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
-            with _fits(m, "chunk_v"):
-                chunk_v_kernel[lambda cfg: (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))](
-                    *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, *extra_v, cu_seqlens, *sizes, **flags)
-            with _fits(m, "chunk_coef"):
-                chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
+            if selected_chunks(self.chunk_vc_kernel is not None) == "merged":
+                with _fits(m, "chunk_vc"):
+                    self.chunk_vc_kernel[(slots, H)](*common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, *extra_v,
+                                                     da, dc, dD_part, cu_seqlens, *sizes, **flags)
+            else:
+                with _fits(m, "chunk_v"):
+                    chunk_v_kernel[lambda cfg: (slots, H, triton.cdiv(P, cfg["BLOCK_P"]))](
+                        *common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, *extra_v, cu_seqlens, *sizes, **flags)
+                with _fits(m, "chunk_coef"):
+                    chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
             with _fits(m, "chunk_qk"):
                 chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
                     *common, d_k, dq_h, dk_h, dtheta, *extra_k, cu_seqlens, *sizes, **flags)

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
-``backward_compile_report(spec_path, arch="sm_90a")`` does for the five backward kernels (dstate, chunk_v,
-chunk_coef, chunk_qk, steps; templates/triton/bwd.py.jinja) what ``aot.compile_report`` does for the forward: in a
+``backward_compile_report(spec_path, arch="sm_90a")`` does for the backward kernels (dstate, chunk_v,
+chunk_coef, chunk_qk, steps, and chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged; templates/triton/bwd.py.jinja) what ``aot.compile_report`` does for the forward: in a
 fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
 cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
@@ -27,7 +27,7 @@ __all__ = ["backward_compile_report"]
 
 KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk_v": "mamba3_bwd_chunk_v_kernel",
            "chunk_coef": "mamba3_bwd_chunk_coef_kernel", "chunk_qk": "mamba3_bwd_chunk_qk_kernel",
-           "steps": "mamba3_bwd_steps_kernel"}
+           "chunk_vc": "mamba3_bwd_chunk_vc_kernel", "steps": "mamba3_bwd_steps_kernel"}
 
 
 def _pointer_types(spec, J: int) -> dict:
