@@ -616,6 +616,13 @@ def check(
             echo(f"  rotation: {'the pre-pass' if auto_rotation(meta) == 'prepass' else 'inline'}")
         if spec.dtypes.input == "fp32" and spec.dtypes.compute == "bf16":
             echo("  note: bf16 dot operands round the fp32 inputs to bf16 at the products")
+        from mamba3_gen.backends.triton.build import backward_dot_dtype
+
+        bwd_dot = backward_dot_dtype(spec)
+        echo(f"  backward: {bwd_dot} dot operands"
+             + (f" (the spec's {spec.dtypes.compute} is the forward's: bf16 made the backward no faster and "
+                "Triton 3.6 miscompiled it)" if bwd_dot != spec.dtypes.compute else "")
+             + "; value and coefficient kernels split (MAMBA3_GEN_BWD_CHUNKS=merged: one kernel)")
         sc = low.step_config
         echo("")
         from mamba3_gen.backends.cute.build import step_layout

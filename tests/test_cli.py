@@ -192,6 +192,7 @@ def test_check_names_autos_choice_and_bf16_operands_on_fp32_inputs(tmp_path):
     out = result.stdout
     assert "  forward: fused at every batch" in out and "  rotation: the pre-pass" in out
     assert "note: bf16 dot operands round the fp32 inputs to bf16" in out
+    assert "  backward: tf32 dot operands (the spec's bf16 is the forward's" in out
 
 
 def test_check_graph_prints_stages():
