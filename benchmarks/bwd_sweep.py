@@ -1,8 +1,9 @@
 """The backward kernels' tiles on a GPU: each kernel's candidate configs checked and timed inside the whole
 forward + backward of one spec, so the generated defaults (templates/triton/bwd.py.jinja) come from a measurement.
 
-    python benchmarks/bwd_sweep.py SPEC [--size B:L:H] [--kernels chunk_qk,chunk_coef,chunk_v,dstate]
-                                        [--set SECTION.FIELD=VALUE] [--calls N] [--jobs J] [--out DIR]
+    python benchmarks/bwd_sweep.py SPEC [--size B:L:H] [--kernels chunk_qk,chunk_coef,chunk_v,chunk_vc,dstate]
+                                        [--set SECTION.FIELD=VALUE] [--calls N] [--jobs J] [--timeout S]
+                                        [--device cuda|cpu] [--out DIR]
 
 Phase 1 checks every candidate in its own process, `--jobs` at a time (they share Triton's on-disk cache, so phase 2
 compiles nothing): one forward + backward with that kernel's config forced and the others as shipped, every
@@ -11,17 +12,21 @@ that does not compile, does not fit, faults or disagrees is reported and never t
 process). Phase 2, in one process: per kernel and per passing candidate, ``--calls`` forward + backward calls under
 torch.profiler, and that kernel's mean time; then the best config of every kernel together against the shipped
 ones, forward + backward by `triton.testing.do_bench` (median), with chunk_vc (MAMBA3_GEN_BWD_CHUNKS=merged) in
-place of chunk_v + chunk_coef when its best time is below their two best times' sum. Candidates: BLOCK_K (pairs per block) 16 / 32 / 64,
-BLOCK_P 16 / 32 / 64 where the kernel has one, 4 / 8 warps, 1 / 2 stages, within the spec's N/2 and P.
-Inputs: q, k, v, z in bf16 (as benchmarks/gpu_backward.py), the rest fp32. Writes DIR/bwd_sweep_<spec>.json
-(default DIR: $OUT or ./bwd_sweep_results) and prints a table and the best config lines.
-`--device cpu` (with TRITON_INTERPRET=1) runs phase 1 on tiny sizes only: it checks the plumbing, times nothing.
+place of chunk_v + chunk_coef when its best time is below their two best times' sum. Candidates: BLOCK_K (pairs per
+block) 16 / 32 / 64, BLOCK_P 16 / 32 / 64 where the kernel has one, 4 / 8 warps, 1 / 2 stages, within the spec's N/2
+and P. Inputs: q, k, v, z in bf16 (as benchmarks/gpu_backward.py), the rest fp32. Writes
+DIR/bwd_sweep_<spec>[_<sets>].json (default DIR: $OUT or ./bwd_sweep_results) and prints a table and the best
+config lines.
+`--device cpu` runs phase 1 only, in the Triton interpreter (TRITON_INTERPRET=1 is set for its workers), at
+--size 1:16:2 unless given: it checks the plumbing, times nothing. Cost on an H200: ~100 candidates for a SISO
+spec; at --jobs 12 phase 1 should take ~5 minutes (an estimate: check it on the first run).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,8 +134,9 @@ def check_one(spec_arg: str, sets: tuple, size: tuple, device: str, kernel: str,
     got = fwd_bwd(module, leaves, dout)
     if device == "cuda":
         torch.cuda.synchronize()
-    worst = max((rel_err(got[k], ref[k]), k) for k in ref)
-    return {"ok": worst[0] <= REL, "worst": worst[0], "grad": worst[1]}
+    errs = {k: rel_err(got[k], ref[k]) for k in ref}
+    grad = max(errs, key=lambda k: errs[k] if math.isfinite(errs[k]) else math.inf)
+    return {"ok": all(math.isfinite(e) and e <= REL for e in errs.values()), "worst": errs[grad], "grad": grad}
 
 
 def kernel_times(module, leaves, dout, calls: int) -> dict:
@@ -161,17 +167,23 @@ def phase1(args, jobs: list[tuple[str, dict]]) -> list[dict]:
     base = [sys.executable, __file__, args.spec, "--size", args.size, "--device", args.device,
             *sum((["--set", s] for s in args.sets), [])]
 
+    env = {**os.environ, **({"TRITON_INTERPRET": "1"} if args.device == "cpu" else {})}
+
     def run(job):
         kernel, cfg = job
         t0 = time.time()
-        proc = subprocess.run(base + ["--_check", json.dumps({"kernel": kernel, "cfg": cfg})],
-                              capture_output=True, text=True, timeout=args.timeout)
-        last = (proc.stdout.strip().splitlines() or [""])[-1]
         try:
-            res = json.loads(last)
-        except json.JSONDecodeError:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            res = {"ok": False, "error": tail[:200]}
+            proc = subprocess.run(base + ["--_check", json.dumps({"kernel": kernel, "cfg": cfg})],
+                                  capture_output=True, text=True, timeout=args.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            res = {"ok": False, "error": f"no answer in {args.timeout} s (--timeout)"}
+        else:
+            last = (proc.stdout.strip().splitlines() or [""])[-1]
+            try:
+                res = json.loads(last)
+            except json.JSONDecodeError:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                res = {"ok": False, "error": tail[:200]}
         res.update(kernel=kernel, cfg=cfg, check_s=round(time.time() - t0, 1))
         print(f"  {kernel:10s} {json.dumps(cfg):62s} {_verdict(res)}", flush=True)
         return res
@@ -195,6 +207,9 @@ def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
         for res in (r for r in checked if r["kernel"] == kernel and r.get("ok")):
             force(module, kernel, res["cfg"])
             ms = kernel_times(module, leaves, dout, args.calls).get(name)
+            if ms is None:  # the profiler saw no launch of it (a layout that does not run this kernel)
+                print(f"  {kernel:10s} {json.dumps(res['cfg']):62s} not launched", flush=True)
+                continue
             rows.append({"cfg": res["cfg"], "ms": ms})
             print(f"  {kernel:10s} {json.dumps(res['cfg']):62s} {ms:.3f} ms", flush=True)
         tuner_of(module, kernel).configs = shipped[kernel]
@@ -222,7 +237,7 @@ def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="a spec name under specs/ or a YAML path")
-    ap.add_argument("--size", default="8:4096:32", help="B:L:H (default 8:4096:32)")
+    ap.add_argument("--size", default=None, help="B:L:H (default 8:4096:32; with --device cpu 1:16:2)")
     ap.add_argument("--kernels", default="chunk_qk,chunk_coef,chunk_v,chunk_vc,dstate",
                     help=f"comma-separated, of {', '.join(KERNELS)}")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -230,9 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=8, help="phase-1 processes at a time")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per phase-1 process")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bwd_sweep_results"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bwd_sweep_results"),
+                    help="folder of the JSON (default: $OUT or ./bwd_sweep_results)")
     ap.add_argument("--_check", help=argparse.SUPPRESS)  # phase-1 worker: {"kernel": ..., "cfg": ...}
     args = ap.parse_args(argv)
+    args.size = args.size or ("1:16:2" if args.device == "cpu" else "8:4096:32")
     size = tuple(int(x) for x in args.size.split(":"))
     if args._check:
         job = json.loads(args._check)
@@ -260,7 +277,8 @@ def main(argv=None) -> int:
         for kernel, row in result["best"].items():
             print(f"  best {kernel}: {json.dumps(row['cfg'])} {row['ms']:.3f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bwd_sweep_{spec.name}.json"
+    tag = "".join("_" + "".join(c if c.isalnum() else "-" for c in s) for s in args.sets)
+    path = args.out / f"bwd_sweep_{spec.name}{tag}.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(f"wrote {path}")
     return 0

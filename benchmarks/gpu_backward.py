@@ -3,6 +3,7 @@ official SISO backward on the same inputs), and forward + backward times side by
 
     python benchmarks/gpu_backward.py [--specs siso_trap_complex,mimo_r4] [--B 8 --L 4096 --H 32] [--skip-grads]
                                       [--set dtypes.compute=bf16] [--no-official] [--profile]
+                                      [--sizes B:L:H[:N],...] [--name NAME]
 
 Gradients: inputs drawn once in fp32 (make_inputs, seed 0); q, k, v, z rounded to bf16 values, so one float64
 reference serves every provider. The loss is Σ out·W with a fixed random W (float64), the same for all providers.
@@ -11,8 +12,9 @@ The reference is autograd through `chunked_reference` in float64, computed for a
 gradient: ‖g − g_ref‖ / ‖g_ref‖. Times: `triton.testing.do_bench` (median, L2 flushed) of forward + backward
 (`out.backward(dout)`), bf16 q/k/v/z, no states, the official SISO on its spec (trapezoidal, complex, pairwise).
 ``--set`` builds every spec with those overrides (the official rows are unchanged); ``--profile`` adds each
-generated kernel's mean time over 5 forward + backward calls (torch.profiler) to the time rows.
-Results: $OUT/gpu_backward.json (or ./gpu_results) and a printed table.
+generated kernel's mean time over 5 forward + backward calls (torch.profiler) to the time rows; ``--sizes`` times
+those sizes (H heads, N the state size when given) instead of the issue's.
+Results: $OUT/NAME.json (default name gpu_backward; $OUT unset or empty: ./gpu_results), one JSON row a line printed.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import mamba3_gen  # noqa: E402
 from benchmarks import official  # noqa: E402
 from mamba3_gen.reference import make_inputs, rel_err  # noqa: E402
 from mamba3_gen.reference.chunked import chunked_reference  # noqa: E402
-from mamba3_gen.spec.loader import load_spec  # noqa: E402
 
 LOW = ("q", "k", "v", "z")  # bf16 on the GPU providers
 BATCHED = ("q", "k", "v", "z", "adt", "dt", "trap", "angles")  # leading dim is the batch
@@ -191,23 +192,26 @@ def main():
                     help="build every spec with this override (repeatable)")
     ap.add_argument("--no-official", action="store_true", help="skip the official SISO backward (minutes of autotune)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the generated fwd+bwd")
-    ap.add_argument("--sizes", default=None, metavar="B:L[:N],...", help="time these sizes instead of the issue's")
+    ap.add_argument("--sizes", default=None, metavar="B:L:H[:N],...",
+                    help="time these sizes (batch, length, heads, optional d_state) instead of the issue's")
     ap.add_argument("--name", default="gpu_backward", help="base name of the JSON file")
     args = ap.parse_args()
-    out_dir = Path(os.environ.get("OUT", ROOT / "gpu_results"))
+    out_dir = Path(os.environ.get("OUT") or ROOT / "gpu_results")
     out_dir.mkdir(parents=True, exist_ok=True)
     fn = None if args.no_official else official.load_siso()
     sets = tuple(args.sets)
     sizes = None
     if args.sizes:
         sizes = [tuple(int(x) for x in item.split(":")) for item in args.sizes.split(",")]
-        sizes = [(s[0], s[1], s[2] if len(s) > 2 else None) for s in sizes]
+        if any(len(s) not in (3, 4) for s in sizes):
+            ap.error(f"--sizes {args.sizes!r}: each item is B:L:H or B:L:H:N")
+        sizes = [(s[0], s[1], s[2], s[3] if len(s) > 3 else None) for s in sizes]
     res = {"device": torch.cuda.get_device_name(), "grads": [], "times": []}
     for name in args.specs.split(","):
         path = ROOT / "specs" / f"{name}.yaml"
         if not args.skip_times:
-            for b, l, n in sizes or SIZES.get(name, [(args.B, args.L, None)]):
-                res["times"] += time_fwd_bwd(path, b, l, args.H, fn, d_state=n, sets=sets, profile_it=args.profile)
+            for b, l, h, n in sizes or [(b, l, args.H, n) for b, l, n in SIZES.get(name, [(args.B, args.L, None)])]:
+                res["times"] += time_fwd_bwd(path, b, l, h, fn, d_state=n, sets=sets, profile_it=args.profile)
                 torch.cuda.empty_cache()
         if not args.skip_grads:
             res["grads"] += grad_errors(path, args.B, args.L, args.H, args.per, fn, sets)

@@ -161,16 +161,18 @@ def test_gradients_match_float64_autograd(spec, data, interp_kernels):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# GPU: every shipped spec's backward compiled for the device, both dot precisions
+# GPU: every shipped spec's backward compiled for the device, tf32 and bf16 specs
 # ------------------------------------------------------------------------------------------------------------------
-# Tolerances (RMS ratio against float64 autograd on the same fp32 inputs): tf32 rounds each dot operand to 2^-11
-# (4.9e-4) and bf16 to 2^-8 (3.9e-3); the products are summed over a chunk and N in fp32, which averages the
-# roundings (errors ~√terms, relative ~ one operand's). Observed on the H200 at B8 L4096 H32 with bf16 inputs
-# (benchmarks/gpu_backward.py): 1.6e-3 .. 3.8e-3 (bf16 operands), 1.6e-3 .. 2.6e-3 (tf32), but ∂L/∂angles: 6.6e-2 /
-# 8.7e-3, a difference of two products per pair (dq̂_b·q̂_a − dq̂_a·q̂_b) whose cancellation amplifies the operands'
-# rounding (the official SISO backward: 1.0e-1). A missing term gives ≥ 1e-1 on its gradient.
+# The backward's dots are tf32 for both (build.backward_dot_dtype); a bf16 spec's forward and states re-run use bf16
+# operands (2^-8 = 3.9e-3 per operand rounding), a tf32 spec's everything tf32 (2^-11 = 4.9e-4). Tolerances (RMS
+# ratio against float64 autograd on the same fp32 inputs, B2, three chunks and a tail): 1e-2 (tf32 spec) and 3e-2
+# (bf16 spec), ~5x the H200's errors at B8 L4096 (benchmarks/gpu_backward.py: tf32 1.6e-3 .. 2.8e-3; bf16 operands in
+# forward and backward 1.6e-3 .. 6.0e-3), and ∂L/∂angles 3x those (3e-2 / 9e-2): a difference of two products per
+# pair (dq̂_b·q̂_a − dq̂_a·q̂_b) whose cancellation amplifies the operands' rounding (8.7e-3 / 6.6e-2 at B8 L4096;
+# the official SISO backward 1.0e-1). A missing or wrong term gives ≥ 1e-1. Provisional: this test's own per-gradient
+# errors on the H200 are not recorded yet (NOTES.md, issue 12); tighten them to ~3x those when they are.
 _GPU_REL = {"tf32": 1e-2, "bf16": 3e-2}
-_GPU_ANGLE_FACTOR = 10
+_GPU_ANGLE_FACTOR = 3
 
 
 def _to(kw: dict, device) -> dict:
@@ -185,7 +187,8 @@ def _to(kw: dict, device) -> dict:
 def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels):
     """The device-compiled backward of every shipped spec (three chunks and a tail, B 2, H = 2·G, initial states
     where the spec takes them) against float64 autograd through the naive recurrence on the CPU. Catches what the
-    interpreter cannot: a miscompiled kernel (bf16 MIMO chunk_qk once read shared memory out of range)."""
+    interpreter cannot: a miscompiled kernel (with bf16 dots, chunk_qk read shared memory out of range for MIMO and
+    gave wrong dq/dk for siso_euler_real; the backward's dots are tf32 since)."""
     from mamba3_gen.spec.loader import load_spec
 
     spec = respec(load_spec(str(REPO / "specs" / f"{name}.yaml")), dtypes={"compute": compute})
@@ -347,10 +350,28 @@ def test_merged_chunk_kernel(name, varlen, interp_kernels, monkeypatch):
     split = kernel_and_reference_grads(module, spec, kw, final=True)
     monkeypatch.setenv("MAMBA3_GEN_BWD_CHUNKS", "merged")
     assert selected_chunks() == "merged"
+
+    def not_launched(*args, **kwargs):
+        raise AssertionError("MAMBA3_GEN_BWD_CHUNKS=merged launched a split kernel")
+
+    for tuner in (bwd.kernels[1], bwd.kernels[2]):  # chunk_v, chunk_coef: chunk_vc must do their work
+        monkeypatch.setattr(tuner, "run", not_launched)
     merged = assert_grads_match(module, spec, kw, final=True)
     for key, (got, _) in merged.items():
         if got is not None:
             assert rel_err(got, split[key][0]) <= 1e-5, key
+
+
+def test_backward_dots_are_tf32_for_a_bf16_spec():
+    """A spec with bf16 dot operands: its forward's dots are bf16, its backward's tf32 (backends/triton/build.py
+    backward_dot_dtype: Triton 3.6 miscompiled the backward's bf16 dots)."""
+    from mamba3_gen.backends.triton.build import render
+    from mamba3_gen.backends.triton.build import lower as lower_spec
+
+    spec = respec(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=16), dtypes={"compute": "bf16"})
+    files = render(lower_spec(spec, "sm_90a"))
+    assert "tl.dot((" in files["fwd.py"] and ".to(tl.bfloat16)" in files["fwd.py"]
+    assert "tl.bfloat16" not in files["bwd.py"] and 'input_precision="tf32"' in files["bwd.py"]
 
 
 def test_bwd_chunks_variable_is_checked(monkeypatch):

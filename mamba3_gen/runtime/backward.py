@@ -95,7 +95,7 @@ def unsupported_reason(meta: dict) -> str | None:
 
 def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
                     steps_kernel, chunk_vc_kernel=None) -> "BackwardOp":
-    """Register the generated backward (its five kernels, module docstring; ``chunk_vc_kernel``: chunk_v and
+    """Register the generated backward (its five kernels, module docstring, and ``chunk_vc_kernel``: chunk_v and
     chunk_coef in one, see ``selected_chunks``) as the autograd formula of ``forward``'s ops (fused and chunked)."""
     bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
                      chunk_vc_kernel)
