@@ -20,7 +20,8 @@ one of its own: da_t is a reverse cumulative sum over the whole sequence of per-
 whose rounding grows like √L·6e-8 ≈ 5e-7 relative for the L ≤ 60 drawn here. Observed errors are 1e-7 to 1e-6, so
 1e-4 keeps a margin of ≥ 100x while a wrong term (a missing lag, decay or chain-rule factor: ≥ 1e-3) fails.
 Decays of exactly −inf are not drawn (tests/test_forward.py has them for the forward): with inputs.decay = a the
-chain rule through A·Δ multiplies by A = −inf, which is 0·∞ in the oracle's autograd as well.
+chain rule through A·Δ multiplies by A = −inf, which is 0·∞ in the oracle's autograd as well. With A·Δ as the input
+they have a fixed test (test_decays_to_zero_with_the_adt_encoding).
 """
 from __future__ import annotations
 
@@ -246,6 +247,21 @@ def test_edges_with_initial_states(name, L, interp_kernels):
     H = 2 * spec.dims.ngroups
     kw = make_inputs(spec, 2, L, H, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
     assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["trap_complex_pairwise", "euler_real", "mimo_r4_trap"])
+def test_decays_to_zero_with_the_adt_encoding(name, interp_kernels):
+    """Steps whose A·Δ is exactly −inf (inside a chunk, at a chunk's first and last token) or −1e4, with A·Δ given
+    as the input (inputs.decay adt: the chain rule has no 0·∞, the float64 oracle's gradients are finite): the
+    segment decays that cross such a step are exactly 0, counted apart from the double-float cumsums (dcoef, dda,
+    decay_weights), and every gradient matches float64 autograd."""
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True))
+    kw = make_inputs(spec, 2, 14, 2 * spec.dims.ngroups, seed=9, with_initial_states=True, dt_range=(1e-3, 0.5))
+    for t, value in ((2, float("-inf")), (4, float("-inf")), (7, -1e4), (11, float("-inf"))):
+        kw["adt"][:, :, t] = value
+    grads = assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+    assert grads["v"][0].abs().max() > 0
 
 
 @interpreter_only
