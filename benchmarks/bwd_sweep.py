@@ -139,24 +139,6 @@ def check_one(spec_arg: str, sets: tuple, size: tuple, device: str, kernel: str,
     return {"ok": all(math.isfinite(e) and e <= REL for e in errs.values()), "worst": errs[grad], "grad": grad}
 
 
-def kernel_times(module, leaves, dout, calls: int) -> dict:
-    """{kernel name: mean ms per forward + backward} over `calls` calls (after a warm call)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fwd_bwd(module, leaves, dout)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            module.mamba3_forward(**leaves).backward(dout)
-        torch.cuda.synchronize()
-    acc: dict = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            acc[ev.name] = acc.get(ev.name, 0.0) + ev.device_time / 1e3 / calls
-    return acc
-
-
 def _verdict(res: dict) -> str:
     if "error" in res:
         return f"REJECTED: {res['error']}"
@@ -196,6 +178,8 @@ def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
     import torch
     import triton
 
+    from benchmarks.gpu_backward import kernel_profile
+
     spec, module = _module(args.spec, tuple(args.sets))
     leaves, dout = make_case(spec, tuple(int(x) for x in args.size.split(":")), "cuda")
     shipped = {k: tuner_of(module, k).configs for k in kernels}
@@ -206,7 +190,7 @@ def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
         layout(kernel)
         for res in (r for r in checked if r["kernel"] == kernel and r.get("ok")):
             force(module, kernel, res["cfg"])
-            ms = kernel_times(module, leaves, dout, args.calls).get(name)
+            ms = kernel_profile(lambda: module.mamba3_forward(**leaves), dout, args.calls).get(name)
             if ms is None:  # the profiler saw no launch of it (a layout that does not run this kernel)
                 print(f"  {kernel:10s} {json.dumps(res['cfg']):62s} not launched", flush=True)
                 continue

@@ -46,14 +46,13 @@ tokens (or the initial ones) through each token's rotation (``_carried_tokens``)
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
-from mamba3_gen.runtime.forward import chunk_slots
+from mamba3_gen.runtime.forward import chunk_slots, env_choice
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, backward_schema, features, out_shape, per_rank
 
@@ -79,10 +78,7 @@ def selected_chunks(has_merged: bool = True) -> str:
 
     Raises:
         InputError: MAMBA3_GEN_BWD_CHUNKS names neither ``split`` nor ``merged``."""
-    name = os.environ.get("MAMBA3_GEN_BWD_CHUNKS", "split").strip().lower() or "split"
-    if name not in CHUNK_LAYOUTS:
-        raise InputError(f"MAMBA3_GEN_BWD_CHUNKS={name!r}; expected one of {', '.join(CHUNK_LAYOUTS)}; try "
-                         "MAMBA3_GEN_BWD_CHUNKS=split (the default) or unset it")
+    name = env_choice("MAMBA3_GEN_BWD_CHUNKS", CHUNK_LAYOUTS)
     return name if has_merged else "split"
 
 

@@ -47,6 +47,18 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
+def env_choice(var: str, choices: tuple) -> str:
+    """The value of the run-time variable `var`, lower-cased; unset or empty gives ``choices[0]`` (the default).
+
+    Raises:
+        InputError: the value is none of `choices` (the message names the variable, the choices and the default)."""
+    name = os.environ.get(var, choices[0]).strip().lower() or choices[0]
+    if name not in choices:
+        raise InputError(f"{var}={name!r}; expected one of {', '.join(choices)}; try "
+                         f"{var}={choices[0]} (the default) or unset it")
+    return name
+
+
 def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
                      device: Optional[torch.device] = None, has_chunked: bool = True) -> str:
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
@@ -61,10 +73,7 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
     Raises:
         InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
     """
-    name = os.environ.get("MAMBA3_GEN_FORWARD", "auto").strip().lower() or "auto"
-    if name not in FORWARDS:
-        raise InputError(f"MAMBA3_GEN_FORWARD={name!r}; expected one of {', '.join(FORWARDS)}; try "
-                         "MAMBA3_GEN_FORWARD=auto (the default) or unset it")
+    name = env_choice("MAMBA3_GEN_FORWARD", FORWARDS)
     if name != "auto":
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
@@ -105,10 +114,7 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True)
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
     """
-    name = os.environ.get("MAMBA3_GEN_ROTATE", "auto").strip().lower() or "auto"
-    if name not in ROTATIONS:
-        raise InputError(f"MAMBA3_GEN_ROTATE={name!r}; expected one of {', '.join(ROTATIONS)}; try "
-                         "MAMBA3_GEN_ROTATE=auto (the default) or unset it")
+    name = env_choice("MAMBA3_GEN_ROTATE", ROTATIONS)
     if meta["S"] == 0 or not has_prep:
         return "inline"
     if name == "auto":
