@@ -3,7 +3,7 @@ forward + backward of one spec, so the generated defaults (templates/triton/bwd.
 
     python benchmarks/bwd_sweep.py SPEC [--size B:L:H] [--kernels chunk_qk,chunk_coef,chunk_v,chunk_vc,dstate]
                                         [--set SECTION.FIELD=VALUE] [--calls N] [--jobs J] [--timeout S]
-                                        [--device cuda|cpu] [--out DIR]
+                                        [--device cuda|cpu] [--out DIR] [--checked JSON]
 
 Phase 1 checks every candidate in its own process, `--jobs` at a time (they share Triton's on-disk cache, so phase 2
 compiles nothing): one forward + backward with that kernel's config forced and the others as shipped, every
@@ -13,7 +13,8 @@ process). Phase 2, in one process: per kernel and per passing candidate, ``--cal
 torch.profiler, and that kernel's mean time; then the best config of every kernel together against the shipped
 ones, forward + backward by `triton.testing.do_bench` (median), with chunk_vc (MAMBA3_GEN_BWD_CHUNKS=merged) in
 place of chunk_v + chunk_coef when its best time is below their two best times' sum. Candidates: BLOCK_K (pairs per
-block) 16 / 32 / 64, BLOCK_P 16 / 32 / 64 where the kernel has one, 4 / 8 warps, 1 / 2 stages, within the spec's N/2
+block) 16 / 32 / 64, BLOCK_P 16 / 32 / 64 where the kernel has one, 4 / 8 warps, 1 / 2 stages, a cap of 128 registers or none (kernels
+without BLOCK_P), within the spec's N/2
 and P. Inputs: q, k, v, z in bf16 (as benchmarks/gpu_backward.py), the rest fp32. Writes
 DIR/bwd_sweep_<spec>[_<sets>].json (default DIR: $OUT or ./bwd_sweep_results) and prints a table and the best
 config lines.
@@ -50,11 +51,16 @@ def candidates(kernel: str, n2: int, p: int) -> list[dict]:
     """The configs tried for one kernel: tiles within N/2 pairs and P columns (powers of two, ≥ 16)."""
     cap = lambda limit: [b for b in (16, 32, 64) if b <= max(16, limit)]  # noqa: E731
     ks, ps = cap(n2), (cap(p) if kernel in HAS_BLOCK_P else [None])
+    # a register cap trades spills for occupancy: tried on the one-tile-per-program kernels (at 255 registers they
+    # run 8 warps per SM)
+    regs = (None,) if kernel in HAS_BLOCK_P else (None, 128)
     out = []
-    for k, bp, w, s in itertools.product(ks, ps, (4, 8), (1, 2)):
+    for k, bp, w, s, r in itertools.product(ks, ps, (4, 8), (1, 2), regs):
         cfg = {"BLOCK_K": k, "num_warps": w, "num_stages": s}
         if bp is not None:
             cfg["BLOCK_P"] = bp
+        if r is not None:
+            cfg["maxnreg"] = r
         out.append(cfg)
     return out
 
@@ -86,7 +92,8 @@ def force(module, kernel: str, cfg: dict | None):
         return
     tuner = tuner_of(module, kernel)
     kwargs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-    tuner.configs = [triton.Config(kwargs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])]
+    tuner.configs = [triton.Config(kwargs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                   maxnreg=cfg.get("maxnreg"))]
 
 
 def make_case(spec, size: tuple, device: str):
@@ -174,7 +181,7 @@ def phase1(args, jobs: list[tuple[str, dict]]) -> list[dict]:
         return list(pool.map(run, jobs))
 
 
-def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
+def phase2(args, checked: list[dict], kernels: list[str], partial=None) -> dict:
     import torch
     import triton
 
@@ -200,6 +207,8 @@ def phase2(args, checked: list[dict], kernels: list[str]) -> dict:
         times[kernel] = rows
         if rows:
             best[kernel] = min(rows, key=lambda r: r["ms"])
+        if partial is not None:
+            partial({"kernels": times, "best": best})
     grads = [v for v in leaves.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def total():
@@ -231,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bwd_sweep_results"),
                     help="folder of the JSON (default: $OUT or ./bwd_sweep_results)")
+    ap.add_argument("--checked", type=Path, default=None,
+                    help="skip phase 1: take its results from this JSON of an earlier run")
     ap.add_argument("--_check", help=argparse.SUPPRESS)  # phase-1 worker: {"kernel": ..., "cfg": ...}
     args = ap.parse_args(argv)
     args.size = args.size or ("1:16:2" if args.device == "cpu" else "8:4096:32")
@@ -245,24 +256,33 @@ def main(argv=None) -> int:
         ap.error(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(KERNELS)}")
     spec, module = _module(args.spec, tuple(args.sets))
     meta = module.META
-    jobs = [(k, cfg) for k in kernels for cfg in candidates(k, meta["N2"], meta["P"])]
-    print(f"phase 1: {len(jobs)} candidates, {args.jobs} at a time", flush=True)
-    t0 = time.time()
-    checked = phase1(args, jobs)
-    print(f"phase 1 took {time.time() - t0:.0f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "".join("_" + "".join(c if c.isalnum() else "-" for c in s) for s in args.sets)
+    path = args.out / f"bwd_sweep_{spec.name}{tag}.json"
+    if args.checked:  # phase 1 of an earlier run (a device call that ran out of time after it)
+        checked = [r for r in json.loads(args.checked.read_text(encoding="utf-8"))["checked"]
+                   if r["kernel"] in kernels]
+        print(f"phase 1: {len(checked)} candidates from {args.checked}", flush=True)
+    else:
+        jobs = [(k, cfg) for k in kernels for cfg in candidates(k, meta["N2"], meta["P"])]
+        print(f"phase 1: {len(jobs)} candidates, {args.jobs} at a time", flush=True)
+        t0 = time.time()
+        checked = phase1(args, jobs)
+        print(f"phase 1 took {time.time() - t0:.0f} s", flush=True)
     result = {"spec": spec.name, "sets": args.sets, "size": size, "checked": checked}
+    path.write_text(json.dumps(result, indent=1), encoding="utf-8")  # kept if phase 2 runs out of time
     if args.device == "cuda":
         import torch
 
         result["device"] = torch.cuda.get_device_name()
-        result.update(phase2(args, checked, kernels))
+        def partial(part):
+            path.write_text(json.dumps({**result, **part}, indent=1), encoding="utf-8")
+
+        result.update(phase2(args, checked, kernels, partial))
         print(f"fwd+bwd: shipped {result['fwd_bwd_ms_shipped']:.3f} ms, best per kernel "
               f"{result['fwd_bwd_ms_best']:.3f} ms ({result['best_layout']} value/coefficient kernels)")
         for kernel, row in result["best"].items():
             print(f"  best {kernel}: {json.dumps(row['cfg'])} {row['ms']:.3f} ms")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = "".join("_" + "".join(c if c.isalnum() else "-" for c in s) for s in args.sets)
-    path = args.out / f"bwd_sweep_{spec.name}{tag}.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(f"wrote {path}")
     return 0

@@ -185,7 +185,7 @@ def _to(kw: dict, device) -> dict:
 @gpu_only
 @pytest.mark.parametrize("compute", ["tf32", "bf16"])
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "specs").glob("*.yaml")))
-def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels):
+def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels, record_property):
     """The device-compiled backward of every shipped spec (three chunks and a tail, B 2, H = 2·G, initial states
     where the spec takes them) against float64 autograd through the naive recurrence on the CPU. Catches what the
     interpreter cannot: a miscompiled kernel (with bf16 dots, chunk_qk read shared memory out of range for MIMO and
@@ -213,6 +213,7 @@ def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels):
             continue
         tol = _GPU_REL[compute] * (_GPU_ANGLE_FACTOR if key == "angles" else 1)
         err = rel_err(g, r)
+        record_property(f"rel_err_{key}", f"{err:.3e}")  # `--junitxml` keeps them: the tolerances' evidence
         if not err <= tol:  # NaN fails
             bad.append(f"{key}: {err:.3e} > {tol:g}")
     assert not bad, "; ".join(bad)
