@@ -35,7 +35,8 @@ def _signature(spec, fn, cfg, prepped: bool = False):
         "k_hat_ptr": "*bf16" if spec.dtypes.input == "bf16" else "*fp32",
     }
     names = list(fn.arg_names)
-    known = [n for n in names if n not in extra_ptr and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T")]
+    known = [n for n in names if n not in extra_ptr
+             and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T", "STORE_CHUNKS")]
     sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]), prepped)
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
@@ -48,6 +49,9 @@ def _signature(spec, fn, cfg, prepped: bool = False):
                 constexprs[n] = None
         elif n in ("NC", "NS", "SEARCH_STEPS"):
             signature[n] = "i32"
+        elif n == "STORE_CHUNKS":  # the states kernel stores them always
+            signature[n] = "constexpr"
+            constexprs[n] = True
         elif n in ("BLOCK_K", "BLOCK_T"):  # the pair block; the prep kernel's token block
             signature[n] = "constexpr"
             constexprs[n] = int(cfg.kwargs[n])

@@ -50,7 +50,7 @@ from typing import Callable, NamedTuple
 
 __all__ = [
     "Arg", "Features", "LAYER_ARGS", "STATE_ARGS", "LAYER_INPUTS", "STATE_FIELDS", "GRAD_NAMES", "features", "uses",
-    "presence", "forward_schema", "backward_schema", "pointer_types", "cute_roles", "FORWARD_POINTERS",
+    "presence", "CHUNK_NAMES", "forward_schema", "backward_schema", "pointer_types", "cute_roles", "FORWARD_POINTERS",
     "STEP_POINTERS", "per_rank", "out_shape",
 ]
 
@@ -141,6 +141,9 @@ LAYER_INPUTS: tuple[str, ...] = tuple(a.name for a in LAYER_ARGS)
 STATE_FIELDS: tuple[str, ...] = tuple(a.name for a in STATE_ARGS)
 INIT_NAMES: tuple[str, ...] = tuple(f"init_{f}" for f in STATE_FIELDS)
 FINAL_NAMES: tuple[str, ...] = tuple(f"final_{f}" for f in STATE_FIELDS)
+# The per-chunk tensors the forward keeps for its backward (the state entering each chunk after its first step, its Θ,
+# the carried tokens; runtime/backward.py): outputs of the forward op, optional inputs of the backward op.
+CHUNK_NAMES: tuple[str, ...] = ("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v")
 # The inputs the backward op returns a gradient of (an empty tensor for an input that was None), in the op's order.
 GRAD_NAMES: tuple[str, ...] = LAYER_INPUTS + INIT_NAMES
 # Leading parameters of the Triton kernels: forward (fused and chunked) and step.
@@ -185,17 +188,19 @@ def _schema_args() -> list[str]:
 
 
 def forward_schema() -> str:
-    """The forward op's schema: layer inputs, initial state fields, cu_seqlens, return_final_states -> out and the
-    final state fields (an empty tensor for a field not returned)."""
-    ret = ", ".join(["Tensor"] * (1 + len(STATE_FIELDS)))
-    return "(" + ", ".join(_schema_args() + ["bool return_final_states"]) + f") -> ({ret})"
+    """The forward op's schema: layer inputs, initial state fields, cu_seqlens, return_final_states, save_chunks ->
+    out, the final state fields and the :data:`CHUNK_NAMES` tensors (an empty tensor for one not returned)."""
+    ret = ", ".join(["Tensor"] * (1 + len(STATE_FIELDS) + len(CHUNK_NAMES)))
+    return "(" + ", ".join(_schema_args() + ["bool return_final_states", "bool save_chunks"]) + f") -> ({ret})"
 
 
 def backward_schema() -> str:
-    """The backward op's schema: the forward's tensor inputs, then the outputs' gradients (dout and d_<field>) ->
-    one gradient per :data:`GRAD_NAMES` entry."""
+    """The backward op's schema: the forward's tensor inputs, the chunk tensors it kept (:data:`CHUNK_NAMES`, None
+    when it kept none), then the outputs' gradients (dout and d_<field>) -> one gradient per :data:`GRAD_NAMES`
+    entry."""
+    kept = [f"Tensor? {n}" for n in CHUNK_NAMES]
     grads = ["Tensor? dout"] + [f"Tensor? d_{f}" for f in STATE_FIELDS]
-    return "(" + ", ".join(_schema_args() + grads) + ") -> (" + ", ".join(["Tensor"] * len(GRAD_NAMES)) + ")"
+    return "(" + ", ".join(_schema_args() + kept + grads) + ") -> (" + ", ".join(["Tensor"] * len(GRAD_NAMES)) + ")"
 
 
 def pointer_types(f: Features, io: str, state: str = "*fp32") -> dict[str, str | None]:

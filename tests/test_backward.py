@@ -379,6 +379,62 @@ def test_merged_chunk_kernel(name, varlen, interp_kernels, monkeypatch):
             assert rel_err(got, split[key][0]) <= 1e-5, key
 
 
+@interpreter_only
+@pytest.mark.parametrize("forward", ["fused", "chunked"])
+@pytest.mark.parametrize("name, varlen", [("trap_complex_pairwise", False), ("two_lags_complex", True),
+                                          ("three_lags_mimo", False), ("euler_real", True)])
+def test_kept_chunk_states(name, varlen, forward, interp_kernels, monkeypatch):
+    """MAMBA3_GEN_SAVE_STATES=always: the forward keeps each chunk's entering state, Θ and carried tokens and the
+    backward reads them instead of running the states kernel again (checked: it runs once, in the chunked forward
+    only); the gradients match float64 autograd, and `never`'s to fp32 summation order (RMS ratio ≤ 1e-6: the fused
+    kernel's state tile is the whole [P, N], the states kernel's a block of it). Initial states, every final state,
+    L off the chunk grid or a varlen pack with an empty sequence; J = 1, 2, 3; SISO and MIMO."""
+    from mamba3_gen.runtime.forward import keeps_chunk_states
+
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", forward)
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True, varlen=varlen))
+    module = interp_kernels(spec)
+    op = module.mamba3_forward
+    H = 2 * spec.dims.ngroups
+    if varlen:
+        kw = make_inputs(spec, 1, 0, H, seed=9, with_initial_states=True, nseq_lengths=[6, 0, 9])
+    else:
+        kw = make_inputs(spec, 2, 11, H, seed=9, with_initial_states=True, dt_range=(1e-3, 0.5))
+    monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "never")
+    assert not keeps_chunk_states(op.meta, forward, "inline")
+    again = kernel_and_reference_grads(module, spec, kw, final=True)
+
+    states_kernel = op.chunked_kernels[0]
+    runs = []
+
+    class Counted:  # the states kernel's launches: `kernel[grid](...)`
+        def __getitem__(self, grid):
+            runs.append(grid)
+            return states_kernel[grid]
+
+    monkeypatch.setattr(op, "chunked_kernels", (Counted(), *op.chunked_kernels[1:]))
+    monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "always")
+    assert keeps_chunk_states(op.meta, forward, "inline") and not keeps_chunk_states(op.meta, forward, "prepass")
+    kept = assert_grads_match(module, spec, kw, final=True)
+    assert len(runs) == (1 if forward == "chunked" else 0)
+    for key, (got, _) in kept.items():
+        if got is not None:
+            assert rel_err(got, again[key][0]) <= 1e-6, key
+
+
+def test_save_states_variable_is_checked(monkeypatch):
+    from mamba3_gen.errors import InputError
+    from mamba3_gen.runtime.forward import keeps_chunk_states
+
+    meta = {"R": 1, "chunk_states_dtype": "fp32"}
+    assert keeps_chunk_states(meta, "fused", "inline")  # auto: SISO keeps them
+    assert not keeps_chunk_states({**meta, "R": 4}, "chunked", "inline")  # MIMO recomputes
+    assert not keeps_chunk_states({**meta, "chunk_states_dtype": "bf16"}, "chunked", "inline")
+    monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "yes")
+    with pytest.raises(InputError, match="MAMBA3_GEN_SAVE_STATES='yes'; expected one of auto, always, never"):
+        keeps_chunk_states(meta, "fused", "inline")
+
+
 def test_backward_dots_are_tf32_for_a_bf16_spec():
     """A spec with bf16 dot operands: its forward's dots are bf16, its backward's tf32 (backends/triton/build.py
     backward_dot_dtype: Triton 3.6 miscompiled the backward's bf16 dots)."""

@@ -52,12 +52,13 @@ def test_explicit_python_signatures_match_the_table():
     """The op functions keep explicit parameters; they must be the table's, in its order."""
     op_params = list(sig.LAYER_INPUTS) + [f"init_{f}" for f in sig.STATE_FIELDS] + ["cu_seqlens"]
     # prepass: the launch's own option (the rotation pre-pass), after the table's
-    assert _params(forward.ForwardOp._launch) == op_params + ["return_final_states", "prepass"]
-    assert _params(forward.ForwardOp._launch_chunked) == op_params + ["return_final_states", "prepass"]
+    assert _params(forward.ForwardOp._launch) == op_params + ["return_final_states", "save_chunks", "prepass"]
+    assert _params(forward.ForwardOp._launch_chunked) == op_params + ["return_final_states", "save_chunks",
+                                                                      "prepass"]
     assert _params(forward.ForwardOp._prepass)[:len(sig.LAYER_INPUTS)] == list(sig.LAYER_INPUTS)
     grads = ["dout"] + [f"d_{f}" for f in sig.STATE_FIELDS]
-    assert _params(backward.BackwardOp._launch) == op_params + grads
-    assert _params(backward.BackwardOp.backward)[1:] == grads  # after ctx
+    assert _params(backward.BackwardOp._launch) == op_params + list(sig.CHUNK_NAMES) + grads
+    assert _params(backward.BackwardOp.backward)[1:] == grads + ["d_chunks"]  # after ctx; the kept chunks' (None)
     layer = list(sig.LAYER_INPUTS)
     assert _params(checks.check_layer_inputs)[4:] == layer
     assert _params(forward.ForwardOp.__call__)[:len(layer)] == layer

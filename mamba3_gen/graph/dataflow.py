@@ -53,6 +53,7 @@ class Stage:
     when: Callable[[Spec, Lowered], bool] = lambda spec, low: True
     variants: tuple[str, ...] = _ALL  # the kernels this stage is part of
     prepass: bool = False  # done by the prep kernel when the others run with PREPPED (skipped there)
+    guard: str | None = None  # a constexpr of the kernel that switches the stage on (a compile-time `if`)
 
 
 def _complex(spec, low):
@@ -89,9 +90,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("load_gate", "chunk", "Z rows, times MIMO_Z per rank", writes=("z_rows",), loads=("z", "mimo_z"),
           when=lambda spec, low: spec.options.z_gate, variants=_FUSED_OUT),
     # before angle_cumsum, state_update and carry_update move Θ, H and the carried tokens past the chunk
+    # the fused kernel stores them too when the backward will read them (STORE_CHUNKS: no states re-run there)
     Stage("store_chunk_state", "chunk", "store the state entering the chunk (after its first step), its Θ and the "
-          "carried tokens, for the out kernel", reads=("h", "prev"), optional_reads=("theta",),
-          stores=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v"), variants=("states",)),
+          "carried tokens, for the out kernel or the backward", reads=("h", "prev"), optional_reads=("theta",),
+          stores=("chunk_ssm", "chunk_angle", "chunk_k", "chunk_v"), variants=_FUSED_STATES, guard="STORE_CHUNKS"),
     Stage("decay_weights", "chunk", "cumsum of a, key scale, band weights, weights into the chunk-end state and "
           "of the carried tokens", reads=("a", "cw", "cm"), writes=("cs", "weights")),
     Stage("angle_cumsum", "chunk", "Θ_t = Θ + cumsum(Δ·π·tanh(angle)) in fp32; cos, sin per row",
@@ -147,9 +149,10 @@ def spec_tensors(spec: Spec, low: Lowered, variant: str = "fused") -> frozenset[
         **presence(features(spec)._replace(lags=low.lags)),
         # the chunk-parallel forward's intermediates: the state entering each chunk, its Θ, the carried tokens
         # that land after a chunk's first step (J >= 2)
-        "chunk_ssm": variant in ("states", "out"), "chunk_angle": variant != "fused" and cplx,
-        "chunk_k": variant in ("states", "out") and low.lags > 1,
-        "chunk_v": variant in ("states", "out") and low.lags > 1,
+        # (the fused kernel's with STORE_CHUNKS, for the backward)
+        "chunk_ssm": variant != "prep", "chunk_angle": variant != "prep" and cplx,
+        "chunk_k": variant != "prep" and low.lags > 1,
+        "chunk_v": variant != "prep" and low.lags > 1,
         # the rotation pre-pass's output: Q̂, K̂ per head (complex states)
         "q_hat": variant == "prep", "k_hat": variant == "prep",
     }

@@ -54,7 +54,7 @@ from triton.runtime.errors import OutOfResources
 from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.forward import chunk_slots, env_choice
 from mamba3_gen.runtime.state import Mamba3State, state_layout
-from mamba3_gen.signature import GRAD_NAMES, backward_schema, features, out_shape, per_rank
+from mamba3_gen.signature import GRAD_NAMES, STATE_FIELDS, backward_schema, features, out_shape, per_rank
 
 __all__ = ["attach_backward", "BackwardOp", "selected_chunks", "unsupported_reason"]
 
@@ -72,9 +72,9 @@ def selected_chunks(has_merged: bool = True) -> str:
     """How the backward's value and coefficient sides run, read from MAMBA3_GEN_BWD_CHUNKS at each call: ``split``
     (the default: chunk_v per block of P columns, then chunk_coef per chunk, each recomputing the chunk's loads, sums
     over N and decay weights) or ``merged`` (chunk_vc: both in one program per chunk and head, all of P, so those are
-    computed once). ``merged`` is not yet timed on a GPU (NOTES.md, issue 12): on sm_90a its one program spills
-    0.5-0.7 KiB for the SISO specs and 1.1-1.4 KiB for MIMO (a whole P of 64 columns; chunk_v takes 32), against
-    0.05 + 0.5 KiB for the split pair. A module built without the merged kernel is always ``split``.
+    computed once). ``merged`` is slower on the H200 (B8 L4096 H32, 2026-12-03 sweep: SISO 5.74 ms against 2.93 +
+    2.72, MIMO R4 20.2 against 7.67 + 9.46): its one program spills 0.5-0.7 KiB for the SISO specs and 1.1-1.4 KiB
+    for MIMO on sm_90a. A module built without the merged kernel is always ``split``.
 
     Raises:
         InputError: MAMBA3_GEN_BWD_CHUNKS names neither ``split`` nor ``merged``."""
@@ -224,16 +224,22 @@ class BackwardOp:
         reason = unsupported_reason(self.meta)
         if reason is not None:
             raise InputError(reason)
-        ctx.save_for_backward(*inputs[:len(_GRAD_NAMES) + 1])  # layer/state inputs and cu_seqlens; nothing else is kept
+        # layer/state inputs and cu_seqlens, and the per-chunk tensors the forward kept (empty when it kept none:
+        # runtime/forward.py keeps_chunk_states); nothing else
+        chunks = output[1 + len(STATE_FIELDS):]
+        ctx.mark_non_differentiable(*chunks)
+        ctx.save_for_backward(*inputs[:len(_GRAD_NAMES) + 1], *chunks)
 
-    def backward(self, ctx, dout, d_angle, d_ssm, d_k, d_v):
+    def backward(self, ctx, dout, d_angle, d_ssm, d_k, d_v, *d_chunks):
         saved = ctx.saved_tensors  # read once (activation checkpointing recomputes the forward on this access)
 
-        def grad(x):  # an unused output's gradient is None; an absent final state is an empty tensor
+        def grad(x):  # an unused output's gradient is None; an absent final state or chunk tensor is an empty tensor
             return None if x is None or x.numel() == 0 else x
 
-        grads = self.op(*saved, grad(dout), grad(d_angle), grad(d_ssm), grad(d_k), grad(d_v))
-        return (*[None if g.numel() == 0 else g for g in grads], None, None)
+        n = len(_GRAD_NAMES) + 1
+        grads = self.op(*saved[:n], *[grad(t) for t in saved[n:]], grad(dout), grad(d_angle), grad(d_ssm),
+                        grad(d_k), grad(d_v))
+        return (*[None if g.numel() == 0 else g for g in grads], None, None, None)
 
     # -- the registered backward op ------------------------------------------------------------------------------
     def _register(self):
@@ -244,13 +250,14 @@ class BackwardOp:
 
         @torch.library.custom_op(name, mutates_args=(), schema=_BWD_SCHEMA)
         def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle, init_ssm,
-               init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+               init_k, init_v, cu_seqlens, chunk_ssm, chunk_angle, chunk_k, chunk_v, dout, d_angle, d_ssm, d_k, d_v):
             return self._launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                                init_angle, init_ssm, init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v)
+                                init_angle, init_ssm, init_k, init_v, cu_seqlens, chunk_ssm, chunk_angle, chunk_k,
+                                chunk_v, dout, d_angle, d_ssm, d_k, d_v)
 
         @op.register_fake
         def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle, init_ssm,
-              init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+              init_k, init_v, cu_seqlens, chunk_ssm, chunk_angle, chunk_k, chunk_v, dout, d_angle, d_ssm, d_k, d_v):
             inputs = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, init_angle,
                       init_ssm, init_k, init_v)
             return tuple(torch.empty((0,), device=v.device) if x is None else torch.empty_like(x) for x in inputs)
@@ -259,9 +266,12 @@ class BackwardOp:
         return op
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                init_angle, init_ssm, init_k, init_v, cu_seqlens, dout, d_angle, d_ssm, d_k, d_v):
+                init_angle, init_ssm, init_k, init_v, cu_seqlens, chunk_ssm, chunk_angle, chunk_k, chunk_v,
+                dout, d_angle, d_ssm, d_k, d_v):
         """Gradients of every input (module docstring), each in its input's shape and dtype; an empty tensor for an
-        input that was None. Shapes: as the forward op takes them (ForwardOp's docstring)."""
+        input that was None. Shapes: as the forward op takes them (ForwardOp's docstring). ``chunk_*``: the
+        per-chunk tensors the forward kept (fp32, ``ForwardOp._chunk_outputs``), or None: the states kernel then
+        computes them again."""
         m = self.meta
         B, L, H, P = v.shape
         C, N, S, J, R, G = m["C"], m["N"], m["S"], m["J"], m["R"], m["G"]
@@ -290,19 +300,20 @@ class BackwardOp:
         def empty(*shape):
             return torch.empty(shape, device=dev, dtype=f32)
 
-        # 1. the forward's states kernel again: E_c and Θ before each chunk (fp32)
-        chunk_ssm = empty(slots, H, P, N)
-        chunk_angle = empty(slots, H, S) if S else None
-        # J >= 2: the carried tokens t−1 … t−(J−1) entering each chunk (the chunk kernels' prev_tokens read them)
-        chunk_k = empty(slots, J - 1, R, H, N) if J > 1 else None
-        chunk_v = empty(slots, J - 1, H, P) if J > 1 else None
-        fin = [None] * 4
-        states_kernel = self.forward.chunked_kernels[0]
-        states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
-            init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
-            L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen,
-            PER_RANK=per)
+        # 1. E_c and Θ before each chunk (fp32): kept by the forward, or its states kernel again
+        if chunk_ssm is None:
+            chunk_ssm = empty(slots, H, P, N)
+            chunk_angle = empty(slots, H, S) if S else None
+            # J >= 2: the carried tokens t−1 … t−(J−1) entering each chunk (the chunk kernels' prev_tokens read them)
+            chunk_k = empty(slots, J - 1, R, H, N) if J > 1 else None
+            chunk_v = empty(slots, J - 1, H, P) if J > 1 else None
+            fin = [None] * 4
+            states_kernel = self.forward.chunked_kernels[0]
+            states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+                q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
+                init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
+                L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen,
+                PER_RANK=per)
 
         dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels
         # 2. dX_c backwards over the chunks

@@ -16,7 +16,7 @@ from mamba3_gen.errors import InputError
 from mamba3_gen.runtime.checks import (UNSET, check_cu_seqlens, check_cu_seqlens_values, check_layer_inputs,
                                        check_state, check_varlen, resolve_mimo_o)
 from mamba3_gen.runtime.state import Mamba3State, state_layout
-from mamba3_gen.signature import LAYER_INPUTS, features, forward_schema, out_shape, per_rank
+from mamba3_gen.signature import LAYER_INPUTS, STATE_FIELDS, features, forward_schema, out_shape, per_rank
 
 # The layer inputs in the order the kernels and the registered ops take them, and the op's schema: both from the
 # signature table (mamba3_gen/signature.py); the op's Python parameters below are checked against it by
@@ -129,6 +129,29 @@ def chunk_slots(B: int, L: int, C: int, NS: int, is_varlen: bool) -> tuple[int, 
     return NC, (L // C + NS if is_varlen else B * NC)
 
 
+SAVE_STATES = ("auto", "always", "never")
+
+
+def keeps_chunk_states(meta: dict, forward: str, rotation: str) -> bool:
+    """Whether a forward that autograd will differentiate keeps its per-chunk tensors (``CHUNK_NAMES``: the state
+    entering each chunk after its first step, fp32, its Θ and carried tokens) for the backward, which then does not
+    run the states kernel again (2.3 ms of 20.8 for siso_trap_complex fwd+bwd at B8 L4096 H32 on the H200, 2026-12-03).
+    Read from MAMBA3_GEN_SAVE_STATES at each call: ``auto`` (the default) keeps them for SISO specs, 4·P·N/C bytes
+    per token and head (537 MB at B8 L4096 H32 P64 N128 C64, where the official SISO keeps ~0.8 GB of bf16 states
+    and rotated Q, K), not for MIMO ones (their chunks are short: 2.1 GB at R4 C16; the official MIMO recomputes);
+    ``always``; ``never``. Never after the rotation pre-pass (its forward kernels carry no Θ) nor when the chunked
+    forward's states are bf16 (the backward reads fp32).
+
+    Raises:
+        InputError: MAMBA3_GEN_SAVE_STATES names none of ``auto``, ``always``, ``never``."""
+    name = env_choice("MAMBA3_GEN_SAVE_STATES", SAVE_STATES)
+    if name == "never" or rotation == "prepass":
+        return False
+    if forward == "chunked" and chunk_states_dtype(meta) != "fp32":
+        return False
+    return name == "always" or meta["R"] == 1
+
+
 def chunk_states_dtype(meta: dict) -> str:
     """dtype of the chunked forward's per-chunk entering states: the spec's choice (META["chunk_states_dtype"]:
     bf16 with bf16 dot operands, else fp32), or MAMBA3_GEN_CHUNK_STATES=bf16|fp32 (read at each call; bf16 halves
@@ -220,9 +243,14 @@ class ForwardOp:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
-        if selected_rotation(m, forward, self.prep_kernel is not None) == "prepass":
+        rotation = selected_rotation(m, forward, self.prep_kernel is not None)
+        if rotation == "prepass":
             op = self.prepass_ops[forward]
-        out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states)
+        grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                for t in (*x.values(), *init))
+        keep = grads and getattr(self, "backward", None) is not None and keeps_chunk_states(m, forward, rotation)
+        out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states, keep)
+        final = final[:len(STATE_FIELDS)]  # the chunk tensors after them are the backward's
         if not return_final_states:
             return out
         layout = state_layout(m, NS, H)
@@ -237,6 +265,18 @@ class ForwardOp:
         states = [torch.empty(f[0], device=v.device, dtype=f[1]) if f is not None
                   else torch.empty((0,), device=v.device, dtype=torch.float32) for f in layout.values()]
         return out, states
+
+    def _chunk_outputs(self, v, NS: int, is_varlen: bool, save_chunks: bool) -> list:
+        """The ``CHUNK_NAMES`` tensors a forward keeps for its backward (fp32; an empty tensor for one it does not
+        keep): (slots, H, P, N), (slots, H, S), (slots, J−1, R, H, N), (slots, J−1, H, P)."""
+        m = self.meta
+        B, L, H, P = v.shape
+        _, slots = chunk_slots(B, L, m["C"], NS, is_varlen)
+        J, R = m["J"], m["R"]
+        shapes = [(slots, H, P, m["N"]), (slots, H, m["S"]) if m["S"] else None,
+                  (slots, J - 1, R, H, m["N"]) if J > 1 else None, (slots, J - 1, H, P) if J > 1 else None]
+        return [torch.empty(sh if save_chunks and sh is not None else (0,), device=v.device, dtype=torch.float32)
+                for sh in shapes]
 
     def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
@@ -262,7 +302,7 @@ class ForwardOp:
         return q_hat, k_hat
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=False):
+                init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks, prepass=False):
         B, L, H, P = v.shape
         NS = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         if cu_seqlens is not None:
@@ -282,15 +322,19 @@ class ForwardOp:
         def grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]))
 
+        # save_chunks: the per-chunk tensors the backward reads (the op's caller never asks with the pre-pass)
+        chunks = self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks)
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
-            init_angle, init_ssm, init_k, init_v, *fin, cu_seqlens,
-            L, H, self.meta["G"], *angle_strides, **flags, PREPPED=prepass,
+            init_angle, init_ssm, init_k, init_v, *fin, *[t if t.numel() else None for t in chunks], cu_seqlens,
+            L, H, self.meta["G"], triton.cdiv(L, self.meta["C"]), *angle_strides, **flags, PREPPED=prepass,
+            STORE_CHUNKS=save_chunks,
         )
-        return (out, *states)
+        return (out, *states, *chunks)
 
     def _launch_chunked(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                        init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=False):
+                        init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks,
+                        prepass=False):
         """The chunk-parallel forward: the states kernel (grid: sequence, head, P block x pair block; sequential over
         chunks) stores the state entering every chunk (after its first step), its Θ and, with two or more lags,
         the carried tokens; then the out kernel (grid: chunk slot, head, P block) computes every chunk at once. A
@@ -333,7 +377,11 @@ class ForwardOp:
         states_kernel[states_grid](*args, **flags)
         if slots:
             out_kernel[out_grid](*args, **flags)
-        return (out, *states)
+        # save_chunks (never with the pre-pass nor bf16 states, keeps_chunk_states): the backward takes them as they are
+        kept = self._chunk_outputs(v, NS, is_varlen, False)
+        if save_chunks:
+            kept = [t if t is not None else e for t, e in zip((chunk_ssm, chunk_angle, chunk_k, chunk_v), kept)]
+        return (out, *states, *kept)
 
     def _register(self, forward: str = "fused", prepass: bool = False):
         """A torch.library custom op per spec (and forward, and rotation), so the forward is one opaque node under
@@ -352,16 +400,17 @@ class ForwardOp:
 
         @torch.library.custom_op(name, mutates_args=(), schema=_OP_SCHEMA)
         def op(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-               init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+               init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks):
             return launch(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-                          init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, prepass=prepass)
+                          init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks,
+                          prepass=prepass)
 
         @op.register_fake
         def _(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-              init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states):
+              init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks):
             NS = v.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
             out, states = self._outputs(v, NS, return_final_states, mimo_o)
-            return (out, *states)
+            return (out, *states, *self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks))
 
         _REGISTERED[name] = op
         return op

@@ -66,6 +66,9 @@ def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = F
         "HAS_INIT": bool(opt.initial_states), "STORE_FINAL": bool(opt.final_states),
         "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "BLOCK_P": int(block_p),  # the reduced output (mimo_o)
         "PREPPED": bool(prepped),  # q, k are the rotation pre-pass's Q̂, K̂ (complex states)
+        # the forward-only kernel: no per-chunk tensors kept for a backward (runtime/forward.py keeps_chunk_states)
+        "STORE_CHUNKS": False, "chunk_ssm_ptr": None, "chunk_angle_ptr": None, "chunk_k_ptr": None,
+        "chunk_v_ptr": None,
     }
     if spec.dims.ngroups == 1:
         consts["G"] = 1  # the JIT specialises an int argument equal to 1 into a constant
@@ -84,7 +87,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = F
             else:
                 signature[name] = ty
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("L", "H", "G", "angles_sb", "angles_st", "angles_sh"):
+        elif name in ("L", "H", "G", "NC", "angles_sb", "angles_st", "angles_sh"):
             signature[name] = "i32"
         else:
             raise AOTCompileError(f"kernel argument {name!r} is unknown to the AOT signature; "
