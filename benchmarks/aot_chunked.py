@@ -21,7 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _signature(spec, fn, cfg, prepped: bool = False):
+def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False):
+    """The signature of a forward kernel (states, out, prep; the fused one too, compiled with STORE_CHUNKS =
+    `store_chunks`: as it runs when the backward keeps its per-chunk states; the states kernel always stores)."""
     from mamba3_gen.backends.triton.aot import kernel_signature
     from mamba3_gen.backends.triton.resources import chunk_states_dtype
 
@@ -49,9 +51,9 @@ def _signature(spec, fn, cfg, prepped: bool = False):
                 constexprs[n] = None
         elif n in ("NC", "NS", "SEARCH_STEPS"):
             signature[n] = "i32"
-        elif n == "STORE_CHUNKS":  # the states kernel stores them always
+        elif n == "STORE_CHUNKS":
             signature[n] = "constexpr"
-            constexprs[n] = True
+            constexprs[n] = store_chunks or fn.__name__ == "mamba3_chunk_states_kernel"
         elif n in ("BLOCK_K", "BLOCK_T"):  # the pair block; the prep kernel's token block
             signature[n] = "constexpr"
             constexprs[n] = int(cfg.kwargs[n])

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="mamba3_fwd_kernel")
     ap.add_argument("--source", type=Path, help="fwd.py to take the kernel from (default: generated/<spec>/fwd.py)")
     ap.add_argument("--prepped", action="store_true", help="compile as after the rotation pre-pass (PREPPED)")
+    ap.add_argument("--dump", type=Path, default=None, help="also write the nvdisasm -g listing to this file")
+    ap.add_argument("--store-chunks", action="store_true",
+                    help="the fused kernel as it runs for a backward (STORE_CHUNKS: it keeps the per-chunk states)")
     ap.add_argument("--config", type=int, default=0, help="index of the autotune config (default: the first)")
     ap.add_argument("--top", type=int, default=30, help="source lines to print")
     ap.add_argument("--all", action="store_true", help="count the whole kernel, not only its main loop")
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         sp.loader.exec_module(mod)
         tuner = getattr(mod, args.kernel)
         cfg = tuner.configs[args.config]
-        sig, const, attrs = _signature(spec, tuner.fn, cfg, args.prepped and spec.is_complex)
+        sig, const, attrs = _signature(spec, tuner.fn, cfg, args.prepped and spec.is_complex, args.store_chunks)
     compiled = triton.compile(ASTSource(fn=tuner.fn, signature=sig, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         listing = subprocess.run([_nvdisasm(), "-g", str(cubin)], capture_output=True, text=True, check=True).stdout
+    if args.dump:
+        args.dump.write_text(listing, encoding="utf-8")
     count, ops, n, whole = per_line(listing, loop_only=not args.all)
     total = Counter()
     for c in ops.values():
