@@ -9,6 +9,8 @@ from mamba3_gen.runtime.forward import INTERPRETING
 
 TWO_PI = tl.constexpr(6.283185307179586)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG_2LOG2E = tl.constexpr(-2.8853900817779268)
 
 if INTERPRETING:
 
@@ -19,6 +21,14 @@ if INTERPRETING:
     @triton.jit
     def sigmoid(x):
         return tl.sigmoid(x)
+
+    @triton.jit
+    def exp_ftz(x):
+        return tl.exp(x)
+
+    @triton.jit
+    def tanh(x):
+        return 2.0 * sigmoid(2.0 * x) - 1.0
 
     @triton.jit
     def expm1(x):
@@ -45,10 +55,29 @@ else:
         return libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
 
     @triton.jit
+    def _exp2_ftz(x):
+        # MUFU.EX2 alone: tl.exp's own ex2 (not ftz) adds a compare and two predicated multiplies per element to keep
+        # results below 2^-126 (subnormal) instead of flushing them to 0
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def exp_ftz(x):
+        # tl.exp (the same product by log2(e), the same ex2) with results below 2^-126 flushed to 0
+        return _exp2_ftz(x * LOG2E)
+
+    @triton.jit
     def sigmoid(x):
         # 1 / (1 + e^{−x}) with the approximate division (2 ulp; tl.sigmoid's IEEE division costs ~10 instructions
-        # and a branch per element); e^{−x} = inf gives 0, as it should
-        return libdevice.fast_dividef(1.0, 1.0 + tl.exp(-x))
+        # and a branch per element); e^{−x} = inf gives 0, as it should. e^{−x} is tl.exp's product by log2(e) and
+        # ex2, flushed below 2^-126 where 1 + e^{−x} rounds to 1 anyway: the same values, 3 instructions fewer
+        # (x·(−log2 e) saves the negation too, but tipped mimo_r4_init's dstate over its spill bound, 144 B on sm_90a)
+        return libdevice.fast_dividef(1.0, 1.0 + _exp2_ftz(-x * LOG2E))
+
+    @triton.jit
+    def tanh(x):
+        # 2σ(2x) − 1 with σ's terms inline: −2·log2(e) in one constant (the same product: 2 is a power of two)
+        return 2.0 * libdevice.fast_dividef(1.0, 1.0 + _exp2_ftz(x * NEG_2LOG2E)) - 1.0
 
     @triton.jit
     def expm1(x):
@@ -57,11 +86,6 @@ else:
     @triton.jit
     def log1p(x):
         return libdevice.log1p(x)
-
-
-@triton.jit
-def tanh(x):
-    return 2.0 * sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
