@@ -450,7 +450,11 @@ def _kernel_tensors(spec) -> set[str]:
 
     signature, _, _ = kernel_signature(spec, _POINTERS, 64)
     names = {n[:-len("_ptr")] for n, ty in signature.items() if ty != "constexpr"}
-    return {"D" if n == "d" else n for n in names}
+    # and, when the backward keeps them (constexpr STORE_CHUNKS; the AOT report compiles without), the per-chunk
+    # states: the entering state always, Θ for a complex state, the carried tokens with two or more lags
+    kept = {"chunk_ssm"} | ({"chunk_angle"} if spec.is_complex else set()) | \
+        ({"chunk_k", "chunk_v"} if spec.lags > 1 else set())
+    return {"D" if n == "d" else n for n in names} | kept
 
 
 @pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.stem for p in SHIPPED_SPECS])
