@@ -2,8 +2,9 @@
 
 The forward's op (runtime/forward.py, one per spec) gets ``register_autograd`` here; its backward calls a second
 custom op (``mamba3_gen::bwd_...``, with a fake implementation) so that ``torch.compile(fullgraph=True)`` traces
-forward and backward as two opaque nodes. Only the forward's inputs are saved, and ``ctx.saved_tensors`` is read
-once, so ``torch.utils.checkpoint(..., use_reentrant=False)`` works.
+forward and backward as two opaque nodes. The forward's inputs are saved, and with MAMBA3_GEN_SAVE_STATES (SISO by
+default: runtime/forward.py ``keeps_chunk_states``) the per-chunk states the forward stored; ``ctx.saved_tensors``
+is read once, so ``torch.utils.checkpoint(..., use_reentrant=False)`` works.
 
 The math (``../shared/docs/mamba3-math.md`` §2 recurrence, §4 MIMO, §5 chunked form). Per (sequence, head), with
 u_s = Σ_r v_{s,r} k̂_{s,r}ᵀ (v_{s,r} = v_s ⊙ mimo_v_r), H_t = exp(a_t) H_{t−1} + Σ_j c_j(t) u_{t−j}, y_{t,r} = H_t q̂_{t,r}
@@ -18,8 +19,8 @@ step with a strong decay (small true gradient) got an error of fp32 roundoff tim
 through A·Δ (inputs.decay = a) then multiplies by |A| (measured: 1e-3 relative on dt).
 
 Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
-  1. the forward's states kernel, run again: E_c, the state entering chunk c (after its first step), its Θ and
-     the final state, in fp32 (recomputed, not saved);
+  1. E_c, the state entering chunk c (after its first step), its Θ and the carried tokens, in fp32: kept by the
+     forward, or the forward's states kernel run again;
   2. dstate: sequential over chunks backwards, grid (sequence, head, P block x pair block): dX_c = ∂L/∂E_{c+1};
   3. three chunk kernels, all chunks at once, each recomputing what it needs of the chunk's forward (the sums
      over N in a loop over blocks of rotation pairs, so no program holds a chunk x N tile of P columns; with
