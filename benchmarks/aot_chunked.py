@@ -28,7 +28,9 @@ def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False)
     from mamba3_gen.backends.triton.resources import chunk_states_dtype
 
     extra_ptr = {
-        "chunk_ssm_ptr": "*bf16" if chunk_states_dtype(spec) == "bf16" else "*fp32",
+        # the fused kernel stores kept states in fp32 (runtime/forward.py _chunk_outputs)
+        "chunk_ssm_ptr": "*bf16" if chunk_states_dtype(spec) == "bf16" and fn.__name__ != "mamba3_fwd_kernel"
+        else "*fp32",
         "chunk_angle_ptr": "*fp32" if spec.is_complex else None,
         "chunk_k_ptr": "*fp32" if spec.lags > 1 else None,
         "chunk_v_ptr": "*fp32" if spec.lags > 1 else None,

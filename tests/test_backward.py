@@ -228,6 +228,35 @@ def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels, record_proper
     assert not bad, "; ".join(bad)
 
 
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name", ["siso_trap_complex", "two_lag_complex", "siso_euler_real"])
+def test_gpu_kept_states_of_the_fused_forward(name, gpu_kernels, monkeypatch):
+    """The fused forward compiled for the device with STORE_CHUNKS (whole-row stores of the pairwise halves,
+    macros.store_halves; the carried tokens of J = 2): the backward from its kept states gives the gradients of the
+    states kernel's re-run (MAMBA3_GEN_SAVE_STATES=never) to fp32 summation order, RMS ratio ≤ 1e-5 (both tf32; the
+    two kernels tile the state differently, the sums over a chunk's tokens are the same)."""
+    from mamba3_gen.spec.loader import load_spec
+
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", "fused")
+    spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
+    C, G = spec.dims.chunk_size, spec.dims.ngroups
+    kw = _to(make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=1, with_initial_states=spec.options.initial_states), "cuda")
+    module = gpu_kernels(spec)
+
+    def grads(save):
+        monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", save)
+        mine = _leaves(kw)
+        out, state = module.mamba3_forward(**mine, return_final_states=True)
+        _loss(out, state, {k: v.cuda() for k, v in _weights(out, state).items()}).backward()
+        return {key: x.grad for key, x in _named_leaves(mine) if x.grad is not None}
+
+    again, kept = grads("never"), grads("always")
+    assert set(again) == set(kept)
+    for key in again:
+        assert rel_err(kept[key], again[key]) <= 1e-5, key
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # fixed edge cases
 # ------------------------------------------------------------------------------------------------------------------
@@ -426,7 +455,7 @@ def test_save_states_variable_is_checked(monkeypatch):
     meta = {"R": 1, "chunk_states_dtype": "fp32"}
     assert keeps_chunk_states(meta, "fused", "inline")  # auto: SISO keeps them
     assert not keeps_chunk_states({**meta, "R": 4}, "chunked", "inline")  # MIMO recomputes
-    assert not keeps_chunk_states({**meta, "chunk_states_dtype": "bf16"}, "chunked", "inline")
+    assert not keeps_chunk_states(meta, "fused", "prepass")  # no Θ to keep
     monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "yes")
     with pytest.raises(InputError, match="MAMBA3_GEN_SAVE_STATES='yes'; expected one of auto, always, never"):
         keeps_chunk_states(meta, "fused", "inline")

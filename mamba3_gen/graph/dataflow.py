@@ -237,6 +237,11 @@ def validate(g: nx.DiGraph) -> None:
             raise GraphError(f"{v} ({pv}) depends on {u} ({pu}), a later phase")
 
 
+for _s in STAGES:  # the kernel template wraps a guarded stage in `if GUARD:` in the chunk loop only
+    if _s.guard and (_s.prepass or _s.phase != "chunk"):
+        raise GraphError(f"stage {_s.name}: a guard is supported on non-prepass chunk stages only")
+
+
 def plan_kernel(spec: Spec, lowered: Lowered, variant: str = "fused") -> KernelPlan:
     """The ordered stages of one kernel: ``variant`` is one of VARIANTS (the fused forward by default; the rotation
     pre-pass's, PREPASS_VARIANTS, exist for complex states only).

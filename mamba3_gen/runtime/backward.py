@@ -229,6 +229,7 @@ class BackwardOp:
         # runtime/forward.py keeps_chunk_states); nothing else
         chunks = output[1 + len(STATE_FIELDS):]
         ctx.mark_non_differentiable(*chunks)
+        ctx.set_materialize_grads(False)  # else autograd hands backward a zero tensor per chunk output (537 MB)
         ctx.save_for_backward(*inputs[:len(_GRAD_NAMES) + 1], *chunks)
 
     def backward(self, ctx, dout, d_angle, d_ssm, d_k, d_v, *d_chunks):

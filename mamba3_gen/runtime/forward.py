@@ -139,15 +139,14 @@ def keeps_chunk_states(meta: dict, forward: str, rotation: str) -> bool:
     Read from MAMBA3_GEN_SAVE_STATES at each call: ``auto`` (the default) keeps them for SISO specs, 4·P·N/C bytes
     per token and head (537 MB at B8 L4096 H32 P64 N128 C64, where the official SISO keeps ~0.8 GB of bf16 states
     and rotated Q, K), not for MIMO ones (their chunks are short: 2.1 GB at R4 C16; the official MIMO recomputes);
-    ``always``; ``never``. Never after the rotation pre-pass (its forward kernels carry no Θ) nor when the chunked
-    forward's states are bf16 (the backward reads fp32).
+    ``always``; ``never``. Never after the rotation pre-pass (its forward kernels carry no Θ). Kept states are fp32
+    (the chunked forward then stores fp32 whatever MAMBA3_GEN_CHUNK_STATES says). Under activation checkpointing the
+    forward runs twice and keeps them twice: ``never`` suits a checkpointed layer.
 
     Raises:
         InputError: MAMBA3_GEN_SAVE_STATES names none of ``auto``, ``always``, ``never``."""
     name = env_choice("MAMBA3_GEN_SAVE_STATES", SAVE_STATES)
     if name == "never" or rotation == "prepass":
-        return False
-    if forward == "chunked" and chunk_states_dtype(meta) != "fp32":
         return False
     return name == "always" or meta["R"] == 1
 
@@ -248,7 +247,9 @@ class ForwardOp:
             op = self.prepass_ops[forward]
         grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                 for t in (*x.values(), *init))
-        keep = grads and getattr(self, "backward", None) is not None and keeps_chunk_states(m, forward, rotation)
+        # the variable is read (and checked) on every call, kept only when autograd records this one
+        wants = getattr(self, "backward", None) is not None and keeps_chunk_states(m, forward, rotation)
+        keep = grads and wants
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states, keep)
         final = final[:len(STATE_FIELDS)]  # the chunk tensors after them are the backward's
         if not return_final_states:
@@ -266,9 +267,15 @@ class ForwardOp:
                   else torch.empty((0,), device=v.device, dtype=torch.float32) for f in layout.values()]
         return out, states
 
-    def _chunk_outputs(self, v, NS: int, is_varlen: bool, save_chunks: bool) -> list:
+    def _chunk_outputs(self, v, NS: int, is_varlen: bool, save_chunks: bool, prepass: bool = False) -> list:
         """The ``CHUNK_NAMES`` tensors a forward keeps for its backward (fp32; an empty tensor for one it does not
-        keep): (slots, H, P, N), (slots, H, S), (slots, J−1, R, H, N), (slots, J−1, H, P)."""
+        keep): (slots, H, P, N), (slots, H, S), (slots, J−1, R, H, N), (slots, J−1, H, P).
+
+        Raises:
+            InputError: `save_chunks` with the rotation pre-pass (its forward kernels carry no Θ to keep)."""
+        if save_chunks and prepass:
+            raise InputError("save_chunks=True with the rotation pre-pass: its kernels carry no Θ to keep; "
+                             "MAMBA3_GEN_ROTATE=inline keeps them, or MAMBA3_GEN_SAVE_STATES=never")
         m = self.meta
         B, L, H, P = v.shape
         _, slots = chunk_slots(B, L, m["C"], NS, is_varlen)
@@ -322,8 +329,8 @@ class ForwardOp:
         def grid(cfg):
             return (NS, H, triton.cdiv(P, cfg["BLOCK_P"]))
 
-        # save_chunks: the per-chunk tensors the backward reads (the op's caller never asks with the pre-pass)
-        chunks = self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks)
+        # save_chunks: the per-chunk tensors the backward reads
+        chunks = self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks, prepass)
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init_angle, init_ssm, init_k, init_v, *fin, *[t if t.numel() else None for t in chunks], cu_seqlens,
@@ -357,7 +364,10 @@ class ForwardOp:
         if prepass:
             q, k = self._prepass(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags)
-        chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=_STATE_DTYPES[chunk_states_dtype(m)])
+        kept = self._chunk_outputs(v, NS, is_varlen, False, prepass=prepass and save_chunks)
+        # kept for the backward: fp32 whatever MAMBA3_GEN_CHUNK_STATES says now (the fake output, traced earlier)
+        states_dtype = torch.float32 if save_chunks else _STATE_DTYPES[chunk_states_dtype(m)]
+        chunk_ssm = torch.empty((slots, H, P, N), device=dev, dtype=states_dtype)
         # the PREPPED out kernel needs no Θ (its Q̂, K̂ are rotated)
         chunk_angle = torch.empty((slots, H, S), device=dev, dtype=torch.float32) if S and not prepass else None
         chunk_k = torch.empty((slots, J - 1, R, H, N), device=dev, dtype=torch.float32) if J > 1 else None
@@ -377,9 +387,7 @@ class ForwardOp:
         states_kernel[states_grid](*args, **flags)
         if slots:
             out_kernel[out_grid](*args, **flags)
-        # save_chunks (never with the pre-pass nor bf16 states, keeps_chunk_states): the backward takes them as they are
-        kept = self._chunk_outputs(v, NS, is_varlen, False)
-        if save_chunks:
+        if save_chunks:  # the backward takes them as they are
             kept = [t if t is not None else e for t, e in zip((chunk_ssm, chunk_angle, chunk_k, chunk_v), kept)]
         return (out, *states, *kept)
 
@@ -410,7 +418,7 @@ class ForwardOp:
               init_angle, init_ssm, init_k, init_v, cu_seqlens, return_final_states, save_chunks):
             NS = v.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
             out, states = self._outputs(v, NS, return_final_states, mimo_o)
-            return (out, *states, *self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks))
+            return (out, *states, *self._chunk_outputs(v, NS, cu_seqlens is not None, save_chunks, prepass))
 
         _REGISTERED[name] = op
         return op
