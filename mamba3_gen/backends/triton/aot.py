@@ -46,7 +46,8 @@ class AOTCompileError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # signature
 # ----------------------------------------------------------------------------------------------------------------
-def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = False) -> tuple[dict, dict, dict]:
+def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = False,
+                     store_chunks: bool = False) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` in Triton 3.6 conventions:
 
     - signature: {argument name: type string} for *every* parameter: "*bf16" / "*fp32" / "*i32" pointers,
@@ -56,6 +57,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = F
       tensors.
 
     ``prepped``: compile the kernel as it runs after the rotation pre-pass (constexpr PREPPED).
+    ``store_chunks``: the fused kernel as it runs when the backward keeps its per-chunk states (STORE_CHUNKS, fp32).
     """
     io = "*bf16" if spec.dtypes.input == "bf16" else "*fp32"
     opt = spec.options
@@ -66,10 +68,12 @@ def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = F
         "HAS_INIT": bool(opt.initial_states), "STORE_FINAL": bool(opt.final_states),
         "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "BLOCK_P": int(block_p),  # the reduced output (mimo_o)
         "PREPPED": bool(prepped),  # q, k are the rotation pre-pass's Q̂, K̂ (complex states)
-        # the forward-only kernel: no per-chunk tensors kept for a backward (runtime/forward.py keeps_chunk_states)
-        "STORE_CHUNKS": False, "chunk_ssm_ptr": None, "chunk_angle_ptr": None, "chunk_k_ptr": None,
-        "chunk_v_ptr": None,
+        # the per-chunk tensors a differentiated forward keeps (runtime/forward.py keeps_chunk_states), or none
+        "STORE_CHUNKS": bool(store_chunks),
     }
+    kept = {"chunk_ssm_ptr": True, "chunk_angle_ptr": spec.is_complex, "chunk_k_ptr": spec.lags > 1,
+            "chunk_v_ptr": spec.lags > 1}
+    ptr_types = {**ptr_types, **{n: "*fp32" if store_chunks and used else None for n, used in kept.items()}}
     if spec.dims.ngroups == 1:
         consts["G"] = 1  # the JIT specialises an int argument equal to 1 into a constant
     signature: dict[str, str] = {}
@@ -142,7 +146,8 @@ def _first_lines(text: str, n: int = _ERROR_LINES) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # in-process compile (run by the subprocess)
 # ----------------------------------------------------------------------------------------------------------------
-def _report_in_process(spec_path: str, arch: str, max_configs: int | None = None) -> list[dict]:
+def _report_in_process(spec_path: str, arch: str, max_configs: int | None = None,
+                       store_chunks: bool = False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise AOTCompileError("TRITON_INTERPRET=1 is set: the AOT compile must run without the interpreter "
                               "(use compile_report, which starts a clean subprocess)")
@@ -169,7 +174,8 @@ def _report_in_process(spec_path: str, arch: str, max_configs: int | None = None
         rows = []
         for cfg in configs:
             block_p = int(cfg.kwargs["BLOCK_P"])
-            signature, constexprs, attrs = kernel_signature(spec, list(fn.arg_names), block_p)
+            signature, constexprs, attrs = kernel_signature(spec, list(fn.arg_names), block_p,
+                                                            store_chunks=store_chunks)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             maxnreg = getattr(cfg, "maxnreg", None)
             options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -190,7 +196,7 @@ def _report_in_process(spec_path: str, arch: str, max_configs: int | None = None
                 "num_stages": cfg.num_stages, "maxnreg": maxnreg, "shared": int(compiled.metadata.shared),
                 "registers": stats["registers"], "spill_stores": stats["spill_stores"],
                 "spill_loads": stats["spill_loads"], "stack_frame": stats["stack_frame"],
-                "compile_s": round(seconds, 3),
+                "compile_s": round(seconds, 3), "store_chunks": bool(store_chunks),
             })
         return rows
 
@@ -205,16 +211,19 @@ def _load(spec_path):
 # public entry: subprocess
 # ----------------------------------------------------------------------------------------------------------------
 def compile_report(spec_path: str | os.PathLike, arch: str = "sm_90a", max_configs: int | None = None,
-                   timeout: float | None = 1800) -> list[dict]:
+                   timeout: float | None = 1800, store_chunks: bool = False) -> list[dict]:
     """Compile the spec's kernel for `arch` for each autotune config (the first `max_configs` only, if given) in a
-    fresh subprocess and return one dict per config (see the module docstring). Raises AOTCompileError with the
-    compiler's message when the spec does not build or compile."""
+    fresh subprocess and return one dict per config (see the module docstring); `store_chunks`: as it runs when
+    the backward keeps its per-chunk states. Raises AOTCompileError with the compiler's message when the spec does
+    not build or compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     repo_root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "mamba3_gen.backends.triton.aot", os.fspath(spec_path), arch]
     if max_configs is not None:
         cmd += ["--max-configs", str(int(max_configs))]
+    if store_chunks:
+        cmd.append("--store-chunks")
     with tempfile.TemporaryDirectory(prefix="mamba3_aot_cache_") as cache:
         env["TRITON_CACHE_DIR"] = cache  # a private cache: every compile is timed for real, nothing is left behind
         try:
@@ -251,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="path of a spec YAML file")
     parser.add_argument("arch", nargs="?", default="sm_90a", help="target arch (default sm_90a)")
     parser.add_argument("--max-configs", type=int, default=None, help="compile only the first N autotune configs")
+    parser.add_argument("--store-chunks", action="store_true",
+                        help="compile the kernel as it runs when the backward keeps its per-chunk states")
     args = parser.parse_args(argv)
     try:
-        rows = _report_in_process(args.spec, args.arch, args.max_configs)
+        rows = _report_in_process(args.spec, args.arch, args.max_configs, args.store_chunks)
     except Exception as e:  # report, as JSON, why the spec does not compile
         msg = str(e) if isinstance(e, AOTCompileError) else f"{type(e).__name__}: {_first_lines(e)}"
         print(json.dumps({"error": msg}))
