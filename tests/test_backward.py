@@ -175,14 +175,14 @@ def test_gradients_match_float64_autograd(spec, data, interp_kernels):
 # ------------------------------------------------------------------------------------------------------------------
 # The backward's dots are tf32 for both (build.backward_dot_dtype); a bf16 spec's forward uses bf16 operands
 # (2^-8 = 3.9e-3 per operand rounding), a tf32 spec's everything tf32 (2^-11 = 4.9e-4). RMS ratio against float64
-# autograd on the same fp32 inputs (B2, three chunks and a tail). tf32 specs: 3e-3 for every gradient, angles
-# included; this test's own errors on the H200 (2026-12-03, --junitxml records them) are 0.57e-3 .. 1.78e-3 over the
-# 7 specs (largest: adt of mimo_r4; D ~1e-7), so the bound is 1.7x the worst and ~6 rounding units of tf32. bf16
-# specs: 3e-2, ∂L/∂angles 9e-2 (a difference of two products per pair, dq̂_b·q̂_a − dq̂_a·q̂_b, amplifies the operands'
-# rounding: 6.6e-2 at B8 L4096 with bf16 dots in both passes, the official SISO backward 1.0e-1). Provisional for
-# bf16: its errors at these sizes are not recorded yet (NOTES.md, issue 12). A missing or wrong term gives >= 1e-1.
-_GPU_REL = {"tf32": 3e-3, "bf16": 3e-2}
-_GPU_ANGLE_FACTOR = {"tf32": 1, "bf16": 3}
+# autograd on the same fp32 inputs (B2, three chunks and a tail). This test's own errors on the H200 (2026-12-03,
+# --junitxml records them; benchmarks/results/h200_gpu_backward_test_20261203d.xml): tf32 specs 0.57e-3 .. 1.78e-3,
+# bf16 specs 0.75e-3 .. 1.90e-3 over the 7 specs, angles included (largest: adt of mimo_r4; D ~1e-7). Bounds: tf32
+# 3e-3 (1.7x the worst, ~6 rounding units of tf32), bf16 4e-3 (2.1x the worst, one rounding unit of bf16: the
+# forward's bf16 operands round each product once; at B8 L4096 with bf16 dots in both passes the angles reached
+# 6.6e-2, the official SISO backward 1.0e-1, which is why the backward's dots stay tf32). A missing or wrong term
+# gives >= 1e-1.
+_GPU_REL = {"tf32": 3e-3, "bf16": 4e-3}
 
 
 def _to(kw: dict, device) -> dict:
@@ -220,7 +220,7 @@ def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels, record_proper
             if r.abs().max() > 0:
                 bad.append(f"{key}: no gradient")
             continue
-        tol = _GPU_REL[compute] * (_GPU_ANGLE_FACTOR[compute] if key == "angles" else 1)
+        tol = _GPU_REL[compute]
         err = rel_err(g, r)
         record_property(f"rel_err_{key}", f"{err:.3e}")  # `--junitxml` keeps them: the tolerances' evidence
         if not err <= tol:  # NaN fails
@@ -231,11 +231,13 @@ def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels, record_proper
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("name", ["siso_trap_complex", "two_lag_complex", "siso_euler_real"])
-def test_gpu_kept_states_of_the_fused_forward(name, gpu_kernels, monkeypatch):
+def test_gpu_kept_states_of_the_fused_forward(name, gpu_kernels, monkeypatch, record_property):
     """The fused forward compiled for the device with STORE_CHUNKS (whole-row stores of the pairwise halves,
     macros.store_halves; the carried tokens of J = 2): the backward from its kept states gives the gradients of the
-    states kernel's re-run (MAMBA3_GEN_SAVE_STATES=never) to fp32 summation order, RMS ratio ≤ 1e-5 (both tf32; the
-    two kernels tile the state differently, the sums over a chunk's tokens are the same)."""
+    states kernel's re-run (MAMBA3_GEN_SAVE_STATES=never), RMS ratio ≤ 5e-5. Both kernels sum the same tokens with
+    tf32 dots but tile the state differently, so their operands are rounded to tf32 (2^-11 = 4.9e-4) at different
+    points; measured on the H200 (2026-12-03): up to 1.23e-5 (v of two_lag_complex). A state from the wrong chunk,
+    a wrong pair half or a lost carried token gives O(1)."""
     from mamba3_gen.spec.loader import load_spec
 
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", "fused")
@@ -253,8 +255,13 @@ def test_gpu_kept_states_of_the_fused_forward(name, gpu_kernels, monkeypatch):
 
     again, kept = grads("never"), grads("always")
     assert set(again) == set(kept)
+    bad = []
     for key in again:
-        assert rel_err(kept[key], again[key]) <= 1e-5, key
+        err = rel_err(kept[key], again[key])
+        record_property(f"rel_err_{key}", f"{err:.3e}")
+        if not err <= 5e-5:  # NaN fails
+            bad.append(f"{key}: {err:.3e}")
+    assert not bad, "; ".join(bad)
 
 
 # ------------------------------------------------------------------------------------------------------------------
