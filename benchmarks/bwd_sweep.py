@@ -3,7 +3,7 @@ forward + backward of one spec, so the generated defaults (templates/triton/bwd.
 
     python benchmarks/bwd_sweep.py SPEC [--size B:L:H] [--kernels chunk_qk,chunk_coef,chunk_v,chunk_vc,dstate]
                                         [--set SECTION.FIELD=VALUE] [--calls N] [--jobs J] [--timeout S]
-                                        [--device cuda|cpu] [--out DIR] [--checked JSON]
+                                        [--device cuda|cpu] [--out DIR] [--checked JSON] [--no-reg-cap]
 
 Phase 1 checks every candidate in its own process, `--jobs` at a time (they share Triton's on-disk cache, so phase 2
 compiles nothing): one forward + backward with that kernel's config forced and the others as shipped, every
@@ -47,13 +47,13 @@ LOW = ("q", "k", "v", "z")
 REL = 1e-4
 
 
-def candidates(kernel: str, n2: int, p: int) -> list[dict]:
+def candidates(kernel: str, n2: int, p: int, reg_cap: bool = True) -> list[dict]:
     """The configs tried for one kernel: tiles within N/2 pairs and P columns (powers of two, ≥ 16)."""
     cap = lambda limit: [b for b in (16, 32, 64) if b <= max(16, limit)]  # noqa: E731
     ks, ps = cap(n2), (cap(p) if kernel in HAS_BLOCK_P else [None])
     # a register cap trades spills for occupancy: tried on the one-tile-per-program kernels (at 255 registers they
     # run 8 warps per SM)
-    regs = (None,) if kernel in HAS_BLOCK_P else (None, 128)
+    regs = (None,) if kernel in HAS_BLOCK_P or not reg_cap else (None, 128)
     out = []
     for k, bp, w, s, r in itertools.product(ks, ps, (4, 8), (1, 2), regs):
         cfg = {"BLOCK_K": k, "num_warps": w, "num_stages": s}
@@ -190,6 +190,7 @@ def phase2(args, checked: list[dict], kernels: list[str], partial=None) -> dict:
     spec, module = _module(args.spec, tuple(args.sets))
     leaves, dout = make_case(spec, tuple(int(x) for x in args.size.split(":")), "cuda")
     shipped = {k: tuner_of(module, k).configs for k in kernels}
+    grads = [v for v in leaves.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     times, best = {}, {}
     for kernel in kernels:
         name = f"mamba3_bwd_{kernel}_kernel"
@@ -197,7 +198,7 @@ def phase2(args, checked: list[dict], kernels: list[str], partial=None) -> dict:
         layout(kernel)
         for res in (r for r in checked if r["kernel"] == kernel and r.get("ok")):
             force(module, kernel, res["cfg"])
-            ms = kernel_profile(lambda: module.mamba3_forward(**leaves), dout, args.calls).get(name)
+            ms = kernel_profile(lambda: module.mamba3_forward(**leaves), dout, grads, args.calls).get(name)
             if ms is None:  # the profiler saw no launch of it (a layout that does not run this kernel)
                 print(f"  {kernel:10s} {json.dumps(res['cfg']):62s} not launched", flush=True)
                 continue
@@ -209,7 +210,6 @@ def phase2(args, checked: list[dict], kernels: list[str], partial=None) -> dict:
             best[kernel] = min(rows, key=lambda r: r["ms"])
         if partial is not None:
             partial({"kernels": times, "best": best})
-    grads = [v for v in leaves.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def total():
         return triton.testing.do_bench(lambda: module.mamba3_forward(**leaves).backward(dout), grad_to_none=grads,
@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bwd_sweep_results"),
                     help="folder of the JSON (default: $OUT or ./bwd_sweep_results)")
+    ap.add_argument("--no-reg-cap", action="store_true",
+                    help="skip the 128-register candidates (they never won on the H200: benchmarks/NOTES.md 2026-12-03)")
     ap.add_argument("--checked", type=Path, default=None,
                     help="skip phase 1: take its results from this JSON of an earlier run")
     ap.add_argument("--_check", help=argparse.SUPPRESS)  # phase-1 worker: {"kernel": ..., "cfg": ...}
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
                    if r["kernel"] in kernels]
         print(f"phase 1: {len(checked)} candidates from {args.checked}", flush=True)
     else:
-        jobs = [(k, cfg) for k in kernels for cfg in candidates(k, meta["N2"], meta["P"])]
+        jobs = [(k, cfg) for k in kernels for cfg in candidates(k, meta["N2"], meta["P"], not args.no_reg_cap)]
         print(f"phase 1: {len(jobs)} candidates, {args.jobs} at a time", flush=True)
         t0 = time.time()
         checked = phase1(args, jobs)

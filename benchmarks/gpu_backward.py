@@ -123,15 +123,22 @@ def _spec(spec_path: Path, d_state: int | None = None, sets: tuple = ()):
     return type(spec).model_validate(doc)
 
 
-def kernel_profile(fn, dout, calls: int = 5) -> dict:
-    """{kernel name: mean ms per forward + backward} over `calls` calls (torch.profiler, after one warm call)."""
+def kernel_profile(fn, dout, grads: list, calls: int = 5) -> dict:
+    """{kernel name: mean ms per forward + backward} over `calls` calls (torch.profiler, after one warm call). The
+    leaves' gradients are reset before each call, as do_bench's grad_to_none does (else the table holds autograd's
+    accumulation adds, which the timed runs never do)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn().backward(dout)
+    def once():
+        for x in grads:
+            x.grad = None
+        fn().backward(dout)
+
+    once()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            fn().backward(dout)
+            once()
         torch.cuda.synchronize()
     acc: dict = {}
     for ev in prof.events():
@@ -166,7 +173,7 @@ def time_fwd_bwd(spec_path: Path, B: int, L: int, H: int, official_fn, d_state: 
         row = {"spec": spec.name, "sets": list(sets), "provider": name, "B": B, "L": L, "H": H, "fwd_bwd_ms": ms,
                "fwd_ms": ms_fwd, "first_call_s": round(first, 1)}
         if profile_it and name == "generated":
-            row["kernels_ms"] = kernel_profile(fn, dout)
+            row["kernels_ms"] = kernel_profile(fn, dout, grads)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if len(rows) == 2:

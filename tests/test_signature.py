@@ -103,7 +103,8 @@ def test_generated_kernels_start_with_the_table(d):
     bwd = _kernels(d / "bwd.py")
     chunk_kernels = ("mamba3_bwd_chunk_v_kernel", "mamba3_bwd_chunk_coef_kernel", "mamba3_bwd_chunk_qk_kernel",
                      "mamba3_bwd_chunk_vc_kernel")
-    assert set(bwd) == {"mamba3_bwd_dstate_kernel", *chunk_kernels, "mamba3_bwd_steps_kernel"}
+    assert set(bwd) == {"mamba3_bwd_dstate_kernel", *chunk_kernels, "mamba3_bwd_steps_kernel",
+                        "mamba3_bwd_qk_sums_kernel"}
     for name in ("mamba3_bwd_dstate_kernel", *chunk_kernels):
         assert bwd[name][:len(layer_ptrs) + 1] == layer_ptrs + ["dout_ptr"], name
     # the steps kernel takes only the per-step inputs, still in the table's order

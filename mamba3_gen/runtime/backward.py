@@ -33,8 +33,9 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
   4. steps: per (sequence, head) backwards: da at the first step, the rule's prologue derivatives (sympy, printed by
      the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
      reverse angle cumsum, the initial states' gradients.
-Then plain torch reductions: per-head dq̃, dk̃ summed over the heads of a group (GQA) and over tokens for the biases,
-per-chunk partials of D and the MIMO projections summed.
+  5. qk_sums: one pass over chunk_qk's fp32 per-head dq̃, dk̃ (each element read once): the sum over the heads of a
+     group (GQA), stored in q's / k's dtype, and per-block token sums for the biases.
+Then small torch sums: the biases' blocks, the per-chunk partials of D and the MIMO projections.
 
 MIMO with mimo_o None (the per-rank output, signature.per_rank): dout is (B, L, R, H, P), dY_{t,r} is its row (no
 reduction over ranks, no gate: such a spec has no z gate), and there is no mimo_o gradient.
@@ -56,6 +57,8 @@ from mamba3_gen.errors import DeviceError, InputError
 from mamba3_gen.runtime.forward import chunk_slots, env_choice
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, STATE_FIELDS, backward_schema, features, out_shape, per_rank
+
+QK_SUMS_BLOCK_T = 32  # tokens per program of the qk sums kernel: 32 × N fp32 a head, 4 warps (a bandwidth pass)
 
 __all__ = ["attach_backward", "BackwardOp", "selected_chunks", "unsupported_reason"]
 
@@ -91,11 +94,12 @@ def unsupported_reason(meta: dict) -> str | None:
 
 
 def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
-                    steps_kernel, chunk_vc_kernel=None) -> "BackwardOp":
-    """Register the generated backward (its five kernels, module docstring, and ``chunk_vc_kernel``: chunk_v and
-    chunk_coef in one, see ``selected_chunks``) as the autograd formula of ``forward``'s ops (fused and chunked)."""
+                    steps_kernel, chunk_vc_kernel=None, qk_sums_kernel=None) -> "BackwardOp":
+    """Register the generated backward (its five kernels, module docstring, ``chunk_vc_kernel``: chunk_v and
+    chunk_coef in one, see ``selected_chunks``, and ``qk_sums_kernel``: the GQA and bias sums of dq̃ / dk̃ in one
+    pass; torch reductions without it) as the autograd formula of ``forward``'s ops (fused and chunked)."""
     bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
-                     chunk_vc_kernel)
+                     chunk_vc_kernel, qk_sums_kernel)
     for op in (forward.op, forward.chunked_op, *getattr(forward, "prepass_ops", {}).values()):
         if op is None:
             continue
@@ -213,11 +217,12 @@ class BackwardOp:
     registered ``bwd_...`` op that launches the kernels (module docstring)."""
 
     def __init__(self, forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
-                 chunk_vc_kernel=None):
+                 chunk_vc_kernel=None, qk_sums_kernel=None):
         self.forward = forward
         self.meta = forward.meta
         self.kernels = (dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
         self.chunk_vc_kernel = chunk_vc_kernel
+        self.qk_sums_kernel = qk_sums_kernel
         self.op = self._register()
 
     # -- autograd ------------------------------------------------------------------------------------------------
@@ -330,7 +335,10 @@ class BackwardOp:
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
         # of rotation pairs (independent of each other)
         dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
-        dv, dz = empty(B, L, H, P), (empty(B, L, H, P) if z is not None else None)
+        # dv and dz in the inputs' dtypes where nothing adds into them later (the store rounds as .to() would); the
+        # carried tokens of J >= 2 add into dv (_carried_tokens), so it stays fp32 there
+        dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype if J <= 1 else f32)
+        dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if z is not None else None
         dtheta = empty(B, L, H, S) if S else None
         da = empty(B, H, L)
         dc = zeros(B, H, J + 1, L)
@@ -384,13 +392,22 @@ class BackwardOp:
             dinit_k += init_extra[0].reshape(dinit_k.shape)
             dinit_v += init_extra[1].reshape(dinit_v.shape)
         # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)
-        def qk_grads(d_h):
-            d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
-            d_bias = d_h.sum((0, 1)).permute(1, 0, 2)  # (H, R, N): the bias is added per head before the rotation
+        def qk_grads(d_h, x):
+            if self.qk_sums_kernel is None:
+                d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
+                d_bias = d_h.sum((0, 1))  # (R, H, N): the bias is added per head before the rotation
+            else:  # both in one pass over d_h (templates/triton/bwd.py.jinja, mamba3_bwd_qk_sums_kernel)
+                nt = triton.cdiv(B * L, QK_SUMS_BLOCK_T)
+                d_in = torch.empty(B, L, R, G, N, device=dev, dtype=x.dtype)
+                part = torch.empty(nt, R, H, N, device=dev, dtype=f32)
+                self.qk_sums_kernel[(nt, R * G)](d_h, d_in, part, B * L, H, G, BLOCK_T=QK_SUMS_BLOCK_T,
+                                                 num_warps=4)
+                d_bias = part.sum(0)
+            d_bias = d_bias.permute(1, 0, 2)  # (H, R, N)
             return (d_in[:, :, 0], d_bias[:, 0]) if R == 1 else (d_in, d_bias)
 
-        dq, dq_bias = qk_grads(dq_h)
-        dk, dk_bias = qk_grads(dk_h)
+        dq, dq_bias = qk_grads(dq_h, q)
+        dk, dk_bias = qk_grads(dk_h, k)
         dmv = None
         if R > 1:
             dmv = dmv_part.sum(0) + (dinit_mv.sum(0) if dinit_mv is not None else 0)

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
 ``backward_compile_report(spec_path, arch="sm_90a")`` does for the backward kernels (dstate, chunk_v, chunk_coef,
-chunk_qk, steps, and chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged; templates/triton/bwd.py.jinja) what
+chunk_qk, steps, qk_sums, and chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged; templates/triton/bwd.py.jinja) what
 ``aot.compile_report`` does for the forward: in a fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
 cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
@@ -27,7 +27,8 @@ __all__ = ["backward_compile_report"]
 
 KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk_v": "mamba3_bwd_chunk_v_kernel",
            "chunk_coef": "mamba3_bwd_chunk_coef_kernel", "chunk_qk": "mamba3_bwd_chunk_qk_kernel",
-           "chunk_vc": "mamba3_bwd_chunk_vc_kernel", "steps": "mamba3_bwd_steps_kernel"}
+           "chunk_vc": "mamba3_bwd_chunk_vc_kernel", "steps": "mamba3_bwd_steps_kernel",
+           "qk_sums": "mamba3_bwd_qk_sums_kernel"}
 
 
 def _pointer_types(spec, J: int) -> dict:
@@ -47,13 +48,15 @@ def _pointer_types(spec, J: int) -> dict:
         "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
         "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
         "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": on(J > 1), "chunk_v_ptr": on(J > 1),
-        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f, "dv_ptr": f,
-        "dz_ptr": on(opt.z_gate), "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
+        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f,
+        "dv_ptr": io if J <= 1 else f, "dz_ptr": on(opt.z_gate, io),  # the inputs' dtypes (runtime/backward.py)
+        "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
         "dmv_ptr": on(R > 1), "dmz_ptr": on(R > 1 and opt.z_gate), "dmo_ptr": on(R > 1), "dadt_ptr": f,
         "ddt_ptr": f, "dtrap_ptr": on(spec.has_trap_input), "dangles_ptr": on(cplx),
         "dinit_angle_ptr": on(init and cplx), "dinit_k_ptr": on(init and lags), "dinit_v_ptr": on(init and lags),
         "dinit_mv_ptr": on(init and lags and R > 1), "cu_seqlens_ptr": on(opt.varlen, "*i32"),
         "dchunk_k_ptr": on(J > 1), "dchunk_v_ptr": on(J > 1),  # J >= 2: the carried tokens' gradients
+        "dh_ptr": f, "din_ptr": io, "dbias_ptr": f,  # qk_sums: chunk_qk's per-head output, its two reductions
     }
 
 
@@ -80,7 +83,7 @@ def backward_signature(spec, J: int, fn, cfg) -> tuple[dict, dict, dict]:
             else:
                 signature[name] = ptrs[name]
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh"):
+        elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh", "T"):
             signature[name] = "i32"
         else:
             raise AOTCompileError(f"backward kernel argument {name!r} is unknown to aot_backward.py")
@@ -96,6 +99,7 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
 
     from mamba3_gen.backends.device import get_target
     from mamba3_gen.backends.triton.build import load_module
+    from mamba3_gen.runtime.backward import QK_SUMS_BLOCK_T
     from mamba3_gen.spec.loader import load_spec
 
     target = get_target(arch)
@@ -106,7 +110,10 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
         meta = module.META
         for kind, kname in KERNELS.items():
             autotuner = getattr(module.bwd, kname)
-            fn, cfg = autotuner.fn, autotuner.configs[0]
+            if hasattr(autotuner, "configs"):
+                fn, cfg = autotuner.fn, autotuner.configs[0]
+            else:  # a plain jit kernel whose block the host picks (qk_sums)
+                fn, cfg = autotuner, triton.Config({"BLOCK_T": QK_SUMS_BLOCK_T}, num_warps=4, num_stages=1)
             signature, constexprs, attrs = backward_signature(spec, meta["J"], fn, cfg)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             t0 = time.perf_counter()
