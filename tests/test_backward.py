@@ -455,6 +455,72 @@ def test_kept_chunk_states(name, varlen, forward, interp_kernels, monkeypatch):
             assert rel_err(got, again[key][0]) <= 1e-6, key
 
 
+_LOW = ("q", "k", "v", "z")  # the activations a model hands the op in bf16
+
+
+def _low_input_grads(module, kw: dict, low, monkeypatch, torch_sums: bool = False) -> dict:
+    """Gradients of Σ out·W through `module` with q, k, v, z as `low` leaves (their values are bf16 numbers either
+    way); `torch_sums`: the GQA / bias reductions by torch (BackwardOp without its qk_sums kernel)."""
+    if torch_sums:
+        monkeypatch.setattr(module.mamba3_forward.backward, "qk_sums_kernel", None)
+    mine = _leaves({key: (val.to(torch.bfloat16).to(low) if key in _LOW else val) for key, val in kw.items()})
+    out, state = module.mamba3_forward(**mine, return_final_states=True)
+    # weights of bf16 values: dout (cast to out's dtype, bf16 here) is then the same in the fp32-leaf run
+    weights = {k: v.to(torch.bfloat16).double().to(out.device) for k, v in _weights(out, state).items()}
+    _loss(out, state, weights).backward()
+    monkeypatch.undo()
+    return {key: x.grad for key, x in _named_leaves(mine) if x.grad is not None}
+
+
+def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
+    """bf16 q, k, v, z: their gradients come back in bf16 (qk_sums stores the GQA sum in q's/k's dtype, chunk_v stores
+    dv and dz in v's/z's), equal to the same run with fp32 leaves of the same values, cast to bf16 afterwards, and
+    to the run whose GQA and bias sums are torch's. `exact`: bit-equal but for the biases' sums (fp32, summation
+    order: RMS ratio ≤ 1e-6). Otherwise (the device compiles bf16 and fp32 loads into different tiles): the bf16
+    gradients within 2^-8 = 3.9e-3 (one bf16 rounding), the fp32 ones within 1e-5."""
+    low = _low_input_grads(module, kw, torch.bfloat16, monkeypatch)
+    wide = _low_input_grads(module, kw, torch.float32, monkeypatch)
+    by_torch = _low_input_grads(module, kw, torch.bfloat16, monkeypatch, torch_sums=True)
+    assert set(low) == set(wide) == set(by_torch)
+    bad = []
+    for key in low:
+        want = torch.bfloat16 if key in _LOW else torch.float32
+        if low[key].dtype != want:
+            bad.append(f"{key}: dtype {low[key].dtype}, expected {want}")
+            continue
+        tol = 0.0 if exact else (2.0 ** -8 if key in _LOW else 1e-5)
+        for what, ref in (("fp32 leaves", wide[key].to(want)), ("torch sums", by_torch[key])):
+            bound = max(tol, 1e-6) if what == "torch sums" and key in ("q_bias", "k_bias") else tol
+            err = rel_err(low[key].float(), ref.float())
+            if not err <= bound:  # NaN fails
+                bad.append(f"{key} vs {what}: {err:.3e} > {bound:g}")
+    assert not bad, "; ".join(bad)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["trap_complex_pairwise", "mimo_r4_trap"])
+def test_low_precision_inputs_backward(name, interp_kernels, monkeypatch):
+    """The backward's outputs for bf16 activations, bit-exact (the interpreter's bf16 loads and stores convert
+    exactly; only its bf16 dots are unreliable, and an fp32-compute spec has none). SISO and MIMO R4 with two groups
+    of two heads, B 2 × L 11 off the chunk grid, initial and final states."""
+    spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True))
+    _check_low_input_backward(interp_kernels(spec), _pack_or_batch(spec, False, seed=5), monkeypatch, exact=True)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
+def test_gpu_low_precision_inputs_backward(name, gpu_kernels, monkeypatch):
+    """As test_low_precision_inputs_backward, compiled for the device, on shipped specs (three chunks and a tail,
+    B 2, H = 2·G)."""
+    from mamba3_gen.spec.loader import load_spec
+
+    spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
+    C, G = spec.dims.chunk_size, spec.dims.ngroups
+    kw = _to(make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=3, with_initial_states=spec.options.initial_states), "cuda")
+    _check_low_input_backward(gpu_kernels(spec), kw, monkeypatch, exact=False)
+
+
 def test_save_states_variable_is_checked(monkeypatch):
     from mamba3_gen.errors import InputError
     from mamba3_gen.runtime.forward import keeps_chunk_states
