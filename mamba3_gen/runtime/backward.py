@@ -309,11 +309,9 @@ class BackwardOp:
 
         # 1. E_c and Θ before each chunk (fp32): kept by the forward, or its states kernel again
         if chunk_ssm is None:
-            chunk_ssm = empty(slots, H, P, N)
-            chunk_angle = empty(slots, H, S) if S else None
-            # J >= 2: the carried tokens t−1 … t−(J−1) entering each chunk (the chunk kernels' prev_tokens read them)
-            chunk_k = empty(slots, J - 1, R, H, N) if J > 1 else None
-            chunk_v = empty(slots, J - 1, H, P) if J > 1 else None
+            # J >= 2: also the carried tokens t−1 … t−(J−1) entering each chunk (the chunk kernels' prev_tokens)
+            chunk_ssm, chunk_angle, chunk_k, chunk_v = [
+                None if sh is None else empty(*sh) for sh in self.forward.chunk_shapes(v.shape, NS, is_varlen)]
             fin = [None] * 4
             states_kernel = self.forward.chunked_kernels[0]
             states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](

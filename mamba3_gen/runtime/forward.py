@@ -276,14 +276,19 @@ class ForwardOp:
         if save_chunks and prepass:
             raise InputError("save_chunks=True with the rotation pre-pass: its kernels carry no Θ to keep; "
                              "MAMBA3_GEN_ROTATE=inline keeps them, or MAMBA3_GEN_SAVE_STATES=never")
+        return [torch.empty(sh if save_chunks and sh is not None else (0,), device=v.device, dtype=torch.float32)
+                for sh in self.chunk_shapes(v.shape, NS, is_varlen)]
+
+    def chunk_shapes(self, v_shape, NS: int, is_varlen: bool) -> list:
+        """The shapes of the ``CHUNK_NAMES`` tensors for v of shape (B, L, H, P) and NS sequences, None for one
+        this spec has not (Θ of a real state, carried tokens below two lags): (slots, H, P, N), (slots, H, S),
+        (slots, J−1, R, H, N), (slots, J−1, H, P). The forward keeps them; the backward's re-run fills them."""
         m = self.meta
-        B, L, H, P = v.shape
+        B, L, H, P = v_shape
         _, slots = chunk_slots(B, L, m["C"], NS, is_varlen)
         J, R = m["J"], m["R"]
-        shapes = [(slots, H, P, m["N"]), (slots, H, m["S"]) if m["S"] else None,
-                  (slots, J - 1, R, H, m["N"]) if J > 1 else None, (slots, J - 1, H, P) if J > 1 else None]
-        return [torch.empty(sh if save_chunks and sh is not None else (0,), device=v.device, dtype=torch.float32)
-                for sh in shapes]
+        return [(slots, H, P, m["N"]), (slots, H, m["S"]) if m["S"] else None,
+                (slots, J - 1, R, H, m["N"]) if J > 1 else None, (slots, J - 1, H, P) if J > 1 else None]
 
     def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
