@@ -99,6 +99,25 @@ def _weights(out, state, seed: int = 1) -> dict:
     return w
 
 
+def _op_grads(module, kw: dict, weight_dtype=None) -> dict:
+    """{leaf name: gradient} of `_loss` (the `_weights`, rounded to `weight_dtype` values when given) through
+    `module`'s op with every floating input of `kw` a fresh leaf and the final states returned."""
+    mine = _leaves(kw)
+    out, state = module.mamba3_forward(**mine, return_final_states=True)
+    w = _weights(out, state)
+    if weight_dtype is not None:
+        w = {k: v.to(weight_dtype).double() for k, v in w.items()}
+    _loss(out, state, {k: v.to(out.device) for k, v in w.items()}).backward()
+    return {key: x.grad for key, x in _named_leaves(mine) if x.grad is not None}
+
+
+def _shipped_case(spec, seed: int) -> dict:
+    """The GPU tests' inputs on a shipped spec (CPU tensors): B 2, three chunks and a tail, H = 2·G, initial states
+    where the spec takes them."""
+    C, G = spec.dims.chunk_size, spec.dims.ngroups
+    return make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=seed, with_initial_states=spec.options.initial_states)
+
+
 def kernel_and_reference_grads(module, spec, kw: dict, final: bool):
     """{name: (kernel gradient, float64 reference gradient)} for every floating input of `kw`."""
     mine, ref = _leaves(kw), _leaves(kw, torch.float64)
@@ -202,8 +221,7 @@ def test_gpu_backward_of_shipped_specs(name, compute, gpu_kernels, record_proper
     from mamba3_gen.spec.loader import load_spec
 
     spec = respec(load_spec(str(REPO / "specs" / f"{name}.yaml")), dtypes={"compute": compute})
-    C, G = spec.dims.chunk_size, spec.dims.ngroups
-    kw = make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=0, with_initial_states=spec.options.initial_states)
+    kw = _shipped_case(spec, seed=0)
     final = spec.options.final_states
     mine, ref = _leaves(_to(kw, "cuda")), _leaves(kw, torch.float64)
     res = gpu_kernels(spec).mamba3_forward(**mine, return_final_states=final)
@@ -242,16 +260,12 @@ def test_gpu_kept_states_of_the_fused_forward(name, gpu_kernels, monkeypatch, re
 
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", "fused")
     spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
-    C, G = spec.dims.chunk_size, spec.dims.ngroups
-    kw = _to(make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=1, with_initial_states=spec.options.initial_states), "cuda")
+    kw = _to(_shipped_case(spec, seed=1), "cuda")
     module = gpu_kernels(spec)
 
     def grads(save):
         monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", save)
-        mine = _leaves(kw)
-        out, state = module.mamba3_forward(**mine, return_final_states=True)
-        _loss(out, state, {k: v.cuda() for k, v in _weights(out, state).items()}).backward()
-        return {key: x.grad for key, x in _named_leaves(mine) if x.grad is not None}
+        return _op_grads(module, kw)
 
     again, kept = grads("never"), grads("always")
     assert set(again) == set(kept)
@@ -463,13 +477,11 @@ def _low_input_grads(module, kw: dict, low, monkeypatch, torch_sums: bool = Fals
     way); `torch_sums`: the GQA / bias reductions by torch (BackwardOp without its qk_sums kernel)."""
     if torch_sums:
         monkeypatch.setattr(module.mamba3_forward.backward, "qk_sums_kernel", None)
-    mine = _leaves({key: (val.to(torch.bfloat16).to(low) if key in _LOW else val) for key, val in kw.items()})
-    out, state = module.mamba3_forward(**mine, return_final_states=True)
     # weights of bf16 values: dout (cast to out's dtype, bf16 here) is then the same in the fp32-leaf run
-    weights = {k: v.to(torch.bfloat16).double().to(out.device) for k, v in _weights(out, state).items()}
-    _loss(out, state, weights).backward()
+    grads = _op_grads(module, {key: (val.to(torch.bfloat16).to(low) if key in _LOW else val)
+                               for key, val in kw.items()}, weight_dtype=torch.bfloat16)
     monkeypatch.undo()
-    return {key: x.grad for key, x in _named_leaves(mine) if x.grad is not None}
+    return grads
 
 
 def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
@@ -516,9 +528,7 @@ def test_gpu_low_precision_inputs_backward(name, gpu_kernels, monkeypatch):
     from mamba3_gen.spec.loader import load_spec
 
     spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
-    C, G = spec.dims.chunk_size, spec.dims.ngroups
-    kw = _to(make_inputs(spec, 2, 3 * C + 5, 2 * G, seed=3, with_initial_states=spec.options.initial_states), "cuda")
-    _check_low_input_backward(gpu_kernels(spec), kw, monkeypatch, exact=False)
+    _check_low_input_backward(gpu_kernels(spec), _to(_shipped_case(spec, seed=3), "cuda"), monkeypatch, exact=False)
 
 
 def test_save_states_variable_is_checked(monkeypatch):
