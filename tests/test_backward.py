@@ -488,8 +488,9 @@ def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
     """bf16 q, k, v, z: their gradients come back in bf16 (qk_sums stores the GQA sum in q's/k's dtype, chunk_v stores
     dv and dz in v's/z's), equal to the same run with fp32 leaves of the same values, cast to bf16 afterwards, and
     to the run whose GQA and bias sums are torch's. `exact`: bit-equal but for the biases' sums (fp32, summation
-    order: RMS ratio ≤ 1e-6). Otherwise (the device compiles bf16 and fp32 loads into different tiles): the bf16
-    gradients within 2^-8 = 3.9e-3 (one bf16 rounding), the fp32 ones within 1e-5."""
+    order: RMS ratio ≤ 1e-6). Otherwise (the device, same tiles for both dtypes): the bf16 gradients within
+    2^-8 = 3.9e-3 (one bf16 rounding: the qk_sums kernel and torch sum in other orders before rounding), the fp32
+    ones within 1e-6 (the biases' summation order)."""
     low = _low_input_grads(module, kw, torch.bfloat16, monkeypatch)
     wide = _low_input_grads(module, kw, torch.float32, monkeypatch)
     by_torch = _low_input_grads(module, kw, torch.bfloat16, monkeypatch, torch_sums=True)
@@ -500,7 +501,7 @@ def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
         if low[key].dtype != want:
             bad.append(f"{key}: dtype {low[key].dtype}, expected {want}")
             continue
-        tol = 0.0 if exact else (2.0 ** -8 if key in _LOW else 1e-5)
+        tol = 0.0 if exact else (2.0 ** -8 if key in _LOW else 1e-6)
         for what, ref in (("fp32 leaves", wide[key].to(want)), ("torch sums", by_torch[key])):
             bound = max(tol, 1e-6) if what == "torch sums" and key in ("q_bias", "k_bias") else tol
             err = rel_err(low[key].float(), ref.float())
@@ -522,13 +523,20 @@ def test_low_precision_inputs_backward(name, interp_kernels, monkeypatch):
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
-def test_gpu_low_precision_inputs_backward(name, gpu_kernels, monkeypatch):
+def test_gpu_low_precision_inputs_backward(name, tmp_path, monkeypatch):
     """As test_low_precision_inputs_backward, compiled for the device, on shipped specs (three chunks and a tail,
-    B 2, H = 2·G)."""
+    B 2, H = 2·G). The module is built with MAMBA3_GEN_AUTOTUNE=off so the bf16 and fp32 runs use the same tiles
+    (autotuning keys on the inputs' dtypes: tuned tiles sum in other orders and round other tf32 operands, which
+    moved dangle by 6e-5 on the H200, 2026-12-03)."""
     from mamba3_gen.spec.loader import load_spec
+    from tests.helpers import KernelCache
+    from tests.strategies import gpu_arch
 
     spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
-    _check_low_input_backward(gpu_kernels(spec), _to(_shipped_case(spec, seed=3), "cuda"), monkeypatch, exact=False)
+    monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", "off")  # read when the generated module is imported
+    module = KernelCache(tmp_path, gpu_arch())(spec)
+    monkeypatch.undo()
+    _check_low_input_backward(module, _to(_shipped_case(spec, seed=3), "cuda"), monkeypatch, exact=False)
 
 
 def test_save_states_variable_is_checked(monkeypatch):
