@@ -539,6 +539,24 @@ def test_gpu_low_precision_inputs_backward(name, tmp_path, monkeypatch):
     _check_low_input_backward(module, _to(_shipped_case(spec, seed=3), "cuda"), monkeypatch, exact=False)
 
 
+def test_training_forward_tunes_fewer_fused_configs():
+    """The fused forward's autotuner prunes its configs for a launch that keeps the per-chunk states (the training
+    forward: full P block, no register cap) and keeps all of them otherwise; the rendered kernel carries the hook."""
+    import triton
+
+    from mamba3_gen.backends.triton.build import render
+    from mamba3_gen.backends.triton.build import lower as lower_spec
+    from mamba3_gen.runtime.forward import prune_kept_states_configs
+
+    cfgs = [triton.Config({"BLOCK_P": 64}, num_warps=8), triton.Config({"BLOCK_P": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 64}, num_warps=8, maxnreg=128), triton.Config({"BLOCK_P": 32}, num_warps=8)]
+    assert prune_kept_states_configs(cfgs, {}, STORE_CHUNKS=True) == cfgs[:2]
+    assert prune_kept_states_configs(cfgs, {}, STORE_CHUNKS=False) == cfgs
+    assert prune_kept_states_configs(cfgs[2:3], {}, STORE_CHUNKS=True) == cfgs[2:3]  # never empty
+    fwd = render(lower_spec(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=16), "sm_90a"))["fwd.py"]
+    assert fwd.count('prune_configs_by={"early_config_prune": prune_kept_states_configs}') == 1
+
+
 def test_save_states_variable_is_checked(monkeypatch):
     from mamba3_gen.errors import InputError
     from mamba3_gen.runtime.forward import keeps_chunk_states

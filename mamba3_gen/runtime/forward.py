@@ -169,6 +169,21 @@ def autotune_configs(configs: list) -> list:
     return configs
 
 
+def prune_kept_states_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the fused forward's autotuner: a launch that keeps the per-chunk states for the
+    backward (``STORE_CHUNKS``, a training forward) tries only the configs with the full P block and no register cap.
+    On the H200 the training forward's winner was the full block at 255 registers (siso_trap_complex B8 L4096 H32,
+    ncu, 2026-12-03: grid 256); the half block and the 128-register cap were tuned for inference and cost a first
+    training call two more compiles (~2 s each, first fwd+bwd call 31.8 s against the 30 s target). A small batch
+    takes the chunked forward under ``auto``, where the half block's extra programs were the point. Other launches
+    keep every config."""
+    if not kwargs.get("STORE_CHUNKS"):
+        return configs
+    full = max(c.kwargs["BLOCK_P"] for c in configs)
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] == full and not c.maxnreg]
+    return kept or configs
+
+
 class ForwardOp:
     """``op(q, k, v, adt, dt, trap=None, q_bias=None, k_bias=None, angles=None, D=None, z=None, mimo_v=None,
     mimo_z=None, mimo_o=None, initial_states=None, return_final_states=False, cu_seqlens=None)``.
