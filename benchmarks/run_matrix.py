@@ -49,8 +49,12 @@ MATRIX = [
     ("fwd", "mimo_r4", N64 + BF16, (BIG,), PREFILL),
     ("decode", "siso_trap_complex", (), ((1, 1, H), (256, 1, H)), DECODE),   # R = 1
     ("decode", "mimo_r4", (), ((1, 1, H), (256, 1, H)), DECODE),             # R = 4
-    ("bwd", "siso_trap_complex", (), (BIG,), PREFILL),
+    # issue 12: fwd+bwd vs the official SISO (its autotune keys leave out B and L: LONG re-uses BIG's tuning, N64
+    # tunes again for minutes, so it runs last) and TileLang MIMO
+    ("bwd", "siso_trap_complex", (), (BIG, LONG), PREFILL),
     ("bwd", "mimo_r4", (), (BIG,), PREFILL),
+    ("bwd", "siso_trap_complex", BF16, (BIG,), PREFILL),
+    ("bwd", "siso_trap_complex", N64, (BIG,), PREFILL),
 ]
 
 
