@@ -107,10 +107,8 @@ class Mamba3(nn.Module):
 
     Training: ``forward`` is differentiable with respect to u and every parameter through the generated backward
     (``torch.compile(fullgraph=True)`` and ``torch.utils.checkpoint(..., use_reentrant=False)`` work; bf16 autocast
-    too: in_proj/out_proj follow it, the rest computes in fp32 as above). Rules with two or more lags (three or more
-    weights) have no backward yet: their forward raises ``InputError`` naming discretization.weights when a gradient
-    would be needed (under ``torch.no_grad()``, or with every parameter frozen, it runs). With
-    ``is_outproj_norm`` and R > 1 the op returns the per-rank outputs (``mimo_o=None``) in one call.
+    too: in_proj/out_proj follow it, the rest computes in fp32 as above), for every rule, those with two or more lags
+    included. With ``is_outproj_norm`` and R > 1 the op returns the per-rank outputs (``mimo_o=None``) in one call.
     ``step`` is an inference path and refuses grad mode.
 
     Raises:
