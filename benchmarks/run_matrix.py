@@ -1,7 +1,7 @@
 """Issue 11's benchmark matrix in one go, on one GPU: generated kernels beside the official ones, identical inputs,
 outputs checked before timing (mamba3_gen/bench.py does the work; this file only lists the workloads).
 
-    python benchmarks/run_matrix.py [--out DIR] [--only fwd|bwd|decode] [--specs NAME,...] [--name NAME]
+    python benchmarks/run_matrix.py [--out DIR] [--only fwd|bwd|decode] [--specs NAME,...] [--match REGEX] [--name NAME]
     python benchmarks/run_matrix.py --merge A.json B.json ... [--latest] [--out DIR] [--name NAME]   # no GPU: join runs
 
 Heads H = 32 and P = 64 everywhere. Writes DIR/NAME.json (default: $OUT when set, else benchmarks/results; NAME
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,15 +59,19 @@ MATRIX = [
 ]
 
 
-def workloads(only: str | None = None, specs: list[str] | None = None) -> list[tuple[bench.Workload, tuple]]:
-    """(workload, provider names) of the matrix, or of one mode of it, or of some of its spec files."""
+def workloads(only: str | None = None, specs: list[str] | None = None,
+              match: str | None = None) -> list[tuple[bench.Workload, tuple]]:
+    """(workload, provider names) of the matrix, or of one mode of it, or of some of its spec files, or those whose
+    label (e.g. ``siso_trap_complex compute=bf16 bwd B8 L4096 H32``) the regular expression ``match`` finds."""
     out = []
     for mode, name, sets, sizes, providers in MATRIX:
         if (only and mode != only) or (specs and name not in specs):
             continue
         spec = spec_with_overrides(SPECS / f"{name}.yaml", sets)
         for B, L, h in sizes:
-            out.append((bench.Workload(spec, B, L, h, mode, sets), providers))
+            work = bench.Workload(spec, B, L, h, mode, sets)
+            if match is None or re.search(match, work.label):
+                out.append((work, providers))
     return out
 
 
@@ -88,6 +93,14 @@ def merge(paths: list[Path], latest: bool = False) -> dict:
     return doc
 
 
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
@@ -95,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="h200", help="base name of the JSON and PNG files")
     ap.add_argument("--specs", type=lambda t: t.split(","), metavar="NAME,...",
                     help="only these spec files of the matrix (e.g. siso_trap_complex,mimo_r4), to split a run")
+    ap.add_argument("--match", metavar="REGEX", type=_regex, help="only the workloads whose label this regular "
+                    "expression finds, e.g. 'compute=bf16 bwd|d_state=64 bwd' (labels as in the printed table)")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join these result files instead of "
                     "running anything")
     ap.add_argument("--latest", action="store_true", help="with --merge: a later file's (workload, provider) row "
@@ -119,9 +134,10 @@ def main(argv=None) -> int:
     ceilings = bench.measure_ceilings()
     info = bench.new_run()  # one run id for the whole matrix
     rows = []
-    chosen = workloads(args.only, args.specs)
+    chosen = workloads(args.only, args.specs, args.match)
     if not chosen:
-        print(f"no workload of the matrix matches --only {args.only} --specs {args.specs}", file=sys.stderr)
+        print(f"no workload of the matrix matches --only {args.only} --specs {args.specs} --match {args.match}",
+              file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name()
     for work, providers in chosen:
