@@ -79,6 +79,25 @@ def test_selection_errors(forward, interp_kernels):
         run_op(interp_kernels(spec), spec, kw)
 
 
+def test_variables_checked_whichever_forward_runs(forward, monkeypatch, interp_kernels):
+    """MAMBA3_GEN_CHUNK_STATES is checked on every call, also when the fused forward (which does not read it) runs;
+    MAMBA3_GEN_AUTOTUNE accepts on / off only (`false`, `0` would otherwise leave tuning on unnoticed)."""
+    from mamba3_gen.runtime.forward import autotune_configs
+
+    spec = make_spec(rule="exp_euler", kind="real", N=16, P=8, chunk=4)
+    kw = make_inputs(spec, 1, 5, 1, seed=0)
+    forward("fused")
+    monkeypatch.setenv("MAMBA3_GEN_CHUNK_STATES", "fp16")
+    with pytest.raises(InputError, match="MAMBA3_GEN_CHUNK_STATES='fp16'; expected one of fp32, bf16"):
+        run_op(interp_kernels(spec), spec, kw)
+    for bad in ("false", "0"):
+        monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", bad)
+        with pytest.raises(InputError, match=f"MAMBA3_GEN_AUTOTUNE='{bad}'; expected one of on, off"):
+            autotune_configs([1, 2])
+    monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", " OFF ")
+    assert autotune_configs([1, 2]) == [1]
+
+
 def test_default_is_auto(monkeypatch):
     """MAMBA3_GEN_FORWARD unset means auto: fused without a CUDA device (and under the interpreter), else the
     measured choice (benchmarks/NOTES.md, 2026-12-02 and 2026-12-03): chunked for MIMO, for a real state with N > 64

@@ -161,10 +161,17 @@ def chunk_states_dtype(meta: dict) -> str:
     return name
 
 
+AUTOTUNE = ("on", "off")
+
+
 def autotune_configs(configs: list) -> list:
     """The configs a generated kernel autotunes over: all of them, or only the first (the default) when the CPU
-    interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles)."""
-    if INTERPRETING or os.environ.get("MAMBA3_GEN_AUTOTUNE", "").lower() == "off":
+    interpreter runs (it has no timer) or MAMBA3_GEN_AUTOTUNE=off (deterministic runs, no tuning compiles). Read
+    when the generated module is imported.
+
+    Raises:
+        InputError: MAMBA3_GEN_AUTOTUNE is set to neither ``on`` nor ``off``."""
+    if env_choice("MAMBA3_GEN_AUTOTUNE", AUTOTUNE) == "off" or INTERPRETING:
         return configs[:1]
     return configs
 
@@ -258,6 +265,7 @@ class ForwardOp:
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
         rotation = selected_rotation(m, forward, self.prep_kernel is not None)
+        chunk_states_dtype(m)  # the variable is checked on every call, whichever forward runs
         if rotation == "prepass":
             op = self.prepass_ops[forward]
         grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
