@@ -163,12 +163,13 @@ def resolve_arch(arch: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------- build
 
 
-def _render(spec, arch: str, spec_path: str) -> dict[str, str]:
-    """{file name: source} of a spec's package. Lowering failures become BuildError."""
+def _render(spec, arch: str, spec_path: str, spec_note: str = "") -> dict[str, str]:
+    """{file name: source} of a spec's package (headers naming ``spec_path`` + ``spec_note``). Lowering failures
+    become BuildError."""
     from mamba3_gen.backends.triton.build import lower, render
 
     try:
-        return render(lower(spec, arch), spec_path)
+        return render(lower(spec, arch), spec_path, spec_note)
     except Mamba3GenError:
         raise
     except ValueError as e:  # LoweringError and the targets' own ValueErrors: the spec cannot be built
@@ -277,9 +278,9 @@ def load(spec, arch: Optional[str] = None, *, out_dir=None, force: bool = False)
         else:
             from mamba3_gen.backends.triton.build import _display_path
 
-            spec_path = _display_path(origin) if isinstance(spec, (str, os.PathLike)) and origin != "<string>" \
-                else CACHE_SPEC_PATH
-            write_package(Path(out_dir), spec_obj.name, _render(spec_obj, arch, spec_path), force=force)
+            shown = _display_path(origin, folder) if isinstance(spec, (str, os.PathLike)) and origin != "<string>" \
+                else (CACHE_SPEC_PATH, "")
+            write_package(Path(out_dir), spec_obj.name, _render(spec_obj, arch, *shown), force=force)
         module = import_package(folder, _module_name(spec_obj, fp, folder, out_dir is None))
         _MODULES[key] = module
         return module

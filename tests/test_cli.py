@@ -70,6 +70,25 @@ def test_build_writes_then_unchanged(tmp_path):
     assert states == ["unchanged"] * len(FILES)
 
 
+def test_build_outside_the_checkout_is_reproducible(tmp_path, monkeypatch):
+    """A spec outside the checkout, built from two working directories with two spellings of its path, gives the same
+    bytes: the headers name it from the package folder."""
+    spec = tmp_path / "specs" / "mine.yaml"
+    spec.parent.mkdir()
+    spec.write_text(Path(SPEC).read_text())
+    out = tmp_path / "gen"
+    monkeypatch.chdir(tmp_path)
+    assert invoke("build", "specs/mine.yaml", "--out", "gen").exit_code == 0
+    first = {f: (out / "mimo_r4" / f).read_bytes() for f in FILES}
+    monkeypatch.chdir(spec.parent)
+    again = invoke("build", spec, "--out", out)
+    assert again.exit_code == 0, again.output
+    assert [ln.split()[0] for ln in again.stdout.splitlines() if ln.startswith("  ")] == ["unchanged"] * len(FILES)
+    assert {f: (out / "mimo_r4" / f).read_bytes() for f in FILES} == first
+    assert "rebuild with `mamba3-gen build ../../specs/mine.yaml` (the spec's path from this folder)." in \
+        first["fwd.py"].decode()
+
+
 def test_build_dry_run_into_new_dir_writes_nothing(tmp_path):
     out = tmp_path / "nowhere"
     result = invoke("build", SPEC, "--out", out, "-n")
