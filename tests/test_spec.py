@@ -390,8 +390,22 @@ def test_lambda_validators():
     )
 
 
-def test_real_state_ignores_rotation_fields():
-    spec = load_spec_text("name: a\nstate:\n  kind: real\n  rope_fraction: 1.0\n  rotation: halved\n")
+def test_fields_the_spec_never_reads_are_refused():
+    """A rotation field on a real state, or inputs.trap where no λ is read per token, is a mistake (as lambda on a
+    rule without λ). A section with every field written is a dump of a Spec re-read, which is accepted."""
+    assert one_problem("name: a\nstate:\n  kind: real\n  rotation: halved\n") == (
+        "specs/x.yaml:4: state.rotation: only read for a complex state (kind: real rotates nothing); "
+        "try removing 'rotation', or kind: complex")
+    assert one_problem("name: a\nstate:\n  kind: real\n  rope_fraction: 1.0\n") == (
+        "specs/x.yaml:4: state.rope_fraction: only read for a complex state (kind: real rotates nothing); "
+        "try removing 'rope_fraction', or kind: complex")
+    assert one_problem("name: a\ndiscretization:\n  rule: zoh\ninputs:\n  trap: lambda\n") == (
+        "specs/x.yaml:5: inputs.trap: only read when the layer takes λ per token, and the rule zoh does not use λ; "
+        "try removing 'trap'")
+    assert one_problem("name: a\ndiscretization:\n  lambda: constant\n  lambda_value: 0.5\ninputs:\n  trap: logit\n") \
+        == ("specs/x.yaml:6: inputs.trap: only read when the layer takes λ per token, and its λ is constant "
+            "(lambda: constant); try removing 'trap'")
+    spec = load_spec_text("name: a\nstate:\n  kind: real\n  rope_fraction: 1.0\n  rotation: halved\n")  # a dump
     assert not spec.is_complex and spec.num_angles == 0
 
 

@@ -113,7 +113,7 @@ class Discretization(_Strict):
             # 'lambda: data' is the default, so the value alone cannot tell that a user wrote it: what was written
             # is model_fields_set. A section with every field written is a dump (model_dump of a Spec, re-read
             # by resolve_spec, a package's spec.json, the CuTe AOT's temporary YAML), not a user's choice.
-            written = self.model_fields_set if self.model_fields_set != set(type(self).model_fields) else set()
+            written = _written(self)
             if self.lambda_ != "data" or "lambda_" in written:
                 raise ValueError(f"lambda: the rule {self.rule} does not use λ (its formulas have no lam); "
                                  f"try removing 'lambda', or {_with_lambda(self.rule)}")
@@ -130,6 +130,12 @@ class Discretization(_Strict):
                 "lambda_value: only read when lambda: constant; try removing lambda_value, or setting lambda: constant"
             )
         return self
+
+
+def _written(section: BaseModel) -> set:
+    """The fields a user wrote in a section: none when every field is set (a dump of a Spec re-read)."""
+    fields = section.model_fields_set
+    return set() if fields == set(type(section).model_fields) else fields
 
 
 def _with_lambda(rule: str) -> str:
@@ -172,12 +178,12 @@ class State(_Strict):
     )
     rope_fraction: Literal[0.5, 1.0] = Field(
         0.5,
-        description="complex only (ignored for a real state): fraction of the N state dims that are rotated, "
+        description="complex only (written on a real state: refused): fraction of the N state dims that are rotated, "
         "0.5 or 1.0 (S = N·fraction/2 angles).",
     )
     rotation: Literal["pairwise", "halved"] = Field(
         "pairwise",
-        description="complex only (ignored for a real state): pairwise rotates dims (2j, 2j+1) as the official SISO; "
+        description="complex only (written on a real state: refused): pairwise rotates dims (2j, 2j+1) as the official SISO; "
         "halved rotates (j, j+N/2) as the official MIMO.",
     )
 
@@ -228,7 +234,7 @@ class Inputs(_Strict):
     trap: Literal["logit", "lambda"] = Field(
         "logit",
         description="logit: the trap input is the pre-sigmoid logit, λ = σ(trap) (official prefill and Triton step); "
-        "lambda: it is λ itself, in [0, 1] (official CuTe step). Read only with discretization.lambda: data.",
+        "lambda: it is λ itself, in [0, 1] (official CuTe step). Read only with discretization.lambda: data on a rule that uses λ (written otherwise: refused).",
     )
     decay: Literal["a_dt", "a"] = Field(
         "a_dt",
@@ -349,6 +355,22 @@ class Spec(_Strict):
             upper = lower * 2
             best = upper if upper * r <= MAX_CHUNK_ROWS and upper - c < c - lower else lower
             raise ValueError(f"dims.chunk_size: {c} is not a power of two; try chunk_size: {best}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_unread_fields(self) -> "Spec":
+        # A field written where this spec never reads it is refused, as lambda on a rule without λ is (a section
+        # with every field written is a dump, not a user's choice: see Discretization._check_rule).
+        if not self.is_complex:
+            for key in ("rope_fraction", "rotation"):
+                if key in _written(self.state):
+                    raise ValueError(f"state.{key}: only read for a complex state (kind: real rotates nothing); "
+                                     f"try removing '{key}', or kind: complex")
+        if not self.has_trap_input and "trap" in _written(self.inputs):
+            why = ("its λ is constant (lambda: constant)" if self.rule.uses_lambda
+                   else f"the rule {self.discretization.rule} does not use λ")
+            raise ValueError(f"inputs.trap: only read when the layer takes λ per token, and {why}; "
+                             "try removing 'trap'")
         return self
 
     # Derived quantities, used by the lowering and printed by `mamba3-gen check`.
