@@ -619,10 +619,13 @@ def check(
         from mamba3_gen.backends.triton.build import backward_dot_dtype
 
         bwd_dot = backward_dot_dtype(spec)
-        echo(f"  backward: {bwd_dot} dot operands"
-             + (f" (the spec's {spec.dtypes.compute} is the forward's: bf16 made the backward no faster and "
-                "Triton 3.6 miscompiled it)" if bwd_dot != spec.dtypes.compute else "")
-             + "; value and coefficient kernels split (MAMBA3_GEN_BWD_CHUNKS=merged: one kernel)")
+        if low.lowered.backward_refusal:
+            echo(f"  backward: refused ({low.lowered.backward_refusal})")
+        else:
+            echo(f"  backward: {bwd_dot} dot operands"
+                 + (f" (the spec's {spec.dtypes.compute} is the forward's: bf16 made the backward no faster and "
+                    "Triton 3.6 miscompiled it)" if bwd_dot != spec.dtypes.compute else "")
+                 + "; value and coefficient kernels split (MAMBA3_GEN_BWD_CHUNKS=merged: one kernel)")
         sc = low.step_config
         echo("")
         from mamba3_gen.backends.cute.build import step_layout
@@ -632,13 +635,15 @@ def check(
              f"warps, {'head-major' if sc.head_major else 'batch-major'} grid; CuTe DSL, {tiling['NT']} threads per "
              f"(batch row, head), {tiling['TC']} per row of H in {tiling['VEC']}-wide vectors")
         echo("")
-        echo("GPU targets:")
+        echo("GPU targets (the forward's fused kernel, by the shared-memory model):")
         for name, f in fits.items():
             if f["fits"]:
                 echo(f"  {name:<7} fits: {f['configs']} configs, smallest estimate {_size(f['smallest_smem_estimate'])}"
                      f" of {_size(f['smem_limit'])}  ({f['target']})")
             else:
                 echo(f"  {name:<7} does not fit: {f['reason']}")
+        echo("  the backward's kernels are not estimated here: they compile at the first .backward(); "
+             "`python -m mamba3_gen.backends.triton.aot_backward SPEC sm_90a` reports them without a GPU")
         if report is not None:
             echo("")
             _print_aot(report, arch, low.configs, limit)
