@@ -714,12 +714,15 @@ def test(
                                                           "Triton interpreter (TRITON_INTERPRET=1, fp32). --gpu: run "
                                                           "the tests marked gpu on a CUDA device.")] = False,
 ) -> None:
-    """Run the property tests of SPEC's generated forward against the float64 references.
+    """Run the property tests of SPEC's generated kernels against the float64 references: forward, decode step and
+    backward.
 
-    Runs `python -m pytest tests/test_forward.py -q -rs -m "not gpu"` (or `-m gpu` with --gpu) from the repository
-    root with MAMBA3_GEN_SPEC set to SPEC, streams pytest's output (with the reason of every skipped test), and
-    exits with pytest's exit code (5 means no test was collected). GPU tests skip with a reason when no CUDA device
-    is visible. Needs the test extra (pytest, hypothesis): `pip install -e ".[test]"` in the checkout.
+    Runs `python -m pytest tests/test_forward.py tests/test_step.py
+    tests/test_backward.py::test_gradients_match_float64_autograd -q -rs -m "not gpu"` (or `-m gpu` with --gpu) from
+    the repository root with MAMBA3_GEN_SPEC set to SPEC (the tests that do not draw SPEC are deselected), streams
+    pytest's output (with the reason of every skipped test), and exits with pytest's exit code (5 means no test was
+    collected). GPU tests skip with a reason when no CUDA device is visible. Needs the test extra (pytest,
+    hypothesis): `pip install -e ".[test]"` in the checkout.
     """
     _load(spec_path)
     missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
@@ -729,10 +732,12 @@ def test(
                    "in the mamba3-gen checkout (or `pip install pytest hypothesis`)", err=True)
         raise typer.Exit(1)
     root = _repo_root()
-    test_file = root / "tests" / "test_forward.py"
-    if not test_file.is_file():
-        typer.echo(f"{_shown(test_file)} not found: the property tests ship with the repository checkout; "
-                   "run from a clone of mamba3-gen installed with `pip install -e \".[test]\"`", err=True)
+    targets = ["tests/test_forward.py", "tests/test_step.py",
+               "tests/test_backward.py::test_gradients_match_float64_autograd"]
+    missing_files = [t.split("::")[0] for t in targets if not (root / t.split("::")[0]).is_file()]
+    if missing_files:
+        typer.echo(f"{_shown(root / missing_files[0])} not found: the property tests ship with the repository "
+                   "checkout; run from a clone of mamba3-gen installed with `pip install -e \".[test]\"`", err=True)
         raise typer.Exit(1)
     env = dict(os.environ)
     env["MAMBA3_GEN_SPEC"] = str(Path(spec_path).resolve())
@@ -749,10 +754,10 @@ def test(
         env["TRITON_INTERPRET"] = "1"
         marker = "not gpu"
     # -rs: the summary gives each skipped test's reason (a bare "25 skipped" hides why)
-    cmd = [sys.executable, "-m", "pytest", "tests/test_forward.py", "-q", "-rs", "-m", marker]
+    cmd = [sys.executable, "-m", "pytest", *targets, "-q", "-rs", "-m", marker]
     where = "GPU" if gpu else "CPU, TRITON_INTERPRET=1"
     typer.echo(f"testing {spec_path} ({where}, {examples} examples per property): "
-               f"python -m pytest tests/test_forward.py -q -rs -m \"{marker}\"")
+               f"python -m pytest {' '.join(targets)} -q -rs -m \"{marker}\"")
     try:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, encoding="utf-8", errors="replace", bufsize=1)

@@ -86,3 +86,20 @@ def gpu_kernels(tmp_path_factory):
     from tests.strategies import gpu_arch
 
     return KernelCache(tmp_path_factory.mktemp("kernels_gpu"), gpu_arch())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under MAMBA3_GEN_SPEC (`mamba3-gen test SPEC`), the tests marked not_in_spec_mode are deselected rather than
+    listed as skipped one by one: only the property tests of that spec are collected."""
+    from tests.strategies import ENV_SPEC, not_in_spec_mode
+
+    if ENV_SPEC is None:
+        return
+    reason = not_in_spec_mode.kwargs["reason"]
+    kept, dropped = [], []
+    for item in items:
+        out = any(m.kwargs.get("reason") == reason for m in item.iter_markers("skipif"))
+        (dropped if out else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

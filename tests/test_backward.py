@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
 from mamba3_gen.runtime.state import Mamba3State
 from tests.helpers import make_spec, respec
-from tests.strategies import draw_inputs, examples, gpu_only, input_kwargs, interpreter_only, specs
+from tests.strategies import ENV_SPEC, draw_inputs, examples, gpu_only, input_kwargs, interpreter_only, specs
 
 REPO = Path(__file__).resolve().parents[1]
 REL = 1e-4  # justified in the module docstring
@@ -181,6 +181,8 @@ def test_gradients_match_float64_autograd(spec, data, interp_kernels):
 
     low = lower_discretization(spec)
     # rules with a derivative the lowering refuses have no backward (tests/test_rules.py)
+    if ENV_SPEC is not None and low.backward_refusal is not None:
+        pytest.skip(f"MAMBA3_GEN_SPEC's backward is refused: {low.backward_refusal}")
     assume(low.backward_refusal is None)
     size = data.draw(input_kwargs(spec), label="size")
     assume("extreme_decays" not in size)  # module docstring: −inf decays have no finite chain rule through A·Δ
