@@ -64,7 +64,8 @@ BAD_FORMULAS = {
     "dt and lam": r"a boolean operator is not allowed",
     "'dt'": r"is not a number",
     "True": r"is not a number",
-    "dt +": r"is not a formula",
+    "dt +": r"is not a formula \((?!.*column 0)",  # where Python says offset 0: "at its end"
+    "dt + ) * 2": r"is not a formula \(unmatched '\)' at column \d",
     "(" * 200 + "dt" + ")" * 200: r"too deeply|cannot be parsed|characters",
     "dt + " * 200 + "dt": r"at most 400",
     "": r"empty",

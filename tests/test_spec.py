@@ -456,3 +456,13 @@ def test_spec_error_survives_pickle():
         assert copy.problems == e.problems and str(copy) == str(e)
     else:  # pragma: no cover
         pytest.fail("expected a SpecError")
+
+
+def test_every_bad_dim_in_one_report():
+    """One-field checks of dims (odd N, a chunk size that is not a power of two) come with the others at once."""
+    assert problems("name: a\ndims:\n  d_state: 15\n  chunk_size: 48\n  headdim: 2\n  ngroups: 0\n") == [
+        "specs/x.yaml:3: dims.d_state: N=15 is odd (the state is split into two halves); try d_state: 16",
+        "specs/x.yaml:4: dims.chunk_size: 48 is not a power of two; try chunk_size: 32",
+        "specs/x.yaml:5: dims.headdim: 2 is too small (must be >= 4); try headdim: 4 or more (default 64)",
+        "specs/x.yaml:6: dims.ngroups: 0 is too small (must be >= 1); try ngroups: 1 or more (default 1)",
+    ]

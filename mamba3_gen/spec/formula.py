@@ -84,7 +84,9 @@ def parse_formula(text, symbols: dict[str, sp.Symbol] | None = None) -> sp.Expr:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
-        raise FormulaError(f"'{text}' is not a formula ({e.msg} at column {e.offset}); "
+        # Python reports an unfinished formula ('lam * dt +') at offset 0 or past its end
+        where = f"at column {e.offset}" if e.offset and e.offset <= len(text.strip()) else "at its end"
+        raise FormulaError(f"'{text}' is not a formula ({e.msg} {where}); "
                            "try operators + - * / ** and balanced parentheses") from None
     except (ValueError, RecursionError, MemoryError):
         raise FormulaError(f"'{text}' cannot be parsed; try a shorter formula with fewer nested parentheses") from None

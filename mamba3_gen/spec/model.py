@@ -203,6 +203,25 @@ class Dims(_Strict):
         f"{MAX_CHUNK_ROWS} (64/R is the usual choice).",
     )
 
+    # One-field checks are field validators, so a file with several bad dims gets every problem in one report.
+    @field_validator("d_state")
+    @classmethod
+    def _even_state(cls, n: int) -> int:
+        if n % 2:
+            raise ValueError(f"N={n} is odd (the state is split into two halves); try d_state: {n + 1}")
+        return n
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _pow2_chunk(cls, c: int, info) -> int:
+        if c >= 1 and c & (c - 1):
+            r = info.data.get("mimo_rank", 1)
+            lower = 1 << (c.bit_length() - 1)
+            upper = lower * 2
+            best = upper if upper * r <= MAX_CHUNK_ROWS and upper - c < c - lower else lower
+            raise ValueError(f"{c} is not a power of two; try chunk_size: {best}")
+        return c
+
     @model_validator(mode="after")
     def _check_chunk_rows(self) -> "Dims":
         c, r = self.chunk_size, self.mimo_rank
@@ -344,18 +363,6 @@ class Spec(_Strict):
             raise ValueError(f"'{name}' is the name of the importable module {name}, which the generated package "
                              f"would shadow (or be shadowed by); try name: {better}")
         return name
-
-    @model_validator(mode="after")
-    def _check_dims(self) -> "Spec":
-        n, c, r = self.dims.d_state, self.dims.chunk_size, self.dims.mimo_rank
-        if n % 2:
-            raise ValueError(f"dims.d_state: N={n} is odd (the state is split into two halves); try d_state: {n + 1}")
-        if c & (c - 1):
-            lower = 1 << (c.bit_length() - 1)
-            upper = lower * 2
-            best = upper if upper * r <= MAX_CHUNK_ROWS and upper - c < c - lower else lower
-            raise ValueError(f"dims.chunk_size: {c} is not a power of two; try chunk_size: {best}")
-        return self
 
     @model_validator(mode="after")
     def _check_unread_fields(self) -> "Spec":
