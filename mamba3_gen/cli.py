@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -898,6 +899,7 @@ def bench(
         problems.append(f"--name: {name!r} is not a plain file name (letters, digits, _ . -); try --name bench")
     if problems:
         raise _fail(list(dict.fromkeys(problems)))
+    made = next((d for d in [*reversed(out.absolute().parents), out.absolute()] if not d.exists()), None)
     try:  # before any GPU work: a run is not thrown away for a folder that cannot be written
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -907,6 +909,8 @@ def bench(
     import torch
 
     if not torch.cuda.is_available():
+        if made is not None:  # the folders made for the check: a failed run leaves nothing behind
+            shutil.rmtree(made, ignore_errors=True)
         typer.echo("bench needs a CUDA GPU, and none is visible here (torch.cuda.is_available() is False); "
                    "run it on a machine with an NVIDIA GPU, or use `mamba3-gen test SPEC` to run the kernel on the "
                    "CPU", err=True)

@@ -93,12 +93,15 @@ def test_bad_options_exit_2(args, message):
     assert message in result.stderr
 
 
-def test_without_gpu_exits_1_after_the_arguments_are_checked():
+def test_without_gpu_exits_1_after_the_arguments_are_checked(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: the no-GPU message is not shown")
-    result = invoke("bench", SPECS / "siso_trap_complex.yaml", "--sizes", "1:64:4", "--set", "dims.d_state=64")
+    out = tmp_path / "new" / "results"
+    result = invoke("bench", SPECS / "siso_trap_complex.yaml", "--sizes", "1:64:4", "--set", "dims.d_state=64",
+                    "--out", out)
     assert result.exit_code == 1
     assert "needs a CUDA GPU" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # the folders made to check --out are gone again
 
 
 def test_overrides_change_the_spec_and_name_the_workload():
