@@ -178,13 +178,13 @@ class State(_Strict):
     )
     rope_fraction: Literal[0.5, 1.0] = Field(
         0.5,
-        description="complex only (written on a real state: refused): fraction of the N state dims that are rotated, "
-        "0.5 or 1.0 (S = N·fraction/2 angles).",
+        description="complex only (written on a real state: refused): fraction of the N state dims that are "
+        "rotated, 0.5 or 1.0 (S = N·fraction/2 angles).",
     )
     rotation: Literal["pairwise", "halved"] = Field(
         "pairwise",
-        description="complex only (written on a real state: refused): pairwise rotates dims (2j, 2j+1) as the official SISO; "
-        "halved rotates (j, j+N/2) as the official MIMO.",
+        description="complex only (written on a real state: refused): pairwise rotates dims (2j, 2j+1) as the "
+        "official SISO; halved rotates (j, j+N/2) as the official MIMO.",
     )
 
 
@@ -253,7 +253,8 @@ class Inputs(_Strict):
     trap: Literal["logit", "lambda"] = Field(
         "logit",
         description="logit: the trap input is the pre-sigmoid logit, λ = σ(trap) (official prefill and Triton step); "
-        "lambda: it is λ itself, in [0, 1] (official CuTe step). Read only with discretization.lambda: data on a rule that uses λ (written otherwise: refused).",
+        "lambda: it is λ itself, in [0, 1] (official CuTe step). Read only with "
+        "discretization.lambda: data on a rule that uses λ (written otherwise: refused).",
     )
     decay: Literal["a_dt", "a"] = Field(
         "a_dt",

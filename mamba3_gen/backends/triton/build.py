@@ -201,7 +201,8 @@ def _display_path(p, package_dir=None) -> tuple[str, str]:
         pass
     if package_dir is None:
         return p.as_posix(), ""
-    return Path(os.path.relpath(p.resolve(), Path(package_dir).resolve())).as_posix(), " (the spec's path from this folder)"
+    rel = Path(os.path.relpath(p.resolve(), Path(package_dir).resolve())).as_posix()
+    return rel, " (the spec's path from this folder)"
 
 
 def load_module(spec_path, out_dir: str | Path | None = None, arch: str = DEFAULT_TARGET, force: bool = False):
