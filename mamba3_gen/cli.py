@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -408,24 +407,6 @@ def _resolved(model, prefix: str = "", parent_default: bool = False) -> list[tup
     return rows
 
 
-def unused_fields(spec) -> list[str]:
-    """Dotted keys of the fields a spec does not use (λ settings of a rule without lam, a preset's formula fields,
-    the rotation of a real state, the trap encoding without a trap input): `check` does not print them."""
-    disc = spec.discretization
-    unused = []
-    if not spec.rule.uses_lambda:
-        unused += ["discretization.lambda", "discretization.lambda_value"]
-    elif disc.lambda_ == "data":
-        unused.append("discretization.lambda_value")
-    if disc.rule != "custom":
-        unused += ["discretization.log_decay", "discretization.weights"]
-    if not spec.is_complex:
-        unused += ["state.rope_fraction", "state.rotation"]
-    if not spec.has_trap_input:
-        unused.append("inputs.trap")
-    return unused
-
-
 def _aot(spec_path: str, arch: str, configs, progress) -> dict:
     """Run the AOT compile report; {'available': bool, 'reason'|'configs': ...}."""
     from mamba3_gen.backends.device import get_target
@@ -520,7 +501,7 @@ def check(
             "spec_path": spec_path,
             "spec": spec.model_dump(mode="json", by_alias=True),
             "defaults": [k for k, _, dflt, section in _resolved(spec) if dflt and not section],
-            "unused_fields": unused_fields(spec),
+            "unused_fields": spec.unread_fields(),
             "spec_hash": spec_hash(spec),
             "generator": __version__,
             "arch": arch,
@@ -547,7 +528,7 @@ def check(
         echo(f"{spec.name}: {spec_path} is valid  (sha256 {spec_hash(spec)[:16]}…, mamba3-gen {__version__})")
         echo("")
         echo("resolved spec (* = default, not written in the file):")
-        unused = unused_fields(spec)
+        unused = spec.unread_fields()
         for key, value, dflt, section in _resolved(spec):
             if key in unused:
                 continue
@@ -722,8 +703,10 @@ def test(
     tests/test_backward.py::test_gradients_match_float64_autograd -q -rs -m "not gpu"` (or `-m gpu` with --gpu) from
     the repository root with MAMBA3_GEN_SPEC set to SPEC (the tests that do not draw SPEC are deselected), streams
     pytest's output (with the reason of every skipped test), and exits with pytest's exit code (5 means no test was
-    collected). GPU tests skip with a reason when no CUDA device is visible. Needs the test extra (pytest,
-    hypothesis): `pip install -e ".[test]"` in the checkout.
+    collected). The backward's property test runs in the interpreter only: --gpu tests the forward and the step
+    (the GPU backward tests use the shipped specs: `pytest -m gpu tests/test_backward.py`). GPU tests skip with a
+    reason when no CUDA device is visible. Needs the test extra (pytest, hypothesis): `pip install -e ".[test]"` in
+    the checkout.
     """
     _load(spec_path)
     missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
@@ -899,9 +882,12 @@ def bench(
         problems.append(f"--name: {name!r} is not a plain file name (letters, digits, _ . -); try --name bench")
     if problems:
         raise _fail(list(dict.fromkeys(problems)))
-    made = next((d for d in [*reversed(out.absolute().parents), out.absolute()] if not d.exists()), None)
+    made: list[Path] = []  # the folders this check creates, outermost first
     try:  # before any GPU work: a run is not thrown away for a folder that cannot be written
-        out.mkdir(parents=True, exist_ok=True)
+        for d in [*reversed(out.absolute().parents), out.absolute()]:
+            if not d.is_dir():
+                d.mkdir()
+                made.append(d)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
@@ -909,8 +895,11 @@ def bench(
     import torch
 
     if not torch.cuda.is_available():
-        if made is not None:  # the folders made for the check: a failed run leaves nothing behind
-            shutil.rmtree(made, ignore_errors=True)
+        for d in reversed(made):  # a failed run leaves nothing behind; rmdir keeps a folder someone wrote into
+            try:
+                d.rmdir()
+            except OSError:
+                break
         typer.echo("bench needs a CUDA GPU, and none is visible here (torch.cuda.is_available() is False); "
                    "run it on a machine with an NVIDIA GPU, or use `mamba3-gen test SPEC` to run the kernel on the "
                    "CPU", err=True)

@@ -108,7 +108,9 @@ class Mamba3(nn.Module):
     Training: ``forward`` is differentiable with respect to u and every parameter through the generated backward
     (``torch.compile(fullgraph=True)`` and ``torch.utils.checkpoint(..., use_reentrant=False)`` work; bf16 autocast
     too: in_proj/out_proj follow it, the rest computes in fp32 as above), for every rule, those with two or more lags
-    included. With ``is_outproj_norm`` and R > 1 the op returns the per-rank outputs (``mimo_o=None``) in one call.
+    included, except a formula rule whose derivative the lowering refuses (``check`` says why; a gradient request
+    raises ``InputError`` naming the weight). With ``is_outproj_norm`` and R > 1 the op returns the per-rank outputs
+    (``mimo_o=None``) in one call.
     ``step`` is an inference path and refuses grad mode.
 
     Raises:

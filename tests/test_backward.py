@@ -538,6 +538,10 @@ def test_gpu_low_precision_inputs_backward(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", "off")  # read when the generated module is imported
     module = KernelCache(tmp_path, gpu_arch())(spec)
     monkeypatch.undo()
+    # its own ops (not those of a tuned module of the same spec loaded earlier in this process), one config each
+    op = module.mamba3_forward
+    assert all(o._name.endswith("_untuned") for o in (op.op, op.chunked_op) if o is not None)
+    assert len(op.kernel.configs) == 1 and all(len(k.configs) == 1 for k in op.backward.kernels)
     _check_low_input_backward(module, _to(_shipped_case(spec, seed=3), "cuda"), monkeypatch, exact=False)
 
 

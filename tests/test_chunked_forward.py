@@ -96,6 +96,13 @@ def test_variables_checked_whichever_forward_runs(forward, monkeypatch, interp_k
             autotune_configs([1, 2])
     monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", " OFF ")
     assert autotune_configs([1, 2]) == [1]
+    # a build made under AUTOTUNE=off registers ops of its own (it must not run a tuned build's kernels)
+    from mamba3_gen.runtime.forward import build_key
+
+    meta = {"name": "x", "spec_hash": "0" * 64, "template_hash": "t", "arch": "sm_90a"}
+    assert build_key(meta).endswith("_untuned")
+    monkeypatch.setenv("MAMBA3_GEN_AUTOTUNE", "on")
+    assert build_key(meta) == "x_000000000000_t_sm_90a"
 
 
 def test_default_is_auto(monkeypatch):

@@ -466,3 +466,17 @@ def test_every_bad_dim_in_one_report():
         "specs/x.yaml:5: dims.headdim: 2 is too small (must be >= 4); try headdim: 4 or more (default 64)",
         "specs/x.yaml:6: dims.ngroups: 0 is too small (must be >= 1); try ngroups: 1 or more (default 1)",
     ]
+
+
+def test_overrides_of_unread_fields_are_refused():
+    """`--set` on a field the spec never reads is refused: the override goes through a dump, whose every field is
+    written, so the spec's own refusal cannot tell it from the dumped defaults."""
+    from mamba3_gen.spec.sources import spec_with_overrides
+
+    with pytest.raises(SpecError) as e:
+        spec_with_overrides(SPECS / "siso_euler_real.yaml", ["state.rotation=halved", "dims.d_state=64"])
+    assert e.value.problems == ["--set: state.rotation=halved sets a field spec 'siso_euler_real' never reads; "
+                                "try removing it"]
+    with pytest.raises(SpecError, match="inputs.trap=lambda sets a field spec 'zoh_real' never reads"):
+        spec_with_overrides(SPECS / "zoh_real.yaml", ["inputs.trap=lambda"])
+    assert spec_with_overrides(SPECS / "siso_euler_real.yaml", ["dims.d_state=64"]).dims.d_state == 64

@@ -283,6 +283,7 @@ PADDED_TILES = [  # state shapes whose CuTe tiling has padding lanes (columns, r
 ]
 
 
+@not_in_spec_mode
 @pytest.mark.gpu
 @gpu_only
 @BACKENDS
@@ -306,6 +307,7 @@ U_BF16 = 2.0 ** -8  # unit roundoff of round-to-nearest bf16 (8 significant bits
 EPS_FP32 = 8 * 2.0 ** -24  # a few fp32 roundings per state element per step (products, adds, exp of the decay)
 
 
+@not_in_spec_mode
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.skipif(not _cute_available(), reason="nvidia-cutlass-dsl is not installed")

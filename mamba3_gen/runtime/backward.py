@@ -54,7 +54,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
-from mamba3_gen.runtime.forward import chunk_slots, env_choice
+from mamba3_gen.runtime.forward import build_key, chunk_slots, env_choice
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, STATE_FIELDS, backward_schema, features, out_shape, per_rank
 
@@ -251,7 +251,7 @@ class BackwardOp:
     # -- the registered backward op ------------------------------------------------------------------------------
     def _register(self):
         m = self.meta
-        name = f"mamba3_gen::bwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
+        name = f"mamba3_gen::bwd_{build_key(m)}"
         if name in _ATTACHED:
             return _ATTACHED[name].op
 

@@ -176,6 +176,15 @@ def autotune_configs(configs: list) -> list:
     return configs
 
 
+def build_key(meta: dict) -> str:
+    """What tells one build's registered ops from another's: spec name and hash, template hash, target, and whether
+    MAMBA3_GEN_AUTOTUNE=off cut its kernels to one config (read at import, as :func:`autotune_configs` does). Two
+    builds of one spec from other templates (a notebook that edits a template) or with other autotune lists must not
+    share the first one's kernels."""
+    key = f"{meta['name']}_{meta['spec_hash'][:12]}_{meta.get('template_hash', 'na')}_{meta['arch']}"
+    return key + ("_untuned" if env_choice("MAMBA3_GEN_AUTOTUNE", AUTOTUNE) == "off" else "")
+
+
 def prune_kept_states_configs(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of the fused forward's autotuner: a launch that keeps the per-chunk states for the
     backward (``STORE_CHUNKS``, a training forward) tries only the configs with the full P block and no register cap.
@@ -184,7 +193,7 @@ def prune_kept_states_configs(configs: list, named_args: dict, **kwargs) -> list
     training call two more compiles (~2 s each, first fwd+bwd call 31.8 s against the 30 s target). A small batch
     takes the chunked forward under ``auto``, where the half block's extra programs were the point. Other launches
     keep every config."""
-    if not kwargs.get("STORE_CHUNKS"):
+    if not kwargs.get("STORE_CHUNKS", named_args.get("STORE_CHUNKS")):  # a keyword or a positional argument
         return configs
     full = max(c.kwargs["BLOCK_P"] for c in configs)
     kept = [c for c in configs if c.kwargs["BLOCK_P"] == full and not c.maxnreg]
@@ -423,9 +432,7 @@ class ForwardOp:
         """A torch.library custom op per spec (and forward, and rotation), so the forward is one opaque node under
         torch.compile(fullgraph=True)."""
         m = self.meta
-        # one op per build: spec, templates and target (two builds of one spec from other templates, e.g. in a
-        # notebook that edits a template, must not share the first one's kernel), and per forward
-        name = f"mamba3_gen::fwd_{m['name']}_{m['spec_hash'][:12]}_{m.get('template_hash', 'na')}_{m['arch']}"
+        name = f"mamba3_gen::fwd_{build_key(m)}"
         if forward != "fused":
             name += f"_{forward}"
         if prepass:

@@ -381,6 +381,24 @@ class Spec(_Strict):
                              "try removing 'trap'")
         return self
 
+    def unread_fields(self) -> list[str]:
+        """Dotted keys of the fields this spec never reads (λ settings of a rule without lam, a preset's formula
+        fields, the rotation of a real state, the trap encoding without a per-token λ): `check` does not print
+        them, and `--set` refuses to override them."""
+        disc = self.discretization
+        unread = []
+        if not self.rule.uses_lambda:
+            unread += ["discretization.lambda", "discretization.lambda_value"]
+        elif disc.lambda_ == "data":
+            unread.append("discretization.lambda_value")
+        if disc.rule != "custom":
+            unread += ["discretization.log_decay", "discretization.weights"]
+        if not self.is_complex:
+            unread += ["state.rope_fraction", "state.rotation"]
+        if not self.has_trap_input:
+            unread.append("inputs.trap")
+        return unread
+
     # Derived quantities, used by the lowering and printed by `mamba3-gen check`.
     @property
     def is_complex(self) -> bool:

@@ -134,4 +134,11 @@ def spec_with_overrides(source: Any, sets: "list[str] | tuple[str, ...]" = (), o
     spec, _ = resolve_spec(source)
     if not sets:
         return spec
-    return load_spec_dict(apply_overrides(spec.model_dump(mode="json", by_alias=True), list(sets), option))
+    out = load_spec_dict(apply_overrides(spec.model_dump(mode="json", by_alias=True), list(sets), option))
+    # the dump writes every field, so the spec's own refusal of unread fields cannot see which one was overridden
+    unread = set(out.unread_fields())
+    wasted = [item for item in sets if item.partition("=")[0].strip() in unread]
+    if wasted:
+        raise SpecError([f"{option}: {item} sets a field spec {out.name!r} never reads; try removing it"
+                         for item in wasted])
+    return out
