@@ -368,17 +368,19 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _check_unread_fields(self) -> "Spec":
         # A field written where this spec never reads it is refused, as lambda on a rule without λ is (a section
-        # with every field written is a dump, not a user's choice: see Discretization._check_rule).
-        if not self.is_complex:
-            for key in ("rope_fraction", "rotation"):
-                if key in _written(self.state):
-                    raise ValueError(f"state.{key}: only read for a complex state (kind: real rotates nothing); "
-                                     f"try removing '{key}', or kind: complex")
-        if not self.has_trap_input and "trap" in _written(self.inputs):
+        # with every field written is a dump, not a user's choice: see Discretization._check_rule). Which fields are
+        # unread is unread_fields' one list; the discretization's own are refused by its validator, with its words.
+        for dotted in self.unread_fields():
+            section, key = dotted.split(".")
+            if section == "discretization" or key not in _written(getattr(self, section)):
+                continue
+            if section == "state":
+                raise ValueError(f"state.{key}: only read for a complex state (kind: real rotates nothing); "
+                                 f"try removing '{key}', or kind: complex")
             why = ("its λ is constant (lambda: constant)" if self.rule.uses_lambda
                    else f"the rule {self.discretization.rule} does not use λ")
-            raise ValueError(f"inputs.trap: only read when the layer takes λ per token, and {why}; "
-                             "try removing 'trap'")
+            raise ValueError(f"inputs.{key}: only read when the layer takes λ per token, and {why}; "
+                             f"try removing '{key}'")
         return self
 
     def unread_fields(self) -> list[str]:
