@@ -593,9 +593,14 @@ def check(
         many, few = auto_forward(meta, few_programs=False), auto_forward(meta, few_programs=True)
         echo("at run time, on a GPU, with MAMBA3_GEN_FORWARD / MAMBA3_GEN_ROTATE unset (auto; README):")
         echo("  forward: " + (f"{many} at every batch" if many == few else
-                              f"{many} when sequences × heads >= the GPU's SM count, else {few}"))
+                              f"{many} when sequences × heads >= the GPU's SM count, else {few}")
+             + (f" ({auto_forward(meta, few_programs=True, training=True)} below the SM count in a differentiated "
+                "call that keeps its chunk states)" if auto_forward(meta, True, training=True) != few else ""))
         if meta["S"]:
-            echo(f"  rotation: {'the pre-pass' if auto_rotation(meta) == 'prepass' else 'inline'}")
+            rot = auto_rotation(meta)
+            echo(f"  rotation: {'the pre-pass' if rot == 'prepass' else 'inline'}"
+                 + (" (inline in a differentiated call that keeps its chunk states; MAMBA3_GEN_SAVE_STATES)"
+                    if rot != auto_rotation(meta, training=True) else ""))
         if spec.dtypes.input == "fp32" and spec.dtypes.compute == "bf16":
             echo("  note: bf16 dot operands round the fp32 inputs to bf16 at the products")
         from mamba3_gen.backends.triton.build import backward_dot_dtype

@@ -122,6 +122,9 @@ def test_default_is_auto(monkeypatch):
     assert fwd.selected_forward(siso_complex, 2, 32, cuda) == "chunked"  # 64 < 132
     siso_complex_bf16 = {**siso_complex, "compute_dtype": "bf16"}
     assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda) == "fused"  # after the pre-pass: fused at any batch
+    # a training call rotates inline (it keeps chunk states), where few programs take the chunked forward
+    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, training=True) == "chunked"
+    assert fwd.selected_forward(siso_complex_bf16, 8, 32, cuda, training=True) == "fused"
     assert fwd.selected_forward({**siso_complex_bf16, "R": 4}, 8, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64, "compute_dtype": "bf16"}, 1, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 4, "S": 32, "N": 64}, 8, 32, cuda) == "chunked"

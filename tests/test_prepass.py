@@ -88,11 +88,55 @@ def test_rotation_selection(monkeypatch):
     assert selected_rotation(real_meta, "chunked") == "inline"
     assert selected_rotation(real_meta, "fused") == "inline"
     assert selected_rotation(complex_meta, "chunked", has_prep=False) == "inline"
+    bf16_meta = {**complex_meta, "compute_dtype": "bf16"}
+    # a differentiated call that keeps its chunk states rotates inline (the pre-pass's kernels carry no Θ)
+    assert selected_rotation(bf16_meta, "fused", training=True) == "inline"
+    assert selected_rotation(bf16_meta, "chunked", training=True) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "inline")
     assert selected_rotation(complex_meta, "chunked") == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "prepass")
     assert selected_rotation(complex_meta, "fused") == "prepass"
+    assert selected_rotation(bf16_meta, "fused", training=True) == "prepass"  # asked for: no states kept then
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "sideways")
     with pytest.raises(InputError, match="MAMBA3_GEN_ROTATE='sideways'.*auto"):
         selected_rotation(complex_meta)
     os.environ.pop("MAMBA3_GEN_ROTATE", None)
+
+
+@interpreter_only
+def test_training_call_rotates_inline_and_keeps_states(interp_kernels, monkeypatch):
+    """Under auto, a spec with bf16 dot operands (its meta says so; the interpreter's kernels stay fp32) runs the
+    pre-pass when no gradient is recorded, and rotates inline and keeps its chunk states when one is (the backward
+    then skips the states re-run: 9.39 → 9.08 ms fwd+bwd on the H200, benchmarks/NOTES.md 2026-12-04); with
+    MAMBA3_GEN_SAVE_STATES=never the training call keeps nothing and takes the pre-pass again. Gradients of every
+    path match float64 autograd (test_backward's tolerance)."""
+    from mamba3_gen.runtime.forward import training_keeps_states
+    from tests.test_backward import assert_grads_match
+
+    monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
+    monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)
+    monkeypatch.delenv("MAMBA3_GEN_SAVE_STATES", raising=False)
+    spec = _interpretable(load_spec(next(p for p in COMPLEX if p.stem == "siso_trap_complex")))  # SISO keeps states
+    module = interp_kernels(spec)
+    op = module.mamba3_forward
+    monkeypatch.setitem(op.meta, "compute_dtype", "bf16")
+    prepasses, kept = [], []
+    original, outputs = ForwardOp._prepass, ForwardOp._chunk_outputs
+    monkeypatch.setattr(ForwardOp, "_prepass", lambda self, *a, **k: prepasses.append(1) or original(self, *a, **k))
+
+    def chunk_outputs(self, v, NS, is_varlen, save_chunks, prepass=False):
+        kept.append(save_chunks)
+        return outputs(self, v, NS, is_varlen, save_chunks, prepass)
+
+    monkeypatch.setattr(ForwardOp, "_chunk_outputs", chunk_outputs)
+    kw = make_inputs(spec, 1, spec.dims.chunk_size + 3, spec.dims.ngroups, seed=5, dt_range=(1e-3, 1.0))
+    run_op(module, spec, kw)
+    assert prepasses and not any(kept), "a call without gradients takes the pre-pass and keeps nothing"
+    assert training_keeps_states(op.meta, True) and not training_keeps_states(op.meta, False)
+    prepasses.clear(), kept.clear()
+    assert_grads_match(module, spec, kw, final=False)
+    assert not prepasses and kept and all(kept), "a training call rotates inline and keeps its chunk states"
+    monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "never")
+    prepasses.clear(), kept.clear()
+    assert_grads_match(module, spec, kw, final=False)
+    assert prepasses and not any(kept), "with SAVE_STATES=never the training call takes the pre-pass"
