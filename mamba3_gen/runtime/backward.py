@@ -27,17 +27,14 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
      MAMBA3_GEN_BWD_CHUNKS=merged, chunk_vc does chunk_v's and chunk_coef's work in one program, ``selected_chunks``):
      chunk_v, one program per (chunk slot, head, P block): y, then dv, dz and the partials of the MIMO projections;
      chunk_coef, one program per (chunk slot, head): the coefficient gradients dc_j, da and the partial of D;
-     chunk_qk, one program per (chunk slot, group, block of rotation pairs), all of P, looping over the group's
-     heads: dq̂, dk̂ and the rotation's backward (dq̃, dk̃, dΘ_t), dq̃ and dk̃ summed over the heads in registers
-     (stored in q's / k's dtype) with their token sums per chunk and head for the biases; for J ≥ 2 one program
-     per (chunk slot, head, pair block) storing fp32 dq̃, dk̃ per head, to which the host adds the carried tokens'
-     terms. dY comes from dout and the gate alone, so only chunk_v recomputes y. No program adds into another's
-     output (no atomics: the gradients are deterministic);
+     chunk_qk, one program per (chunk slot, head, block of rotation pairs), all of P: dq̂, dk̂ and the rotation's
+     backward (dq̃, dk̃, dΘ_t). dY comes from dout and the gate alone, so only chunk_v recomputes y. No program
+     adds into another's output (no atomics: the gradients are deterministic);
   4. steps: per (sequence, head) backwards: da at the first step, the rule's prologue derivatives (sympy, printed by
      the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
      reverse angle cumsum, the initial states' gradients.
-  5. J ≥ 2 only, qk_sums: one pass over chunk_qk's fp32 per-head dq̃, dk̃ (each element read once): the sum over
-     the heads of a group (GQA), stored in q's / k's dtype, and per-block token sums for the biases.
+  5. qk_sums: one pass over chunk_qk's fp32 per-head dq̃, dk̃ (each element read once): the sum over the heads of a
+     group (GQA), stored in q's / k's dtype, and per-block token sums for the biases.
 Then small torch sums: the biases' blocks, the per-chunk partials of D and the MIMO projections.
 
 MIMO with mimo_o None (the per-rank output, signature.per_rank): dout is (B, L, R, H, P), dY_{t,r} is its row (no
@@ -215,13 +212,6 @@ def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, 
     return init_k, init_v
 
 
-def _arg_names(kernel) -> list:
-    """A Triton kernel's parameter names, through its autotuner / heuristics wrappers."""
-    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
-        kernel = kernel.fn
-    return list(getattr(kernel, "arg_names", []))
-
-
 class BackwardOp:
     """The backward of one spec's forward op: ``setup_context``/``backward`` for ``register_autograd`` and the
     registered ``bwd_...`` op that launches the kernels (module docstring)."""
@@ -233,10 +223,6 @@ class BackwardOp:
         self.kernels = (dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
         self.chunk_vc_kernel = chunk_vc_kernel
         self.qk_sums_kernel = qk_sums_kernel
-        # J <= 1: chunk_qk loops over a group's heads and stores dq, dk summed, in the inputs' dtypes, and the
-        # biases' per-chunk partials (templates/triton/bwd.py.jinja, head_loop); a module built before that stores
-        # fp32 per head, which qk_sums reduces
-        self.qk_head_loop = "dq_bias_ptr" in _arg_names(chunk_qk_kernel)
         self.op = self._register()
 
     # -- autograd ------------------------------------------------------------------------------------------------
@@ -346,19 +332,12 @@ class BackwardOp:
 
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
         # of rotation pairs (independent of each other)
-        head_loop = self.qk_head_loop
-        if head_loop:  # summed over a group's heads in chunk_qk; the biases' per-chunk partials beside
-            dq_h = torch.empty(B, L, R, G, N, device=dev, dtype=q.dtype)
-            dk_h = torch.empty(B, L, R, G, N, device=dev, dtype=k.dtype)
-            qk_out = (dq_h, dk_h, dtheta_out := empty(B, L, H, S) if S else None,
-                      dq_bias_part := zeros(slots, R, H, N), dk_bias_part := zeros(slots, R, H, N))
-        else:
-            dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
+        dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
         # dv and dz in the inputs' dtypes where nothing adds into them later (the store rounds as .to() would); the
         # carried tokens of J >= 2 add into dv (_carried_tokens), so it stays fp32 there
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype if J <= 1 else f32)
         dz = torch.empty(B, L, H, P, device=dev, dtype=z.dtype) if z is not None else None
-        dtheta = dtheta_out if head_loop else (empty(B, L, H, S) if S else None)
+        dtheta = empty(B, L, H, S) if S else None
         da = empty(B, H, L)
         dc = zeros(B, H, J + 1, L)
         dD_part = zeros(slots, H) if D is not None else None
@@ -386,12 +365,8 @@ class BackwardOp:
                 with _fits(m, "chunk_coef"):
                     chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
             with _fits(m, "chunk_qk"):
-                if head_loop:
-                    chunk_qk_kernel[lambda cfg: (slots, G, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-                        *common, d_k, *qk_out, cu_seqlens, *sizes, **flags)
-                else:
-                    chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-                        *common, d_k, dq_h, dk_h, dtheta, *extra_k, cu_seqlens, *sizes, **flags)
+                chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+                    *common, d_k, dq_h, dk_h, dtheta, *extra_k, cu_seqlens, *sizes, **flags)
 
         init_extra = None
         if J > 1:
@@ -415,10 +390,8 @@ class BackwardOp:
             dinit_k += init_extra[0].reshape(dinit_k.shape)
             dinit_v += init_extra[1].reshape(dinit_v.shape)
         # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)
-        def qk_grads(d_h, x, bias_part=None):
-            if head_loop:  # chunk_qk's own sums
-                d_in, d_bias = d_h, bias_part.sum(0)
-            elif self.qk_sums_kernel is None:
+        def qk_grads(d_h, x):
+            if self.qk_sums_kernel is None:
                 d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
                 d_bias = d_h.sum((0, 1))  # (R, H, N): the bias is added per head before the rotation
             else:  # both in one pass over d_h (templates/triton/bwd.py.jinja, mamba3_bwd_qk_sums_kernel)
@@ -431,8 +404,8 @@ class BackwardOp:
             d_bias = d_bias.permute(1, 0, 2)  # (H, R, N)
             return (d_in[:, :, 0], d_bias[:, 0]) if R == 1 else (d_in, d_bias)
 
-        dq, dq_bias = qk_grads(dq_h, q, dq_bias_part if head_loop else None)
-        dk, dk_bias = qk_grads(dk_h, k, dk_bias_part if head_loop else None)
+        dq, dq_bias = qk_grads(dq_h, q)
+        dk, dk_bias = qk_grads(dk_h, k)
         dmv = None
         if R > 1:
             dmv = dmv_part.sum(0) + (dinit_mv.sum(0) if dinit_mv is not None else 0)
