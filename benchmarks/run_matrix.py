@@ -54,7 +54,7 @@ MATRIX = [
     # tunes again for minutes, so it runs last) and TileLang MIMO
     ("bwd", "siso_trap_complex", (), (BIG, LONG), PREFILL),
     ("bwd", "mimo_r4", (), (BIG,), PREFILL),
-    ("bwd", "siso_trap_complex", BF16, (BIG,), PREFILL),
+    ("bwd", "siso_trap_complex", BF16, (BIG, LONG), PREFILL),
     ("bwd", "siso_trap_complex", N64, (BIG,), PREFILL),
 ]
 
