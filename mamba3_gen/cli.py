@@ -587,20 +587,24 @@ def check(
                                        if k in short and not (k == "block_p" and kind == "prep"))
                               + (f" ({_size(c['smem_estimate'])})" if c.get("smem_estimate") else "") for c in cfgs)
             echo(f"  {names.get(kind, kind)}: {tiles}")
-        from mamba3_gen.runtime.forward import auto_forward, auto_rotation
+        from mamba3_gen.runtime.forward import auto_forward, auto_rotation, keeps_chunk_states
 
         meta = low.meta()
-        many, few = auto_forward(meta, few_programs=False), auto_forward(meta, few_programs=True)
+        rot = auto_rotation(meta)
+        many, few = auto_forward(meta, False, rot), auto_forward(meta, True, rot)
+        # a differentiated call that keeps its chunk states (SAVE_STATES; a spec with a backward) may choose otherwise
+        keeps = not low.lowered.backward_refusal and keeps_chunk_states(meta, "fused", "inline")
+        rot_kept = auto_rotation(meta, keep_states=keeps)
+        few_kept = auto_forward(meta, True, rot_kept)
         echo("at run time, on a GPU, with MAMBA3_GEN_FORWARD / MAMBA3_GEN_ROTATE unset (auto; README):")
         echo("  forward: " + (f"{many} at every batch" if many == few else
                               f"{many} when sequences × heads >= the GPU's SM count, else {few}")
-             + (f" ({auto_forward(meta, few_programs=True, training=True)} below the SM count in a differentiated "
-                "call that keeps its chunk states)" if auto_forward(meta, True, training=True) != few else ""))
+             + (f" ({few_kept} below the SM count in a differentiated call that keeps its chunk states)"
+                if few_kept != few else ""))
         if meta["S"]:
-            rot = auto_rotation(meta)
             echo(f"  rotation: {'the pre-pass' if rot == 'prepass' else 'inline'}"
                  + (" (inline in a differentiated call that keeps its chunk states; MAMBA3_GEN_SAVE_STATES)"
-                    if rot != auto_rotation(meta, training=True) else ""))
+                    if rot_kept != rot else ""))
         if spec.dtypes.input == "fp32" and spec.dtypes.compute == "bf16":
             echo("  note: bf16 dot operands round the fp32 inputs to bf16 at the products")
         from mamba3_gen.backends.triton.build import backward_dot_dtype

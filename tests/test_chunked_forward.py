@@ -108,8 +108,8 @@ def test_variables_checked_whichever_forward_runs(forward, monkeypatch, interp_k
 def test_default_is_auto(monkeypatch):
     """MAMBA3_GEN_FORWARD unset means auto: fused without a CUDA device (and under the interpreter), else the
     measured choice (benchmarks/NOTES.md, 2026-12-02 and 2026-12-03): chunked for MIMO, for a real state with N > 64
-    and when NS·H is below the SM count, except a complex SISO state with bf16 dot operands; fused for a complex SISO
-    state at NS·H >= SMs."""
+    and when NS·H is below the SM count, except after the rotation pre-pass; fused for a complex SISO state at
+    NS·H >= SMs."""
     from mamba3_gen.runtime import forward as fwd
 
     monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)
@@ -121,10 +121,11 @@ def test_default_is_auto(monkeypatch):
     assert fwd.selected_forward(siso_complex, 8, 32, cuda) == "fused"  # 256 >= 132 programs
     assert fwd.selected_forward(siso_complex, 2, 32, cuda) == "chunked"  # 64 < 132
     siso_complex_bf16 = {**siso_complex, "compute_dtype": "bf16"}
-    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda) == "fused"  # after the pre-pass: fused at any batch
-    # a training call rotates inline (it keeps chunk states), where few programs take the chunked forward
-    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, training=True) == "chunked"
-    assert fwd.selected_forward(siso_complex_bf16, 8, 32, cuda, training=True) == "fused"
+    # after the pre-pass: fused at any batch; rotated inline (a call keeping its chunk states, or asked for), the
+    # chunked forward below the SM count
+    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, rotation="prepass") == "fused"
+    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, rotation="inline") == "chunked"
+    assert fwd.selected_forward(siso_complex_bf16, 8, 32, cuda, rotation="inline") == "fused"
     assert fwd.selected_forward({**siso_complex_bf16, "R": 4}, 8, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64, "compute_dtype": "bf16"}, 1, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 4, "S": 32, "N": 64}, 8, 32, cuda) == "chunked"

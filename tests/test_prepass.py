@@ -77,26 +77,23 @@ def test_prepass_equals_inline(spec_path, forward, env, interp_kernels, monkeypa
 
 
 def test_rotation_selection(monkeypatch):
-    """auto: the pre-pass with bf16 dot operands only (it rounds Q̂, K̂ to bf16; measured faster, NOTES)."""
+    """auto: the pre-pass with bf16 dot operands only (it rounds Q̂, K̂ to bf16; measured faster, NOTES), unless the
+    call keeps its chunk states (inline: the pre-pass's kernels carry no Θ)."""
     complex_meta, real_meta = {"S": 32, "compute_dtype": "tf32"}, {"S": 0, "compute_dtype": "bf16"}
-    monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
-    assert selected_rotation(complex_meta, "chunked") == "inline"
-    assert selected_rotation(complex_meta, "fused") == "inline"
-    assert selected_rotation({**complex_meta, "compute_dtype": "bf16"}, "fused") == "prepass"
-    assert selected_rotation({**complex_meta, "compute_dtype": "bf16"}, "chunked") == "prepass"
-    assert selected_rotation({**complex_meta, "compute_dtype": "fp32"}, "fused") == "inline"
-    assert selected_rotation(real_meta, "chunked") == "inline"
-    assert selected_rotation(real_meta, "fused") == "inline"
-    assert selected_rotation(complex_meta, "chunked", has_prep=False) == "inline"
     bf16_meta = {**complex_meta, "compute_dtype": "bf16"}
-    # a differentiated call that keeps its chunk states rotates inline (the pre-pass's kernels carry no Θ)
-    assert selected_rotation(bf16_meta, "fused", training=True) == "inline"
-    assert selected_rotation(bf16_meta, "chunked", training=True) == "inline"
+    monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
+    assert selected_rotation(complex_meta) == "inline"
+    assert selected_rotation(bf16_meta) == "prepass"
+    assert selected_rotation({**complex_meta, "compute_dtype": "fp32"}) == "inline"
+    assert selected_rotation(real_meta) == "inline"
+    assert selected_rotation(bf16_meta, has_prep=False) == "inline"
+    assert selected_rotation(bf16_meta, keep_states=True) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "inline")
-    assert selected_rotation(complex_meta, "chunked") == "inline"
+    assert selected_rotation(bf16_meta) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "prepass")
-    assert selected_rotation(complex_meta, "fused") == "prepass"
-    assert selected_rotation(bf16_meta, "fused", training=True) == "prepass"  # asked for: no states kept then
+    assert selected_rotation(complex_meta) == "prepass"
+    assert selected_rotation(bf16_meta, keep_states=True) == "prepass"  # asked for: no states kept then
+    assert selected_rotation(real_meta) == "inline"
     monkeypatch.setenv("MAMBA3_GEN_ROTATE", "sideways")
     with pytest.raises(InputError, match="MAMBA3_GEN_ROTATE='sideways'.*auto"):
         selected_rotation(complex_meta)
@@ -110,7 +107,7 @@ def test_training_call_rotates_inline_and_keeps_states(interp_kernels, monkeypat
     then skips the states re-run: 9.39 → 9.08 ms fwd+bwd on the H200, benchmarks/NOTES.md 2026-12-04); with
     MAMBA3_GEN_SAVE_STATES=never the training call keeps nothing and takes the pre-pass again. Gradients of every
     path match float64 autograd (test_backward's tolerance)."""
-    from mamba3_gen.runtime.forward import training_keeps_states
+    from mamba3_gen.runtime.forward import wants_chunk_states
     from tests.test_backward import assert_grads_match
 
     monkeypatch.delenv("MAMBA3_GEN_ROTATE", raising=False)
@@ -131,12 +128,12 @@ def test_training_call_rotates_inline_and_keeps_states(interp_kernels, monkeypat
     monkeypatch.setattr(ForwardOp, "_chunk_outputs", chunk_outputs)
     kw = make_inputs(spec, 1, spec.dims.chunk_size + 3, spec.dims.ngroups, seed=5, dt_range=(1e-3, 1.0))
     run_op(module, spec, kw)
-    assert prepasses and not any(kept), "a call without gradients takes the pre-pass and keeps nothing"
-    assert training_keeps_states(op.meta, True) and not training_keeps_states(op.meta, False)
+    assert prepasses and kept and not any(kept), "a call without gradients takes the pre-pass and keeps nothing"
+    assert wants_chunk_states(op.meta, True) and not wants_chunk_states(op.meta, False)
     prepasses.clear(), kept.clear()
     assert_grads_match(module, spec, kw, final=False)
     assert not prepasses and kept and all(kept), "a training call rotates inline and keeps its chunk states"
     monkeypatch.setenv("MAMBA3_GEN_SAVE_STATES", "never")
     prepasses.clear(), kept.clear()
     assert_grads_match(module, spec, kw, final=False)
-    assert prepasses and not any(kept), "with SAVE_STATES=never the training call takes the pre-pass"
+    assert prepasses and kept and not any(kept), "with SAVE_STATES=never the training call takes the pre-pass"

@@ -60,17 +60,16 @@ def env_choice(var: str, choices: tuple) -> str:
 
 
 def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
-                     device: Optional[torch.device] = None, has_chunked: bool = True, training: bool = False) -> str:
+                     device: Optional[torch.device] = None, has_chunked: bool = True,
+                     rotation: str = "inline") -> str:
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
     head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
     chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster on an H200 (benchmarks/NOTES.md,
     sessions 2026-12-02 and 2026-12-03) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs
-    NS·H than the GPU has SMs (the fused kernel's programs would leave SMs idle), except a complex SISO state with
-    bf16 dot operands, whose fused kernel after the rotation pre-pass is faster at every batch (B1 L16384: 2.54 vs
-    3.22 ms) — else ``fused``. ``training`` (a differentiated call that keeps its chunk states, see
-    :func:`training_keeps_states`) drops that exception: it rotates inline (:func:`selected_rotation`), and the
-    inline fused kernel leaves SMs idle at few programs as any other does. Under the CPU interpreter, and for a module
-    without the chunked forward (``has_chunked=False``: built by an older generator), ``auto`` is ``fused``.
+    NS·H than the GPU has SMs (the fused kernel's programs would leave SMs idle), except after the rotation
+    pre-pass (``rotation``, the call's :func:`selected_rotation`), whose fused kernel is faster at every batch (B1
+    L16384: 2.54 vs 3.22 ms) — else ``fused``. Under the CPU interpreter, and for a module without the chunked
+    forward (``has_chunked=False``: built by an older generator), ``auto`` is ``fused``.
 
     Raises:
         InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
@@ -80,40 +79,44 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
         return "fused"
-    return auto_forward(meta, few_programs=NS * H < _sm_count(device), training=training)
+    return auto_forward(meta, few_programs=NS * H < _sm_count(device), rotation=rotation)
 
 
-def auto_forward(meta: dict, few_programs: bool, training: bool = False) -> str:
-    """``auto``'s forward on a GPU (see :func:`selected_forward`): ``few_programs`` is NS·H below the SM count."""
+def auto_forward(meta: dict, few_programs: bool, rotation: str = "inline") -> str:
+    """``auto``'s forward on a GPU (see :func:`selected_forward`): ``few_programs`` is NS·H below the SM count,
+    ``rotation`` the call's (``prepass`` or ``inline``)."""
     if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64):
         return "chunked"
-    if few_programs and auto_rotation(meta, training) == "inline":
+    if few_programs and rotation != "prepass":
         return "chunked"
     return "fused"
 
 
-def auto_rotation(meta: dict, training: bool = False) -> str:
+def auto_rotation(meta: dict, keep_states: bool = False) -> str:
     """``auto``'s rotation (see :func:`selected_rotation`): the pre-pass for a complex state with bf16 dot operands,
-    unless the call is ``training`` (it keeps chunk states, which the pre-pass's kernels cannot store)."""
-    return "prepass" if meta["S"] > 0 and meta.get("compute_dtype") == "bf16" and not training else "inline"
+    unless the call is to keep its chunk states (``keep_states``, :func:`wants_chunk_states`), which the pre-pass's
+    kernels cannot store."""
+    return "prepass" if meta["S"] > 0 and meta.get("compute_dtype") == "bf16" and not keep_states else "inline"
 
 
-def training_keeps_states(meta: dict, differentiated: bool, has_backward: bool = True) -> bool:
-    """Whether a call is ``training`` for the ``auto`` policies: autograd records it (``differentiated``), the module
-    has a backward, and MAMBA3_GEN_SAVE_STATES keeps chunk states for this spec when the rotation allows it
-    (:func:`keeps_chunk_states` with ``inline``). Such a call rotates inline so that the backward skips the states
-    re-run: siso_trap_complex with bf16 operands, fwd+bwd B8 L4096 H32 N128 on an H200, 9.39 ms after the pre-pass
-    against 9.08 inline (benchmarks/NOTES.md, session 2026-12-04).
+def wants_chunk_states(meta: dict, differentiated: bool, has_backward: bool = True) -> bool:
+    """Whether a forward call is to keep its chunk states for the backward: autograd records it
+    (``differentiated``), the module has a backward, and MAMBA3_GEN_SAVE_STATES (read and checked at every call,
+    differentiated or not) keeps them for this spec (:func:`keeps_chunk_states` with ``inline``). Under ``auto`` such a
+    call rotates inline (:func:`auto_rotation`) so that the backward skips the states re-run: siso_trap_complex with
+    bf16 operands, fwd+bwd on an H200, B8 L4096 H32 N128 9.39 ms after the pre-pass against 9.03 inline, B1 L16384
+    9.30 against 7.07 (benchmarks/NOTES.md, sessions 2026-12-04).
 
     Raises:
         InputError: MAMBA3_GEN_SAVE_STATES names none of ``auto``, ``always``, ``never``."""
-    return keeps_chunk_states(meta, "fused", "inline") and differentiated and has_backward
+    policy = keeps_chunk_states(meta, "fused", "inline")
+    return policy and differentiated and has_backward
 
 
 ROTATIONS = ("auto", "prepass", "inline")
 
 
-def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True, training: bool = False) -> str:
+def selected_rotation(meta: dict, has_prep: bool = True, keep_states: bool = False) -> str:
     """Where a complex state's Q, K are rotated, read from MAMBA3_GEN_ROTATE at each call: ``prepass`` (one
     kernel walking each sequence's chunks writes Q̂, K̂ per head, biased and rotated, in the input dtype — fp32 for
     fp32 inputs or fp32 dot operands — and the forward kernels read them, with no angle cumsum or rotation
@@ -122,10 +125,12 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True,
     faster on an H200 (benchmarks/NOTES.md, session 2026-12-03, autotuned, B8 L4096 N128 unless said): fused 1.46
     vs 1.90 ms (B1 L16384: 2.77 vs 3.83), chunked 3.87 vs 4.10, MIMO R4 chunked 5.67 vs 7.80. With tf32 or fp32
     operands it is ``inline``: the pre-pass would round Q̂, K̂ to the bf16 input dtype (output error 2.8e-3 instead
-    of 1.9e-3) for 5-12 % under the chunked forward, and the fused forward is slower with it (3.05 vs 2.68 ms). The
-    policy does not depend on ``forward`` today (kept for one that would). A ``training`` call (see
-    :func:`training_keeps_states`) is ``inline`` under ``auto``: the pre-pass's kernels carry no Θ, so it would keep
-    no chunk states. A real state, or a module built without the pre-pass (``has_prep=False``), is always ``inline``.
+    of 1.9e-3) for 5-12 % under the chunked forward, and the fused forward is slower with it (3.05 vs 2.68 ms). A call
+    that is to keep its chunk states (``keep_states``, :func:`wants_chunk_states`) is ``inline`` under ``auto``: the
+    pre-pass's kernels carry no Θ, so it would keep none (so a differentiated call and a no-grad call of a bf16 spec
+    round Q̂, K̂ at different points: outputs agree to bf16 rounding, not bit for bit). A real state, or a module built
+    without the pre-pass (``has_prep=False``), is always ``inline``. Chosen before the forward
+    (:func:`selected_forward` reads it).
 
     Raises:
         InputError: MAMBA3_GEN_ROTATE names none of ``auto``, ``prepass``, ``inline``.
@@ -134,7 +139,7 @@ def selected_rotation(meta: dict, forward: str = "fused", has_prep: bool = True,
     if meta["S"] == 0 or not has_prep:
         return "inline"
     if name == "auto":
-        return auto_rotation(meta, training)
+        return auto_rotation(meta, keep_states)
     return name
 
 
@@ -284,20 +289,19 @@ class ForwardOp:
         init = initial_states if has_init else Mamba3State(None, None, None, None)
         grads = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                 for t in (*x.values(), *init))
-        # MAMBA3_GEN_SAVE_STATES is read (and checked) on every call, differentiated or not
-        training = training_keeps_states(m, grads, getattr(self, "backward", None) is not None)
+        wants = wants_chunk_states(m, grads, getattr(self, "backward", None) is not None)
+        rotation = selected_rotation(m, self.prep_kernel is not None, keep_states=wants)
         op = self.op
-        forward = selected_forward(m, NS, H, dev, has_chunked=self.chunked_op is not None, training=training)
+        forward = selected_forward(m, NS, H, dev, has_chunked=self.chunked_op is not None, rotation=rotation)
         if forward == "chunked":
             if self.chunked_op is None:
                 raise InputError(f"MAMBA3_GEN_FORWARD=chunked but the module of spec {m['name']!r} has no chunked "
                                  "forward (built by an older generator); rebuild it")
             op = self.chunked_op
-        rotation = selected_rotation(m, forward, self.prep_kernel is not None, training=training)
         chunk_states_dtype(m)  # the variable is checked on every call, whichever forward runs
         if rotation == "prepass":
             op = self.prepass_ops[forward]
-        keep = training and keeps_chunk_states(m, forward, rotation)
+        keep = wants and keeps_chunk_states(m, forward, rotation)  # never after the pre-pass
         out, *final = op(*(x[n] for n in _LAYER_INPUTS), *init, cu_seqlens, return_final_states, keep)
         final = final[:len(STATE_FIELDS)]  # the chunk tensors after them are the backward's
         if not return_final_states:
