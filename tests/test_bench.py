@@ -331,9 +331,11 @@ def test_matrix_covers_the_issue():
     assert "mimo_r4 decode B256 H32" in labels
     assert [w.label for w, _ in run_matrix.workloads("bwd")] == [
         "siso_trap_complex bwd B8 L4096 H32", "siso_trap_complex bwd B1 L16384 H32", "mimo_r4 bwd B8 L4096 H32",
-        "siso_trap_complex compute=bf16 bwd B8 L4096 H32", "siso_trap_complex d_state=64 bwd B8 L4096 H32"]
+        "siso_trap_complex compute=bf16 bwd B8 L4096 H32", "siso_trap_complex compute=bf16 bwd B1 L16384 H32",
+        "siso_trap_complex d_state=64 bwd B8 L4096 H32"]
     assert [w.label for w, _ in run_matrix.workloads(match="compute=bf16 bwd|d_state=64 bwd")] == [
-        "siso_trap_complex compute=bf16 bwd B8 L4096 H32", "siso_trap_complex d_state=64 bwd B8 L4096 H32"]
+        "siso_trap_complex compute=bf16 bwd B8 L4096 H32", "siso_trap_complex compute=bf16 bwd B1 L16384 H32",
+        "siso_trap_complex d_state=64 bwd B8 L4096 H32"]
     assert all(w.H == 32 and w.spec.dims.headdim == 64 for w, _ in run_matrix.workloads())
     assert {w.spec.name for w, _ in run_matrix.workloads("fwd", ["mimo_r4"])} == {"mimo_r4"}
 
