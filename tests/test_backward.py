@@ -475,29 +475,38 @@ def test_kept_chunk_states(name, varlen, forward, interp_kernels, monkeypatch):
 _LOW = ("q", "k", "v", "z")  # the activations a model hands the op in bf16
 
 
-def _low_input_grads(module, kw: dict, low, monkeypatch, torch_sums: bool = False) -> dict:
+def _low_input_grads(module, kw: dict, low, monkeypatch, sums: str = "chunk_qk") -> dict:
     """Gradients of Σ out·W through `module` with q, k, v, z as `low` leaves (their values are bf16 numbers either
-    way); `torch_sums`: the GQA / bias reductions by torch (BackwardOp without its qk_sums kernel)."""
-    if torch_sums:
+    way). `sums`: where the GQA / bias reductions run: "chunk_qk" (the default: atomics into the group's row),
+    "qk_sums" (torch.use_deterministic_algorithms: per-head tensors and the qk_sums kernel) or "torch" (per-head
+    tensors, BackwardOp without its qk_sums kernel: torch's sums)."""
+    if sums == "torch":
         monkeypatch.setattr(module.mamba3_forward.backward, "qk_sums_kernel", None)
-    # weights of bf16 values: dout (cast to out's dtype, bf16 here) is then the same in the fp32-leaf run
-    grads = _op_grads(module, {key: (val.to(torch.bfloat16).to(low) if key in _LOW else val)
-                               for key, val in kw.items()}, weight_dtype=torch.bfloat16)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(sums != "chunk_qk", warn_only=True)
+    try:
+        # weights of bf16 values: dout (cast to out's dtype, bf16 here) is then the same in the fp32-leaf run
+        grads = _op_grads(module, {key: (val.to(torch.bfloat16).to(low) if key in _LOW else val)
+                                   for key, val in kw.items()}, weight_dtype=torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(was)
     monkeypatch.undo()
     return grads
 
 
 def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
-    """bf16 q, k, v, z: their gradients come back in bf16 (qk_sums stores the GQA sum in q's/k's dtype, chunk_v stores
+    """bf16 q, k, v, z: their gradients come back in bf16 (the GQA sum is stored in q's/k's dtype, chunk_v stores
     dv and dz in v's/z's), equal to the same run with fp32 leaves of the same values, cast to bf16 afterwards, and
-    to the run whose GQA and bias sums are torch's. `exact`: bit-equal but for the biases' sums (fp32, summation
-    order: RMS ratio ≤ 1e-6). Otherwise (the device, same tiles for both dtypes): the bf16 gradients within
-    2^-8 = 3.9e-3 (one bf16 rounding: the qk_sums kernel and torch sum in other orders before rounding), the fp32
-    ones within 1e-6 (the biases' summation order)."""
+    to the runs whose GQA and bias sums are the qk_sums kernel's or torch's (over per-head tensors, under
+    torch.use_deterministic_algorithms) instead of chunk_qk's atomics. `exact`: bit-equal but for the biases' sums
+    (fp32, summation order: RMS ratio ≤ 1e-6); two heads per group add in the same order either way. Otherwise (the
+    device, same tiles for both dtypes): the bf16 gradients within 2^-8 = 3.9e-3 (one bf16 rounding: the sums run in
+    other orders before rounding), the fp32 ones within 1e-6 (the biases' summation order)."""
     low = _low_input_grads(module, kw, torch.bfloat16, monkeypatch)
-    wide = _low_input_grads(module, kw, torch.float32, monkeypatch)
-    by_torch = _low_input_grads(module, kw, torch.bfloat16, monkeypatch, torch_sums=True)
-    assert set(low) == set(wide) == set(by_torch)
+    others = {"fp32 leaves": _low_input_grads(module, kw, torch.float32, monkeypatch),
+              "qk_sums kernel": _low_input_grads(module, kw, torch.bfloat16, monkeypatch, sums="qk_sums"),
+              "torch sums": _low_input_grads(module, kw, torch.bfloat16, monkeypatch, sums="torch")}
+    assert all(set(low) == set(g) for g in others.values())
     bad = []
     for key in low:
         want = torch.bfloat16 if key in _LOW else torch.float32
@@ -505,9 +514,9 @@ def _check_low_input_backward(module, kw, monkeypatch, exact: bool):
             bad.append(f"{key}: dtype {low[key].dtype}, expected {want}")
             continue
         tol = 0.0 if exact else (2.0 ** -8 if key in _LOW else 1e-6)
-        for what, ref in (("fp32 leaves", wide[key].to(want)), ("torch sums", by_torch[key])):
-            bound = max(tol, 1e-6) if what == "torch sums" and key in ("q_bias", "k_bias") else tol
-            err = rel_err(low[key].float(), ref.float())
+        for what, grads in others.items():
+            bound = max(tol, 1e-6) if what != "fp32 leaves" and key in ("q_bias", "k_bias") else tol
+            err = rel_err(low[key].float(), grads[key].to(want).float())
             if not err <= bound:  # NaN fails
                 bad.append(f"{key} vs {what}: {err:.3e} > {bound:g}")
     assert not bad, "; ".join(bad)

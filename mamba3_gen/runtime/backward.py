@@ -28,12 +28,15 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
      chunk_v, one program per (chunk slot, head, P block): y, then dv, dz and the partials of the MIMO projections;
      chunk_coef, one program per (chunk slot, head): the coefficient gradients dc_j, da and the partial of D;
      chunk_qk, one program per (chunk slot, head, block of rotation pairs), all of P: dq̂, dk̂ and the rotation's
-     backward (dq̃, dk̃, dΘ_t). dY comes from dout and the gate alone, so only chunk_v recomputes y. No program
-     adds into another's output (no atomics: the gradients are deterministic);
+     backward (dq̃, dk̃, dΘ_t). dY comes from dout and the gate alone, so only chunk_v recomputes y. chunk_qk adds
+     dq̃, dk̃ into their group's fp32 row (atomics, ``sums_heads_in_chunk_qk``: the heads' order varies from run to
+     run) and stores the chunk's token sums for the biases; with torch.use_deterministic_algorithms(True), or for
+     J ≥ 2 (the carried tokens add into dk̃ per head afterwards), it stores dq̃, dk̃ per head instead and no program
+     adds into another's output;
   4. steps: per (sequence, head) backwards: da at the first step, the rule's prologue derivatives (sympy, printed by
      the backend printer, so a rule written as YAML formulas needs no template edit), the inputs' encodings, the
      reverse angle cumsum, the initial states' gradients.
-  5. qk_sums: one pass over chunk_qk's fp32 per-head dq̃, dk̃ (each element read once): the sum over the heads of a
+  5. (per-head dq̃, dk̃ only) qk_sums: one pass over them (each element read once): the sum over the heads of a
      group (GQA), stored in q's / k's dtype, and per-block token sums for the biases.
 Then small torch sums: the biases' blocks, the per-chunk partials of D and the MIMO projections.
 
@@ -124,6 +127,16 @@ def _fits(meta: dict, kind: str):
             f"dims.chunk_size·mimo_rank = {meta['C'] * meta['R']} rows x d_state = {meta['N']} x headdim = "
             f"{meta['P']} (in blocks): a smaller dims.chunk_size, d_state or headdim fits; the forward and the "
             "decode step are not affected") from e
+
+
+def sums_heads_in_chunk_qk(J: int) -> bool:
+    """Whether chunk_qk adds each head's dq̃, dk̃ into its group's fp32 row (atomics; no (B, L, R, H, N) per-head
+    tensors: 1.07 GB fewer bytes written and read, and no qk_sums pass, at B8 L4096 H32 N128) rather than storing
+    them per head for the qk_sums kernel. fp32 atomics add a group's heads in an order that varies from run to run
+    (differences at fp32's rounding, ~1e-7 relative), so the per-head path runs when
+    ``torch.are_deterministic_algorithms_enabled()`` (read at every call) and for rules with J ≥ 2, whose carried
+    tokens add into dk̃ per head after chunk_qk (``_carried_tokens``)."""
+    return J <= 1 and not torch.are_deterministic_algorithms_enabled()
 
 
 def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, dchunk_v, d_k, d_v, dk_h, dv,
@@ -332,7 +345,13 @@ class BackwardOp:
 
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
         # of rotation pairs (independent of each other)
-        dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
+        head_sums = sums_heads_in_chunk_qk(J)
+        if head_sums:  # the group sums (zeroed: chunk_qk adds into them) and the biases' per-chunk token sums
+            dq_h, dk_h = zeros(B, L, R, G, N), zeros(B, L, R, G, N)
+            dqb_part, dkb_part = zeros(slots, R, H, N), zeros(slots, R, H, N)
+        else:
+            dq_h, dk_h = empty(B, L, R, H, N), empty(B, L, R, H, N)
+            dqb_part = dkb_part = None
         # dv and dz in the inputs' dtypes where nothing adds into them later (the store rounds as .to() would); the
         # carried tokens of J >= 2 add into dv (_carried_tokens), so it stays fp32 there
         dv = torch.empty(B, L, H, P, device=dev, dtype=v.dtype if J <= 1 else f32)
@@ -366,7 +385,8 @@ class BackwardOp:
                     chunk_coef_kernel[(slots, H)](*common, da, dc, dD_part, cu_seqlens, *sizes, **flags)
             with _fits(m, "chunk_qk"):
                 chunk_qk_kernel[lambda cfg: (slots, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-                    *common, d_k, dq_h, dk_h, dtheta, *extra_k, cu_seqlens, *sizes, **flags)
+                    *common, d_k, dq_h, dk_h, dqb_part, dkb_part, dtheta, *extra_k, cu_seqlens, *sizes,
+                    HEAD_SUMS=head_sums, **flags)
 
         init_extra = None
         if J > 1:
@@ -390,8 +410,11 @@ class BackwardOp:
             dinit_k += init_extra[0].reshape(dinit_k.shape)
             dinit_v += init_extra[1].reshape(dinit_v.shape)
         # 5. reductions over heads of a group (GQA), tokens (biases) and chunks (D, MIMO projections)
-        def qk_grads(d_h, x):
-            if self.qk_sums_kernel is None:
+        def qk_grads(d_h, x, bias_part):
+            if head_sums:  # chunk_qk summed the heads (fp32) and the chunks' tokens
+                d_in = d_h.to(x.dtype)
+                d_bias = bias_part.sum(0) if bias_part.shape[0] else bias_part.new_zeros(bias_part.shape[1:])
+            elif self.qk_sums_kernel is None:
                 d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
                 d_bias = d_h.sum((0, 1))  # (R, H, N): the bias is added per head before the rotation
             else:  # both in one pass over d_h (templates/triton/bwd.py.jinja, mamba3_bwd_qk_sums_kernel)
@@ -404,8 +427,8 @@ class BackwardOp:
             d_bias = d_bias.permute(1, 0, 2)  # (H, R, N)
             return (d_in[:, :, 0], d_bias[:, 0]) if R == 1 else (d_in, d_bias)
 
-        dq, dq_bias = qk_grads(dq_h, q)
-        dk, dk_bias = qk_grads(dk_h, k)
+        dq, dq_bias = qk_grads(dq_h, q, dqb_part)
+        dk, dk_bias = qk_grads(dk_h, k, dkb_part)
         dmv = None
         if R > 1:
             dmv = dmv_part.sum(0) + (dinit_mv.sum(0) if dinit_mv is not None else 0)

@@ -48,7 +48,7 @@ def _pointer_types(spec, J: int) -> dict:
         "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
         "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
         "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": on(J > 1), "chunk_v_ptr": on(J > 1),
-        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f,
+        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f, "dq_bias_ptr": f, "dk_bias_ptr": f,
         "dv_ptr": io if J <= 1 else f, "dz_ptr": on(opt.z_gate, io),  # the inputs' dtypes (runtime/backward.py)
         "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
         "dmv_ptr": on(R > 1), "dmz_ptr": on(R > 1 and opt.z_gate), "dmo_ptr": on(R > 1), "dadt_ptr": f,
@@ -63,14 +63,16 @@ def _pointer_types(spec, J: int) -> dict:
 def backward_signature(spec, J: int, fn, cfg) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` of one backward kernel ``fn`` at autotune
     config ``cfg``, as the JIT sees it for ``spec`` (J: the rule's lags, ``META["J"]``): every option the spec has
-    switched on, the reduced output (PER_RANK False), G = 1 specialised.
+    switched on, the reduced output (PER_RANK False), chunk_qk's GQA sum by atomics where the rule allows it
+    (HEAD_SUMS, runtime/backward.py sums_heads_in_chunk_qk), G = 1 specialised.
 
     Raises:
         AOTCompileError: ``fn`` has an argument this table does not know (the template gained one)."""
     ptrs = _pointer_types(spec, J)
     opt = spec.options
     consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
-              "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, **{k: int(v) for k, v in cfg.kwargs.items()}}
+              "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "HEAD_SUMS": J <= 1,
+              **{k: int(v) for k, v in cfg.kwargs.items()}}
     if spec.dims.ngroups == 1:
         consts["G"] = 1
     signature, constexprs, attrs = {}, {}, {}
