@@ -617,6 +617,10 @@ def check(
                  + (f" (the spec's {spec.dtypes.compute} is the forward's: bf16 made the backward no faster and "
                     "Triton 3.6 miscompiled it)" if bwd_dot != spec.dtypes.compute else "")
                  + "; value and coefficient kernels split (MAMBA3_GEN_BWD_CHUNKS=merged: one kernel)")
+            echo("  backward's GQA and bias sums of dq, dk: "
+                 + ("atomics in the dq/dk kernel (heads added in a run-to-run order); per head + one more pass under "
+                    "torch.use_deterministic_algorithms(True)" if spec.lags <= 1 else
+                    "per head + one more pass (the rule's carried tokens add into them per head): deterministic"))
         sc = low.step_config
         echo("")
         from mamba3_gen.backends.cute.build import step_layout

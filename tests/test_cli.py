@@ -213,6 +213,13 @@ def test_check_names_autos_choice_and_bf16_operands_on_fp32_inputs(tmp_path):
     assert "  rotation: the pre-pass (inline in a differentiated call that keeps its chunk states" in out
     assert "note: bf16 dot operands round the fp32 inputs to bf16" in out
     assert "  backward: tf32 dot operands (the spec's bf16 is the forward's" in out
+    assert "sums of dq, dk: atomics in the dq/dk kernel" in out and "use_deterministic_algorithms(True)" in out
+
+
+def test_check_says_two_lag_rules_sum_dq_dk_per_head():
+    result = invoke("check", str(REPO / "specs" / "two_lag_complex.yaml"), "--no-aot")
+    assert result.exit_code == 0, result.output
+    assert "sums of dq, dk: per head + one more pass" in result.stdout and "atomics" not in result.stdout
 
 
 def test_check_graph_prints_stages():
