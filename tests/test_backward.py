@@ -25,6 +25,7 @@ they have a fixed test (test_decays_to_zero_with_the_adt_encoding).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from pathlib import Path
@@ -157,6 +158,18 @@ def assert_grads_match(module, spec, kw, final):
     return grads
 
 
+@contextlib.contextmanager
+def deterministic(on: bool = True):
+    """torch.use_deterministic_algorithms(on, warn_only=True) inside, both flags restored after: the backward then
+    takes its per-head dq̃/dk̃ path (runtime/backward.py sums_heads_in_chunk_qk) instead of chunk_qk's atomics."""
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
 def _fp32(spec):
     return respec(spec, dtypes={"compute": "fp32"})
 
@@ -210,6 +223,35 @@ _GPU_REL = {"tf32": 3e-3, "bf16": 4e-3}
 def _to(kw: dict, device) -> dict:
     return {key: (Mamba3State(*[None if x is None else x.to(device) for x in val]) if isinstance(val, Mamba3State)
                   else val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
+def test_gpu_deterministic_backward_is_bit_reproducible(name, gpu_kernels):
+    """Under torch.use_deterministic_algorithms(True) (strict: a nondeterministic torch op would raise) two backward
+    runs give bit-equal gradients (per-head dq̃/dk̃ and the qk_sums kernel), and the default run (chunk_qk's atomics)
+    agrees with them within fp32 summation order: RMS ratio ≤ 1e-6 on every gradient (q, k leave in bf16 for bf16
+    inputs; the bound is one bf16 rounding, 2^-8, there). README "Backward" promises both."""
+    from mamba3_gen.spec.loader import load_spec
+
+    spec = load_spec(str(REPO / "specs" / f"{name}.yaml"))
+    module = gpu_kernels(spec)
+    kw = _to(_shipped_case(spec, seed=4), "cuda")
+    with deterministic():
+        torch.use_deterministic_algorithms(True)  # strict inside
+        first, second = _op_grads(module, kw), _op_grads(module, kw)
+    default = _op_grads(module, kw)
+    assert set(first) == set(second) == set(default)
+    unequal = [key for key in first if not torch.equal(first[key], second[key])]
+    assert not unequal, f"deterministic runs differ in {unequal}"
+    bad = []
+    for key, g in default.items():
+        bound = 2.0 ** -8 if g.dtype == torch.bfloat16 else 1e-6
+        err = rel_err(g.float(), first[key].float())
+        if not err <= bound:
+            bad.append(f"{key}: {err:.3e} > {bound:g}")
+    assert not bad, "; ".join(bad)
 
 
 @pytest.mark.gpu
@@ -339,14 +381,18 @@ def test_lags_longer_than_the_chunk(name, chunk, L, interp_kernels):
 
 
 @interpreter_only
-@pytest.mark.parametrize("name", ["trap_complex_pairwise", "mimo_r4_trap", "two_lags_complex", "three_lags_mimo"])
-def test_varlen_pack_with_empty_sequences(name, interp_kernels):
+@pytest.mark.parametrize("name, per_head", [("trap_complex_pairwise", False), ("trap_complex_pairwise", True),
+                                            ("mimo_r4_trap", False), ("mimo_r4_trap", True),
+                                            ("two_lags_complex", False), ("three_lags_mimo", False)])
+def test_varlen_pack_with_empty_sequences(name, per_head, interp_kernels):
     """A pack of sequences, empty ones included (their initial states' gradients are the final states'), one shorter
-    than a chunk and one spanning three chunks."""
+    than a chunk and one spanning three chunks. `per_head`: under deterministic algorithms (per-head dq̃/dk̃ and the
+    qk_sums kernel; rules with J ≥ 2 always take that path)."""
     spec = _fp32(make_spec(**_EDGE_SPECS[name], N=16, P=8, chunk=4, init=True, varlen=True))
     kw = make_inputs(spec, 1, 0, 2 * spec.dims.ngroups, seed=3, with_initial_states=True,
                      nseq_lengths=[5, 0, 3, 9, 0])
-    grads = assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+    with deterministic(per_head):
+        grads = assert_grads_match(interp_kernels(spec), spec, kw, final=True)
     # an empty sequence's final state is its initial one: its gradient passes through bit for bit
     got, ref = grads["initial_states.ssm"]
     for i in (1, 4):
@@ -354,12 +400,28 @@ def test_varlen_pack_with_empty_sequences(name, interp_kernels):
 
 
 @interpreter_only
+@pytest.mark.parametrize("R, rotation", [(1, "pairwise"), (2, "halved")])
+def test_rule_nan_at_zero_inputs_stays_out_of_token_sums(R, rotation, interp_kernels):
+    """A formula rule whose weight dt + dt²·log(dt) has a finite limit at dt = 0 (the lowering accepts it) but is NaN
+    in fp32 at exactly 0, the value padding tokens past a sequence's end get: the per-chunk token sums (the biases'
+    gradients; MIMO's mimo_v, mimo_z, mimo_o partials) mask those rows, so every gradient stays finite and matches
+    float64 autograd (B 2 × L 11: a chunk of 4 with one padding row). Found by a reviewer of the atomics change,
+    2026-12-04; the MIMO projections' partials had it before."""
+    spec = _fp32(make_spec(rule="custom", weights=["dt + dt**2 * log(dt)"], kind="complex", rotation=rotation, R=R,
+                           N=16, P=8, chunk=4, init=True))
+    kw = make_inputs(spec, 2, 11, 2, seed=11, with_initial_states=True, dt_range=(1e-3, 0.5))
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+@interpreter_only
 @pytest.mark.parametrize("forward", ["fused", "chunked"])
-@pytest.mark.parametrize("L, varlen", [(1, False), (11, False), (0, True)])
-def test_mimo_per_rank_output_gradients(forward, L, varlen, interp_kernels, monkeypatch):
+@pytest.mark.parametrize("L, varlen, per_head", [(1, False, False), (11, False, False), (11, False, True),
+                                                  (0, True, False), (0, True, True)])
+def test_mimo_per_rank_output_gradients(forward, L, varlen, per_head, interp_kernels, monkeypatch):
     """mimo_o=None (the per-rank output (B, L, R, H, P), no z gate): dout arrives per rank, every gradient (no
     mimo_o one) equals float64 autograd through the naive recurrence's per-rank output; L = 1, off the chunk grid,
-    a varlen pack with an empty sequence; with both forwards (one autograd formula)."""
+    a varlen pack with an empty sequence; with both forwards (one autograd formula) and both reductions of dq̃/dk̃
+    (`per_head`: deterministic algorithms)."""
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", forward)
     spec = _fp32(make_spec(**{**_EDGE_SPECS["mimo_r4_trap"], "z_gate": False}, N=16, P=8, chunk=4, init=True,
                            varlen=varlen))
@@ -368,7 +430,8 @@ def test_mimo_per_rank_output_gradients(forward, L, varlen, interp_kernels, monk
         kw = make_inputs(spec, 1, 0, H, seed=6, with_initial_states=True, nseq_lengths=[5, 0, 9])
     else:
         kw = make_inputs(spec, 2, L, H, seed=L, with_initial_states=True, dt_range=(1e-3, 0.5))
-    grads = assert_grads_match(interp_kernels(spec), spec, {**kw, "mimo_o": None}, final=True)
+    with deterministic(per_head):
+        grads = assert_grads_match(interp_kernels(spec), spec, {**kw, "mimo_o": None}, final=True)
     assert "mimo_o" not in grads and grads["v"][0].abs().max() > 0
 
 
@@ -482,14 +545,10 @@ def _low_input_grads(module, kw: dict, low, monkeypatch, sums: str = "chunk_qk")
     tensors, BackwardOp without its qk_sums kernel: torch's sums)."""
     if sums == "torch":
         monkeypatch.setattr(module.mamba3_forward.backward, "qk_sums_kernel", None)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(sums != "chunk_qk", warn_only=True)
-    try:
+    with deterministic(sums != "chunk_qk"):
         # weights of bf16 values: dout (cast to out's dtype, bf16 here) is then the same in the fp32-leaf run
         grads = _op_grads(module, {key: (val.to(torch.bfloat16).to(low) if key in _LOW else val)
                                    for key, val in kw.items()}, weight_dtype=torch.bfloat16)
-    finally:
-        torch.use_deterministic_algorithms(was)
     monkeypatch.undo()
     return grads
 

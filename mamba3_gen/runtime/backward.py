@@ -99,8 +99,9 @@ def unsupported_reason(meta: dict) -> str | None:
 def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
                     steps_kernel, chunk_vc_kernel=None, qk_sums_kernel=None) -> "BackwardOp":
     """Register the generated backward (its five kernels, module docstring, ``chunk_vc_kernel``: chunk_v and
-    chunk_coef in one, see ``selected_chunks``, and ``qk_sums_kernel``: the GQA and bias sums of dq̃ / dk̃ in one
-    pass; torch reductions without it) as the autograd formula of ``forward``'s ops (fused and chunked)."""
+    chunk_coef in one, see ``selected_chunks``, and ``qk_sums_kernel``: on the per-head path
+    (``sums_heads_in_chunk_qk`` false) the GQA and bias sums of dq̃ / dk̃ in one pass, torch reductions without it)
+    as the autograd formula of ``forward``'s ops (fused and chunked)."""
     bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
                      chunk_vc_kernel, qk_sums_kernel)
     for op in (forward.op, forward.chunked_op, *getattr(forward, "prepass_ops", {}).values()):
@@ -134,7 +135,8 @@ def sums_heads_in_chunk_qk(J: int) -> bool:
     tensors: 1.07 GB fewer bytes written and read, and no qk_sums pass, at B8 L4096 H32 N128) rather than storing
     them per head for the qk_sums kernel. fp32 atomics add a group's heads in an order that varies from run to run
     (differences at fp32's rounding, ~1e-7 relative), so the per-head path runs when
-    ``torch.are_deterministic_algorithms_enabled()`` (read at every call) and for rules with J ≥ 2, whose carried
+    ``torch.are_deterministic_algorithms_enabled()`` (read when the backward runs; a backward captured in a CUDA
+    graph keeps the path of its capture) and for rules with J ≥ 2, whose carried
     tokens add into dk̃ per head after chunk_qk (``_carried_tokens``)."""
     return J <= 1 and not torch.are_deterministic_algorithms_enabled()
 
@@ -413,7 +415,7 @@ class BackwardOp:
         def qk_grads(d_h, x, bias_part):
             if head_sums:  # chunk_qk summed the heads (fp32) and the chunks' tokens
                 d_in = d_h.to(x.dtype)
-                d_bias = bias_part.sum(0) if bias_part.shape[0] else bias_part.new_zeros(bias_part.shape[1:])
+                d_bias = bias_part.sum(0)  # (R, H, N); zeros when there are no chunk slots
             elif self.qk_sums_kernel is None:
                 d_in = d_h.view(B, L, R, G, H // G, N).sum(4)  # the heads of a group read one q/k row
                 d_bias = d_h.sum((0, 1))  # (R, H, N): the bias is added per head before the rotation

@@ -48,7 +48,8 @@ def _pointer_types(spec, J: int) -> dict:
         "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
         "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
         "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": on(J > 1), "chunk_v_ptr": on(J > 1),
-        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f, "dq_bias_ptr": f, "dk_bias_ptr": f,
+        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f,
+        "dq_bias_ptr": on(J <= 1), "dk_bias_ptr": on(J <= 1),  # chunk_qk's token sums where HEAD_SUMS is on
         "dv_ptr": io if J <= 1 else f, "dz_ptr": on(opt.z_gate, io),  # the inputs' dtypes (runtime/backward.py)
         "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
         "dmv_ptr": on(R > 1), "dmz_ptr": on(R > 1 and opt.z_gate), "dmo_ptr": on(R > 1), "dadt_ptr": f,
