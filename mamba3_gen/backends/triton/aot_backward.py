@@ -1,7 +1,8 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
 ``backward_compile_report(spec_path, arch="sm_90a")`` does for the backward kernels (dstate, chunk_v, chunk_coef,
-chunk_qk, steps, qk_sums, and chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged; templates/triton/bwd.py.jinja) what
+chunk_qk, steps, qk_sums, chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged, and for rules with J ≤ 1 chunk_qk_per_head, the
+deterministic mode's chunk_qk; templates/triton/bwd.py.jinja) what
 ``aot.compile_report`` does for the forward: in a fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
 cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
@@ -61,18 +62,22 @@ def _pointer_types(spec, J: int) -> dict:
     }
 
 
-def backward_signature(spec, J: int, fn, cfg) -> tuple[dict, dict, dict]:
+def backward_signature(spec, J: int, fn, cfg, head_sums: bool | None = None) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` of one backward kernel ``fn`` at autotune
     config ``cfg``, as the JIT sees it for ``spec`` (J: the rule's lags, ``META["J"]``): every option the spec has
     switched on, the reduced output (PER_RANK False), chunk_qk's GQA sum by atomics where the rule allows it
-    (HEAD_SUMS, runtime/backward.py sums_heads_in_chunk_qk), G = 1 specialised.
+    (HEAD_SUMS, runtime/backward.py sums_heads_in_chunk_qk; ``head_sums=False``: the per-head variant of
+    deterministic mode), G = 1 specialised.
 
     Raises:
         AOTCompileError: ``fn`` has an argument this table does not know (the template gained one)."""
+    head_sums = J <= 1 if head_sums is None else head_sums
     ptrs = _pointer_types(spec, J)
+    if not head_sums:
+        ptrs["dq_bias_ptr"] = ptrs["dk_bias_ptr"] = None
     opt = spec.options
     consts = {"HAS_INIT": bool(opt.initial_states), "HAS_DFINAL": bool(opt.final_states),
-              "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "HEAD_SUMS": J <= 1,
+              "IS_VARLEN": bool(opt.varlen), "PER_RANK": False, "HEAD_SUMS": head_sums,
               **{k: int(v) for k, v in cfg.kwargs.items()}}
     if spec.dims.ngroups == 1:
         consts["G"] = 1
@@ -111,13 +116,16 @@ def _report_in_process(spec_path: str, arch: str) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mamba3_aot_bwd_") as out_dir:
         module = load_module(spec_path, out_dir, arch=arch)
         meta = module.META
-        for kind, kname in KERNELS.items():
+        # chunk_qk twice where the rule allows the atomics: as it runs by default and per head (deterministic mode)
+        kinds = [*KERNELS.items()] + ([("chunk_qk_per_head", KERNELS["chunk_qk"])] if meta["J"] <= 1 else [])
+        for kind, kname in kinds:
             autotuner = getattr(module.bwd, kname)
             if hasattr(autotuner, "configs"):
                 fn, cfg = autotuner.fn, autotuner.configs[0]
             else:  # a plain jit kernel whose block the host picks (qk_sums)
                 fn, cfg = autotuner, triton.Config({"BLOCK_T": QK_SUMS_BLOCK_T}, num_warps=4, num_stages=1)
-            signature, constexprs, attrs = backward_signature(spec, meta["J"], fn, cfg)
+            signature, constexprs, attrs = backward_signature(
+                spec, meta["J"], fn, cfg, head_sums=False if kind == "chunk_qk_per_head" else None)
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
             t0 = time.perf_counter()
             try:
