@@ -225,6 +225,50 @@ def _to(kw: dict, device) -> dict:
                   else val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
 
 
+def test_chunk_qk_autotuner_zeroes_what_it_adds_into():
+    """chunk_qk adds dq̃, dk̃ into zeroed buffers (HEAD_SUMS): an autotuner that times several configs runs it
+    several times, so its decorator resets dq and dk to zero (before each timed config and after the last); the
+    shipped list has one config today, which Triton does not time, and a second one must not double the gradients."""
+    from mamba3_gen.backends.triton.build import render
+    from mamba3_gen.backends.triton.build import lower as lower_spec
+
+    bwd = render(lower_spec(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=16), "sm_90a"))["bwd.py"]
+    head = bwd[bwd.index("\n@triton.autotune(configs=BWD_CHUNK_QK_CONFIGS"):bwd.index("def mamba3_bwd_chunk_qk_kernel")]
+    assert 'reset_to_zero=["dq_ptr", "dk_ptr"]' in head
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_chunk_qk_tuned_over_two_configs(tmp_path):
+    """The atomics of HEAD_SUMS under real autotuning: chunk_qk given two configs (the shipped one and its 8-warp
+    twin) times both on the first call; the gradients still equal the single-config run's within fp32 summation
+    order (RMS ratio ≤ 1e-6; q, k in bf16: one bf16 rounding, 2^-8). Without reset_to_zero they come out doubled or
+    more."""
+    import triton
+
+    from mamba3_gen.spec.loader import load_spec
+    from tests.helpers import KernelCache
+    from tests.strategies import gpu_arch
+
+    spec = load_spec(str(REPO / "specs" / "siso_trap_complex.yaml"))
+    module = KernelCache(tmp_path, gpu_arch())(spec)
+    kw = _to(_shipped_case(spec, seed=7), "cuda")
+    want = _op_grads(module, kw)
+    tuner = module.mamba3_forward.backward.kernels[3]  # dstate, chunk_v, chunk_coef, chunk_qk, steps
+    base = tuner.configs[0]
+    tuner.configs = [base, triton.Config(dict(base.kwargs), num_warps=8 if base.num_warps != 8 else 4,
+                                         num_stages=base.num_stages)]
+    tuner.cache.clear()
+    got = _op_grads(module, kw)
+    bad = []
+    for key, g in got.items():
+        bound = 2.0 ** -8 if g.dtype == torch.bfloat16 else 1e-6
+        err = rel_err(g.float(), want[key].float())
+        if not err <= bound:
+            bad.append(f"{key}: {err:.3e} > {bound:g}")
+    assert not bad, "; ".join(bad)
+
+
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
