@@ -38,6 +38,8 @@ Kernels (templates/triton/bwd.py.jinja), mirroring the chunk-parallel forward:
      reverse angle cumsum, the initial states' gradients.
   5. (per-head dq̃, dk̃ only) qk_sums: one pass over them (each element read once): the sum over the heads of a
      group (GQA), stored in q's / k's dtype, and per-block token sums for the biases.
+With MAMBA3_GEN_BWD=fused (``selected_backward``), 2 and 3 are one kernel: one program per (sequence, head) walks
+the chunks in reverse and does the three chunk kernels' work for each, dX_c kept in a row per program.
 Then small torch sums: the biases' blocks, the per-chunk partials of D and the MIMO projections.
 
 MIMO with mimo_o None (the per-rank output, signature.per_rank): dout is (B, L, R, H, P), dY_{t,r} is its row (no
@@ -63,7 +65,7 @@ from mamba3_gen.signature import GRAD_NAMES, STATE_FIELDS, backward_schema, feat
 
 QK_SUMS_BLOCK_T = 32  # tokens per program of the qk sums kernel: 32 × N fp32 a head, 4 warps (a bandwidth pass)
 
-__all__ = ["attach_backward", "BackwardOp", "selected_chunks", "unsupported_reason"]
+__all__ = ["attach_backward", "BackwardOp", "selected_backward", "selected_chunks", "unsupported_reason"]
 
 # The gradients' names (the forward's tensor inputs but cu_seqlens) and the op's schema, from the signature table
 # (mamba3_gen/signature.py); the op's Python parameters below are checked against it by tests/test_signature.py.
@@ -73,6 +75,23 @@ _ATTACHED: dict = {}  # forward op name -> BackwardOp (a build shared by several
 
 
 CHUNK_LAYOUTS = ("split", "merged")
+BACKWARDS = ("auto", "chunked", "fused")
+
+
+def selected_backward(has_fused: bool = True) -> str:
+    """The backward's structure, read from MAMBA3_GEN_BWD at each call: ``chunked`` (the dstate kernel stores dX_c
+    per chunk slot, then the chunk kernels run over every chunk at once; module docstring) or ``fused`` (one program
+    per sequence and head walks the chunks in reverse and does the chunk kernels' work for each chunk: dX_c stays in
+    a row per program, the loads, decay weights and dY once per chunk; B·H programs). ``auto`` (the default) is
+    ``chunked``: the fused kernel measured slower at every shape so far (H100, B8 L4096 H32: SISO 15.2 ms forward +
+    backward against 10.7, MIMO R4 56.3 against 42.1; B1 L16384 19.5 against 7.0; benchmarks/NOTES.md 2026-12-05:
+    its program holds every chunk kernel's live tiles at once and spills ~3 KB a thread on sm_90a). A module without
+    the fused kernel (``has_fused=False``: an older generator) is always ``chunked``.
+
+    Raises:
+        InputError: MAMBA3_GEN_BWD names none of ``auto``, ``chunked``, ``fused``."""
+    name = env_choice("MAMBA3_GEN_BWD", BACKWARDS)
+    return "fused" if name == "fused" and has_fused else "chunked"
 
 
 def selected_chunks(has_merged: bool = True) -> str:
@@ -97,13 +116,14 @@ def unsupported_reason(meta: dict) -> str | None:
 
 
 def attach_backward(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel,
-                    steps_kernel, chunk_vc_kernel=None, qk_sums_kernel=None) -> "BackwardOp":
+                    steps_kernel, chunk_vc_kernel=None, qk_sums_kernel=None, fused_kernel=None) -> "BackwardOp":
     """Register the generated backward (its five kernels, module docstring, ``chunk_vc_kernel``: chunk_v and
-    chunk_coef in one, see ``selected_chunks``, and ``qk_sums_kernel``: on the per-head path
-    (``sums_heads_in_chunk_qk`` false) the GQA and bias sums of dq̃ / dk̃ in one pass, torch reductions without it)
-    as the autograd formula of ``forward``'s ops (fused and chunked)."""
+    chunk_coef in one, see ``selected_chunks``, ``qk_sums_kernel``: on the per-head path
+    (``sums_heads_in_chunk_qk`` false) the GQA and bias sums of dq̃ / dk̃ in one pass, torch reductions without it,
+    and ``fused_kernel``: dstate and the three chunk kernels in one, see ``selected_backward``) as the autograd
+    formula of ``forward``'s ops (fused and chunked)."""
     bwd = BackwardOp(forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
-                     chunk_vc_kernel, qk_sums_kernel)
+                     chunk_vc_kernel, qk_sums_kernel, fused_kernel)
     for op in (forward.op, forward.chunked_op, *getattr(forward, "prepass_ops", {}).values()):
         if op is None:
             continue
@@ -232,12 +252,13 @@ class BackwardOp:
     registered ``bwd_...`` op that launches the kernels (module docstring)."""
 
     def __init__(self, forward, dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel,
-                 chunk_vc_kernel=None, qk_sums_kernel=None):
+                 chunk_vc_kernel=None, qk_sums_kernel=None, fused_kernel=None):
         self.forward = forward
         self.meta = forward.meta
         self.kernels = (dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel)
         self.chunk_vc_kernel = chunk_vc_kernel
         self.qk_sums_kernel = qk_sums_kernel
+        self.fused_kernel = fused_kernel
         self.op = self._register()
 
     # -- autograd ------------------------------------------------------------------------------------------------
@@ -336,14 +357,17 @@ class BackwardOp:
                 PER_RANK=per)
 
         dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels
-        # 2. dX_c backwards over the chunks
-        dchunk = empty(slots, H, P, N)
+        fused = selected_backward(self.fused_kernel is not None) == "fused"
         dinit_ssm = empty(NS, H, P, N) if has_init else None
-        de0 = empty(NS, H, P, N) if has_init else None
-        dstate_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
-            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
-            chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
-            HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
+        if fused:  # dX_c lives in the fused kernel's row per (sequence, head), which ends as ∂L/∂E_0
+            dchunk, de0 = None, empty(NS, H, P, N)
+        else:  # 2. dX_c backwards over the chunks
+            dchunk = empty(slots, H, P, N)
+            de0 = empty(NS, H, P, N) if has_init else None
+            dstate_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
+                q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
+                chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
+                HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
 
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
         # of rotation pairs (independent of each other)
@@ -370,7 +394,15 @@ class BackwardOp:
         dchunk_v = zeros(slots, J - 1, H, P) if J > 1 else None
         extra_v = (dchunk_v,) if J > 1 else ()
         extra_k = (dchunk_k,) if J > 1 else ()
-        if slots:
+        if fused:  # 2 and 3 in one kernel (it also runs with no chunk slots: dX of an empty sequence)
+            with _fits(m, "fused"):
+                self.fused_kernel[(NS, H)](
+                    q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
+                    chunk_ssm, chunk_angle, chunk_k, chunk_v, de0, dinit_ssm, d_v, d_k, dv, dz, dmv_part,
+                    dmz_part, dmo_part, da, dc, dD_part, dq_h, dk_h, dqb_part, dkb_part, dtheta, *extra_v,
+                    *extra_k, cu_seqlens, L, H, G, NC, *angle_strides, HAS_INIT=has_init, HAS_DFINAL=has_dfinal,
+                    IS_VARLEN=is_varlen, PER_RANK=per, HEAD_SUMS=head_sums)
+        elif slots:
             common = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
                       chunk_ssm, chunk_angle, chunk_k, chunk_v, dchunk)
             sizes = (L, H, G, NC, NS, search, *angle_strides)

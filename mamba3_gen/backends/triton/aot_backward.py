@@ -1,7 +1,7 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
 ``backward_compile_report(spec_path, arch="sm_90a")`` does for the backward kernels (dstate, chunk_v, chunk_coef,
-chunk_qk, steps, qk_sums, chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged, and for rules with J ≤ 1 chunk_qk_per_head, the
+chunk_qk, steps, qk_sums, chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged, fused of MAMBA3_GEN_BWD=fused, and for rules with J ≤ 1 chunk_qk_per_head, the
 deterministic mode's chunk_qk; templates/triton/bwd.py.jinja) what
 ``aot.compile_report`` does for the forward: in a fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
@@ -29,7 +29,7 @@ __all__ = ["backward_compile_report"]
 KERNELS = {"dstate": "mamba3_bwd_dstate_kernel", "chunk_v": "mamba3_bwd_chunk_v_kernel",
            "chunk_coef": "mamba3_bwd_chunk_coef_kernel", "chunk_qk": "mamba3_bwd_chunk_qk_kernel",
            "chunk_vc": "mamba3_bwd_chunk_vc_kernel", "steps": "mamba3_bwd_steps_kernel",
-           "qk_sums": "mamba3_bwd_qk_sums_kernel"}
+           "qk_sums": "mamba3_bwd_qk_sums_kernel", "fused": "mamba3_bwd_fused_kernel"}
 
 
 def _pointer_types(spec, J: int) -> dict:
@@ -49,7 +49,7 @@ def _pointer_types(spec, J: int) -> dict:
         "init_v_ptr": on(init and lags), "dfinal_angle_ptr": on(final and cplx), "dfinal_ssm_ptr": on(final),
         "dfinal_k_ptr": on(final and lags), "dfinal_v_ptr": on(final and lags),
         "chunk_ssm_ptr": f, "chunk_angle_ptr": on(cplx), "chunk_k_ptr": on(J > 1), "chunk_v_ptr": on(J > 1),
-        "dchunk_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f,
+        "dchunk_ptr": f, "dx_ptr": f, "dinit_ssm_ptr": on(init), "de0_ptr": on(init), "dq_ptr": f, "dk_ptr": f,
         "dq_bias_ptr": on(J <= 1), "dk_bias_ptr": on(J <= 1),  # chunk_qk's token sums where HEAD_SUMS is on
         "dv_ptr": io if J <= 1 else f, "dz_ptr": on(opt.z_gate, io),  # the inputs' dtypes (runtime/backward.py)
         "dtheta_ptr": on(cplx), "da_ptr": f, "dc_ptr": f, "dD_ptr": on(opt.d_skip),
