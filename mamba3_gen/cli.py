@@ -616,9 +616,10 @@ def check(
             echo(f"  backward: {bwd_dot} dot operands"
                  + (f" (the spec's {spec.dtypes.compute} is the forward's: bf16 made the backward no faster and "
                     "Triton 3.6 miscompiled it)" if bwd_dot != spec.dtypes.compute else "")
-                 + "; chunk-parallel: a reverse walk stores each chunk's state adjoint, then the chunk kernels "
-                 "(MAMBA3_GEN_BWD=fused: one program per sequence and head does both, slower so far); value and "
-                 "coefficient kernels split (MAMBA3_GEN_BWD_CHUNKS=merged: one kernel)")
+                 + "; chunked: a reverse walk over the chunks stores each one's state adjoint, then chunk kernels "
+                 "for every chunk at once, the value and coefficient ones split (MAMBA3_GEN_BWD_CHUNKS=merged: one "
+                 "kernel); MAMBA3_GEN_BWD=fused (opt-in, slower so far): one program per sequence and head does the "
+                 "walk and every chunk kernel's work")
             echo("  backward's GQA and bias sums of dq, dk: "
                  + ("atomics in the dq/dk kernel (heads added in a run-to-run order); per head + one more pass under "
                     "torch.use_deterministic_algorithms(True)" if spec.lags <= 1 else

@@ -475,6 +475,17 @@ def test_lags_longer_than_the_chunk(name, chunk, L, interp_kernels):
 
 
 @interpreter_only
+@pytest.mark.parametrize("bwd", ["chunked", "fused"])
+def test_lags_with_a_pack_of_empty_sequences(bwd, interp_kernels, monkeypatch):
+    """J = 2 with a varlen pack whose sequences are all empty (L = 0): the initial states' gradients only (the carried
+    tokens' host pass indexed an empty angle cumsum and raised IndexError)."""
+    monkeypatch.setenv("MAMBA3_GEN_BWD", bwd)
+    spec = _fp32(make_spec(**_EDGE_SPECS["two_lags_complex"], N=16, P=12, chunk=4, init=True, varlen=True))
+    kw = make_inputs(spec, 1, 0, 2, seed=4, with_initial_states=True, nseq_lengths=[0, 0])
+    assert_grads_match(interp_kernels(spec), spec, kw, final=True)
+
+
+@interpreter_only
 @pytest.mark.parametrize("name, per_head", [("trap_complex_pairwise", False), ("trap_complex_pairwise", True),
                                             ("mimo_r4_trap", False), ("mimo_r4_trap", True),
                                             ("two_lags_complex", False), ("three_lags_mimo", False)])
@@ -574,19 +585,27 @@ def test_fused_backward(name, interp_kernels, monkeypatch):
     bwd = module.mamba3_forward.backward
     monkeypatch.setattr(bwd.fused_kernel, "configs", [triton.Config({"BLOCK_K": 4}, num_warps=4, num_stages=1)])
     kw = _pack_or_batch(spec, varlen, seed=9)
-    chunked = kernel_and_reference_grads(module, spec, kw, final=True)
-    monkeypatch.setenv("MAMBA3_GEN_BWD", "fused")
+    # dstate, chunk_v, chunk_coef, chunk_qk: the fused kernel must do their work
+    _variant_matches(module, spec, kw, monkeypatch, "MAMBA3_GEN_BWD", "chunked", "fused", bwd.kernels[:4])
     assert selected_backward() == "fused"
 
-    def not_launched(*args, **kwargs):
-        raise AssertionError("MAMBA3_GEN_BWD=fused launched a chunked kernel")
 
-    for tuner in bwd.kernels[:4]:  # dstate, chunk_v, chunk_coef, chunk_qk
+def _variant_matches(module, spec, kw, monkeypatch, var: str, base: str, value: str, idle) -> None:
+    """With `var` = `value` the gradients match float64 autograd and those with `var` = `base` to fp32 summation
+    order (RMS ratio ≤ 1e-5), and none of the kernels `idle` (autotuners) runs."""
+    monkeypatch.setenv(var, base)
+    default = kernel_and_reference_grads(module, spec, kw, final=True)
+    monkeypatch.setenv(var, value)
+
+    def not_launched(*args, **kwargs):
+        raise AssertionError(f"{var}={value} launched a kernel it replaces")
+
+    for tuner in idle:
         monkeypatch.setattr(tuner, "run", not_launched)
-    fused = assert_grads_match(module, spec, kw, final=True)
-    for key, (got, _) in fused.items():
-        if got is not None:
-            assert rel_err(got, chunked[key][0]) <= 1e-5, key
+    got = assert_grads_match(module, spec, kw, final=True)
+    for key, (g, _) in got.items():
+        if g is not None:
+            assert rel_err(g, default[key][0]) <= 1e-5, key
 
 
 @interpreter_only
@@ -608,19 +627,9 @@ def test_merged_chunk_kernel(name, varlen, interp_kernels, monkeypatch):
         kw_cfg = {"BLOCK_P": 8, "BLOCK_K": 4} if tuner is bwd.kernels[1] else {"BLOCK_K": 4}
         monkeypatch.setattr(tuner, "configs", [triton.Config(kw_cfg, num_warps=4, num_stages=1)])
     kw = _pack_or_batch(spec, varlen, seed=8)
-    split = kernel_and_reference_grads(module, spec, kw, final=True)
-    monkeypatch.setenv("MAMBA3_GEN_BWD_CHUNKS", "merged")
+    # chunk_v, chunk_coef: chunk_vc must do their work
+    _variant_matches(module, spec, kw, monkeypatch, "MAMBA3_GEN_BWD_CHUNKS", "split", "merged", bwd.kernels[1:3])
     assert selected_chunks() == "merged"
-
-    def not_launched(*args, **kwargs):
-        raise AssertionError("MAMBA3_GEN_BWD_CHUNKS=merged launched a split kernel")
-
-    for tuner in (bwd.kernels[1], bwd.kernels[2]):  # chunk_v, chunk_coef: chunk_vc must do their work
-        monkeypatch.setattr(tuner, "run", not_launched)
-    merged = assert_grads_match(module, spec, kw, final=True)
-    for key, (got, _) in merged.items():
-        if got is not None:
-            assert rel_err(got, split[key][0]) <= 1e-5, key
 
 
 @interpreter_only
@@ -799,6 +808,20 @@ def test_bwd_variable_is_checked(monkeypatch):
     assert selected_backward() == "chunked"  # auto: the chunked backward (measured faster; the function says where)
     monkeypatch.setenv("MAMBA3_GEN_BWD", "Fused")
     assert selected_backward() == "fused" and selected_backward(has_fused=False) == "chunked"
+
+
+@interpreter_only
+def test_bwd_chunks_variable_is_checked_under_the_fused_backward(interp_kernels, monkeypatch):
+    """MAMBA3_GEN_BWD_CHUNKS is read by the chunked backward only, but a wrong value is refused under both."""
+    from mamba3_gen.errors import InputError
+
+    spec = _fp32(make_spec(rule="exp_trapezoidal", N=16, P=8, chunk=4))
+    module = interp_kernels(spec)
+    monkeypatch.setenv("MAMBA3_GEN_BWD", "fused")
+    monkeypatch.setenv("MAMBA3_GEN_BWD_CHUNKS", "fused")
+    out = module.mamba3_forward(**_leaves(make_inputs(spec, 1, 5, 2, seed=0)))
+    with pytest.raises(InputError, match="MAMBA3_GEN_BWD_CHUNKS='fused'"):
+        out.sum().backward()
 
 
 def test_bwd_chunks_variable_is_checked(monkeypatch):

@@ -83,10 +83,11 @@ def selected_backward(has_fused: bool = True) -> str:
     per chunk slot, then the chunk kernels run over every chunk at once; module docstring) or ``fused`` (one program
     per sequence and head walks the chunks in reverse and does the chunk kernels' work for each chunk: dX_c stays in
     a row per program, the loads, decay weights and dY once per chunk; B·H programs). ``auto`` (the default) is
-    ``chunked``: the fused kernel measured slower at every shape so far (H100, B8 L4096 H32: SISO 15.2 ms forward +
-    backward against 10.7, MIMO R4 56.3 against 42.1; B1 L16384 19.5 against 7.0; benchmarks/NOTES.md 2026-12-05:
-    its program holds every chunk kernel's live tiles at once and spills ~3 KB a thread on sm_90a). A module without
-    the fused kernel (``has_fused=False``: an older generator) is always ``chunked``.
+    ``chunked``: the fused kernel measured slower at every shape so far (H100, shipped tiles, forward + backward:
+    B8 L4096 H32 SISO 15.2 ms against 10.7, MIMO R4 56.3 against 42.1; B1 L16384 SISO 23.0 against 7.0;
+    benchmarks/NOTES.md 2026-12-05: its program holds every chunk kernel's live tiles at once and spills 4.5-6.4 KB
+    a thread on sm_90a). MAMBA3_GEN_BWD_CHUNKS is checked under both but only the chunked backward reads it. A module
+    without the fused kernel (``has_fused=False``: an older generator) is always ``chunked``.
 
     Raises:
         InputError: MAMBA3_GEN_BWD names none of ``auto``, ``chunked``, ``fused``."""
@@ -146,8 +147,9 @@ def _fits(meta: dict, kind: str):
         raise DeviceError(
             f"spec {meta['name']!r}: the backward's chunk kernel ({kind}) does not fit this GPU ({e}); its tile is "
             f"dims.chunk_size·mimo_rank = {meta['C'] * meta['R']} rows x d_state = {meta['N']} x headdim = "
-            f"{meta['P']} (in blocks): a smaller dims.chunk_size, d_state or headdim fits; the forward and the "
-            "decode step are not affected") from e
+            f"{meta['P']} (in blocks): a smaller dims.chunk_size, d_state or headdim fits"
+            + ("; or unset MAMBA3_GEN_BWD (the default chunked backward splits what this kernel holds at once)"
+               if kind == "fused" else "") + "; the forward and the decode step are not affected") from e
 
 
 def sums_heads_in_chunk_qk(J: int) -> bool:
@@ -227,7 +229,8 @@ def _carried_tokens(m, k, k_bias, dt, angles, init_angle, cu_seqlens, dchunk_k, 
         theta = torch.cumsum(step, dim=1)  # (B, L, H, S)
         if cu_seqlens is not None:
             tok_seq = torch.searchsorted(cu[1:], torch.arange(L, device=dev), right=True).clamp(max=NS - 1)
-            before = torch.cat([torch.zeros_like(theta[:, :1]), theta], dim=1)[:, bos]  # (1, NS, H, S)
+            # (1, NS, H, S); the zero row first, so a pack of empty sequences (L = 0) indexes row 0
+            before = torch.cat([theta.new_zeros(B, 1, H, S), theta], dim=1)[:, bos]
             theta = theta - before[:, tok_seq]
             if init_angle is not None:
                 theta = theta + init_angle.double()[tok_seq][None]
@@ -358,6 +361,7 @@ class BackwardOp:
 
         dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels
         fused = selected_backward(self.fused_kernel is not None) == "fused"
+        chunks = selected_chunks(self.chunk_vc_kernel is not None)  # checked on either path
         dinit_ssm = empty(NS, H, P, N) if has_init else None
         if fused:  # dX_c lives in the fused kernel's row per (sequence, head), which ends as ∂L/∂E_0
             dchunk, de0 = None, empty(NS, H, P, N)
@@ -407,7 +411,7 @@ class BackwardOp:
                       chunk_ssm, chunk_angle, chunk_k, chunk_v, dchunk)
             sizes = (L, H, G, NC, NS, search, *angle_strides)
             flags = dict(HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
-            if selected_chunks(self.chunk_vc_kernel is not None) == "merged":
+            if chunks == "merged":
                 with _fits(m, "chunk_vc"):
                     self.chunk_vc_kernel[(slots, H)](*common, d_v, dv, dz, dmv_part, dmz_part, dmo_part, *extra_v,
                                                      da, dc, dD_part, cu_seqlens, *sizes, **flags)
