@@ -102,7 +102,7 @@ def test_generated_kernels_start_with_the_table(d):
     assert stp[:len(sig.STEP_POINTERS)] == list(sig.STEP_POINTERS)
     bwd = _kernels(d / "bwd.py")
     chunk_kernels = ("mamba3_bwd_chunk_v_kernel", "mamba3_bwd_chunk_coef_kernel", "mamba3_bwd_chunk_qk_kernel",
-                     "mamba3_bwd_chunk_vc_kernel")
+                     "mamba3_bwd_chunk_vc_kernel", "mamba3_bwd_fused_kernel")
     assert set(bwd) == {"mamba3_bwd_dstate_kernel", *chunk_kernels, "mamba3_bwd_steps_kernel",
                         "mamba3_bwd_qk_sums_kernel"}
     for name in ("mamba3_bwd_dstate_kernel", *chunk_kernels):
