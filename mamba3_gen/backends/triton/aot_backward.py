@@ -1,8 +1,8 @@
 """Ahead-of-time compile of a spec's generated backward kernels (issue 12) for a GPU target, without a GPU.
 
 ``backward_compile_report(spec_path, arch="sm_90a")`` does for the backward kernels (dstate, chunk_v, chunk_coef,
-chunk_qk, steps, qk_sums, chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged, fused of MAMBA3_GEN_BWD=fused, and for rules with J ≤ 1 chunk_qk_per_head, the
-deterministic mode's chunk_qk; templates/triton/bwd.py.jinja) what
+chunk_qk, steps, qk_sums, chunk_vc of MAMBA3_GEN_BWD_CHUNKS=merged, fused of MAMBA3_GEN_BWD=fused, and for rules
+with J ≤ 1 chunk_qk_per_head, the deterministic mode's chunk_qk; templates/triton/bwd.py.jinja) what
 ``aot.compile_report`` does for the forward: in a fresh subprocess without
 TRITON_INTERPRET (an interpreter-mode Triton must never share a process with a GPU compile) and with a private Triton
 cache, each kernel's default (first) config goes through Triton's whole pipeline and ptxas; one row per kernel:
