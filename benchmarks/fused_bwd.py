@@ -3,12 +3,15 @@ identical inputs, then forward + backward timed for each, and the fused kernel a
 
     python benchmarks/fused_bwd.py [--specs siso_trap_complex,mimo_r4] [--sizes 8:4096:32,1:16384:32]
                                    [--set dtypes.compute=bf16] [--configs 16:8,16:4,32:8,32:4] [--deterministic]
-                                   [--name NAME]
+                                   [--name NAME] [--only chunked|fused]
 
 Inputs as benchmarks/gpu_backward.py draws them (bf16 q/k/v/z, seed 0). Check: each gradient of the fused run
 against the chunked run's, ‖g_f − g_c‖ / ‖g_c‖ (both fp32 arithmetic in another order: ≤ 1e-5 expected; bf16 outputs
 one rounding, 2^-8). Times: `triton.testing.do_bench` medians (L2 flushed) of forward + backward; per candidate
 tile (BLOCK_K:num_warps) the fused kernel's autotuner is given that one config. Results: $OUT/NAME.json.
+``--only MODE``: two forward + backward calls under MAMBA3_GEN_BWD=MODE and nothing else (for a profiler wrapped
+around it, e.g. ``ncu --kernel-name regex:mamba3_bwd_fused --launch-count 1 ... python benchmarks/fused_bwd.py
+--specs siso_trap_complex --sizes 8:4096:32 --only fused``; MAMBA3_GEN_AUTOTUNE=off keeps tuning launches out).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def main() -> int:
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True): dq̃/dk̃ per head, no atomics (HEAD_SUMS off)")
     ap.add_argument("--name", default="fused_bwd")
+    ap.add_argument("--only", choices=("chunked", "fused"), help="two fwd+bwd calls in this mode, no checks or times")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or "gpu_results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,12 @@ def main() -> int:
 
             def fn():
                 return mod.mamba3_forward(**leaves)
+
+            if args.only:
+                os.environ["MAMBA3_GEN_BWD"] = args.only
+                for _ in range(2):
+                    _run(fn, dout, grads)
+                continue
 
             row = {"spec": spec.name, "sets": args.sets, "B": B, "L": L, "H": H, "deterministic": args.deterministic,
                    "device": torch.cuda.get_device_name()}
@@ -104,7 +114,8 @@ def main() -> int:
             row["fused_tiles_ms"] = tiles
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out_dir / f"{args.name}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    if rows:
+        (out_dir / f"{args.name}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return 0
 
 
