@@ -493,6 +493,13 @@ def check(
     other_configs = {kind: [{k: v for k, v in dataclasses.asdict(c).items() if v is not None} for c in cfgs]
                      for kind, cfgs in (low.chunked_configs or {}).items()}
     stage_order = {p: [s.name for s in low.plan.order[p]] for p in PHASES}
+    from mamba3_gen.backends.triton.build import backward_dot_dtype
+
+    bwd_dot = backward_dot_dtype(spec)
+    # the backward's build-time facts and run-time choices (README, environment variables)
+    backward = {"refused": low.lowered.backward_refusal or None, "dot_dtype": bwd_dot,
+                "structure": {"variable": "MAMBA3_GEN_BWD", "auto": "chunked", "choices": ["chunked", "fused"]},
+                "gqa_bias_sums": "atomics" if spec.lags <= 1 else "per_head"}
 
     if as_json:
         plan = low.plan
@@ -520,6 +527,7 @@ def check(
             "configs": configs,
             "chunked_configs": other_configs,
             "targets": fits,
+            "backward": backward,
             "aot": report,
         }
         typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
@@ -607,9 +615,6 @@ def check(
                     if rot_kept != rot else ""))
         if spec.dtypes.input == "fp32" and spec.dtypes.compute == "bf16":
             echo("  note: bf16 dot operands round the fp32 inputs to bf16 at the products")
-        from mamba3_gen.backends.triton.build import backward_dot_dtype
-
-        bwd_dot = backward_dot_dtype(spec)
         if low.lowered.backward_refusal:
             echo(f"  backward: refused ({low.lowered.backward_refusal})")
         else:

@@ -532,3 +532,13 @@ def test_check_hides_fields_the_spec_does_not_use():
     assert "    lambda: data" in out and "lambda_value:" not in out and "    trap: logit" in out
     obj = json.loads(invoke("check", SPEC, "--json", "--no-aot").stdout)
     assert obj["unused_fields"] == ["discretization.lambda_value", "discretization.log_decay", "discretization.weights"]
+
+
+def test_check_json_tells_the_backward():
+    """`check --json` carries what the text output says of the backward: its dot operands, MAMBA3_GEN_BWD's choices
+    and default, the GQA/bias reduction (atomics for J ≤ 1, per head for J ≥ 2)."""
+    obj = json.loads(invoke("check", SPEC, "--json", "--no-aot").stdout)["backward"]
+    assert obj == {"refused": None, "dot_dtype": "tf32", "gqa_bias_sums": "atomics",
+                   "structure": {"variable": "MAMBA3_GEN_BWD", "auto": "chunked", "choices": ["chunked", "fused"]}}
+    two_lag = json.loads(invoke("check", REPO / "specs" / "two_lag_complex.yaml", "--json", "--no-aot").stdout)
+    assert two_lag["backward"]["gqa_bias_sums"] == "per_head"
