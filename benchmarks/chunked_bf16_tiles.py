@@ -6,9 +6,10 @@ The chunked forward's autotune hit an illegal memory access on the H200 with bf1
 which kills the CUDA context, so resources.choose_chunked_configs keeps only the default tiles for bf16. Here every
 states tile is run with the default out tile and every out tile with the default states tile, one child process
 each (a crash cannot take the others down), then the autotuner over all of them in one process (as when it
-failed), under both rotations (pre-pass and inline), at B2 L1024 H8 and B8
-L4096 H32; each output is compared with the fused forward's on the same inputs (bf16 operands round differently per
-tile, so the bound is the bf16-operand error: 3e-2 relative to max |out|). Prints one JSON line per run.
+failed), under both rotations (pre-pass and inline), at B2 L1024 H8 and B8 L4096 H32; each output is compared with
+the fused forward's on the same inputs (bf16 operands round differently per tile, so the bound is the bf16-operand
+error: 3e-2 relative to max |out|), and each run is timed at B1 L16384 H32 (do_bench median, one child at a time).
+Prints one JSON line per run.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STATES = [(64, 32, 8), (32, 32, 8), (32, 16, 2), (16, 16, 2)]
 OUTS = [(64, 8), (32, 8)]
 SIZES = [(2, 1024, 8), (8, 4096, 32)]
+TIMED = (1, 16384, 32)
 TOL = 3e-2
 
 
@@ -57,6 +62,12 @@ def child(spec_path: str, states: tuple, out: tuple, rotate: str) -> dict:
         torch.cuda.synchronize()
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
         row["sizes"].append({"B": B, "L": L, "H": H, "rel_err": err, "ok": err <= TOL})
+    # the chunked forward's time where `auto` runs it at small batch (B1 L16384), with this tile or the tuned one
+    kw = make_inputs(spec, *TIMED, dtype=torch.bfloat16, device="cuda", seed=2)
+    fwd(**kw)  # compile (and tune) outside the lock
+    with FileLock(Path(tempfile.gettempdir()) / "chunked_bf16_tiles.lock"):  # one child times at a time
+        row["ms_B1_L16384"] = triton.testing.do_bench(lambda: fwd(**kw), warmup=25, rep=100)
+    row["tuned"] = [str(getattr(k, "best_config", None)) for k in (sk, ok)]
     return row
 
 
