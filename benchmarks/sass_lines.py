@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         sig, const, attrs = _signature(spec, tuner.fn, cfg, args.prepped and spec.is_complex, args.store_chunks)
     compiled = triton.compile(ASTSource(fn=tuner.fn, signature=sig, constexprs=const, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                       **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})})
     st = ptxas_stats(compiled.asm["ptx"], 90)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
