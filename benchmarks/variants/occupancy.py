@@ -4,7 +4,7 @@ and the rotation pre-pass (their default tiles run one or two programs per SM by
     python benchmarks/ablate.py mimo_r4 --variants benchmarks/variants/occupancy.py --only base,states128,...
     python benchmarks/ablate.py siso_trap_complex --variants benchmarks/variants/occupancy.py --only base,prep32_128
 
-Measured (H100, B8 L4096 H32, ms per kernel, default tiles; benchmarks/NOTES.md first session of 2026-12-06):
+Measured (H100, B8 L4096 H32, ms per kernel, default tiles; benchmarks/NOTES.md third session of 2026-12-05):
 mimo_r4 chunked/prepass chunk_out 3.29 -> 2.07 with out128; states128, prep128 and the SISO prep tiles no gain.
 
 sm_90a reports (benchmarks/sass_lines.py, bf16 operands, PREPPED): mimo_r4 states 134 -> 125 registers, no spills

@@ -321,7 +321,7 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
             # per SM; same tile and addressing, so nothing the crash could hide behind): mimo_r4 B8 L4096 on an
             # H100, chunk_out 3.29 -> 2.07 ms (sm_90a PREPPED: 138 -> 128 registers, 16 B spilled); where the cap
             # spills more (mimo_r2 142 B, Euler real 520 B) the autotuner keeps the uncapped tile
-            # (benchmarks/NOTES.md, first session of 2026-12-06).
+            # (benchmarks/NOTES.md, third session of 2026-12-05).
             states, out = states[:1], [out[0], (bp, 8, 128)]
     limit = target.smem_per_block
     res = {"states": [], "out": []}
