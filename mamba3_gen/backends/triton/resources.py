@@ -319,8 +319,8 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
             # (NOTES.md, issue 11). Fewer than 8 warps with bf16 operands also gave wrong results in the fused
             # kernel (Triton 3.6, H100). The out tile once more under a 128-register cap (two programs of 8 warps
             # per SM; same tile and addressing, so nothing the crash could hide behind): mimo_r4 B8 L4096 on an
-            # H100, chunk_out 3.29 -> 2.07 ms (sm_90a PREPPED: 138 -> 128 registers, 16 B spilled); where the cap
-            # spills more (mimo_r2 142 B, Euler real 520 B) the autotuner keeps the uncapped tile
+            # H100, chunk_out 3.29 -> 2.07 ms (sm_90a PREPPED: 138 -> 128 registers, 16 B spilled). The cap spills
+            # more elsewhere (mimo_r2 142 B, Euler real 520 B; not timed): the autotuner chooses between the two
             # (benchmarks/NOTES.md, third session of 2026-12-05).
             states, out = states[:1], [out[0], (bp, 8, 128)]
     limit = target.smem_per_block
