@@ -40,7 +40,7 @@ def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False)
     }
     names = list(fn.arg_names)
     known = [n for n in names if n not in extra_ptr
-             and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T", "STORE_CHUNKS")]
+             and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T", "LOOP_STAGES", "STORE_CHUNKS")]
     sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]), prepped)
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
@@ -56,7 +56,7 @@ def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False)
         elif n == "STORE_CHUNKS":
             signature[n] = "constexpr"
             constexprs[n] = store_chunks or fn.__name__ == "mamba3_chunk_states_kernel"
-        elif n in ("BLOCK_K", "BLOCK_T"):  # the pair block; the prep kernel's token block
+        elif n in ("BLOCK_K", "BLOCK_T", "LOOP_STAGES"):  # the pair block; the prep kernel's token block and stages
             signature[n] = "constexpr"
             constexprs[n] = int(cfg.kwargs[n])
         else:

@@ -270,7 +270,7 @@ def choose_step_config(low) -> StepConfig:
 class ChunkedConfig:
     block_p: int
     num_warps: int
-    num_stages: int
+    num_stages: int  # the prep kernel: its walk's LOOP_STAGES (tl.range); the others: the config's num_stages
     smem_estimate: int
     block_k: int | None = None  # states and prep kernels: rotation pairs per tile
     block_t: int | None = None  # prep kernel: tokens per step
@@ -341,17 +341,20 @@ def choose_chunked_configs(low) -> dict[str, list[ChunkedConfig]]:
     # the rotation pre-pass (complex states): a walk over blocks of BLOCK_T tokens (any block carries Θ: the chunk is
     # the other kernels' unit), elementwise on [BLOCK_T·R, BLOCK_K] tiles, no dots, no shared memory to speak of.
     # Measured on an H200 at BLOCK_T = C (SISO N128 B8 L4096, benchmarks/NOTES.md 2026-12-03): 32 pairs 0.56 ms, 16
-    # pairs 0.69, 64 pairs (8 warps) 0.72, 8 pairs (2 warps) 1.67, two stages no change; MIMO R4: 32 pairs 1.66, 16
-    # pairs 3.1. It is latency-bound at 2 programs per SM (227 registers at 32 pairs, 4 warps): the smaller token
-    # blocks (16-32 rows: 96-165 registers, sm_90a) are for more programs per SM (not timed yet). The interpreter's
-    # tile splits the chunk, so the CPU tests walk several blocks per chunk.
+    # pairs 0.69, 64 pairs (8 warps) 0.72, 8 pairs (2 warps) 1.67, two stages no change (a config's num_stages never
+    # pipelines this dot-free loop: LOOP_STAGES does, through tl.range); MIMO R4: 32 pairs 1.66, 16 pairs 3.1. It is latency-bound at 2 programs per SM (227 registers at 32 pairs, 4 warps; ncu on an H100: 8.8
+    # cycles per issued instruction, DRAM 40 %): more programs per SM did not help (32-token blocks 0.54 vs 0.53 ms),
+    # overlapping the next block's loads did (H100, benchmarks/NOTES.md 2026-12-06). The interpreter's tile splits
+    # the chunk, so the CPU tests walk several blocks per chunk.
     C = d["C"]
     if not target.is_gpu:
         res["prep"] = [ChunkedConfig(1, 4, 1, 0, block_k=max(1, bn2 // 4), block_t=max(1, C // 2))]
     else:
         t16, t32 = max(1, 16 // d["R"]), max(1, 32 // d["R"])  # 16 or 32 tile rows (a chunk of C = 16 or 32
-        tiles = ((C, 32, 4), (C, 32, 8), (C, 16, 4), (C, 64, 8), (C, 16, 8),   # would repeat some: kept once)
-                 (t16, 32, 2), (t32, 32, 4), (t32, 64, 4), (t16, 64, 4))
-        res["prep"] = [ChunkedConfig(1, w, 1, 0, block_k=min(bn2, k), block_t=t)
-                       for t, k, w in dict.fromkeys((t, min(bn2, k), w) for t, k, w in tiles)]
+        tiles = ((C, 32, 4, 1), (C, 32, 8, 1), (C, 16, 4, 1), (C, 64, 8, 1),  # would repeat some: kept once)
+                 (C, 16, 8, 1), (t16, 32, 2, 1), (t32, 32, 4, 1), (t32, 64, 4, 1), (t16, 64, 4, 1))
+        if d["R"] == 1:  # the walk pipelined (LOOP_STAGES 2): SISO 0.53 -> 0.41 ms at B8, 0.96 -> 0.68 at B1 L16384;
+            tiles += ((C, 32, 4, 2), (t32, 32, 4, 2))  # MIMO R4 1.61 -> 2.14 (53 KB of stage buffers): not offered
+        res["prep"] = [ChunkedConfig(1, w, s, 0, block_k=min(bn2, k), block_t=t)
+                       for t, k, w, s in dict.fromkeys((t, min(bn2, k), w, s) for t, k, w, s in tiles)]
     return res
