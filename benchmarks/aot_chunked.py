@@ -40,7 +40,7 @@ def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False)
     }
     names = list(fn.arg_names)
     known = [n for n in names if n not in extra_ptr
-             and n not in ("NC", "NS", "SEARCH_STEPS", "BLOCK_K", "BLOCK_T", "LOOP_STAGES", "STORE_CHUNKS")]
+             and n not in ("NC", "NS", "SEARCH_STEPS", "SEGS", "BLOCK_K", "BLOCK_T", "LOOP_STAGES", "STORE_CHUNKS")]
     sig_k, const_k, _ = kernel_signature(spec, known, int(cfg.kwargs["BLOCK_P"]), prepped)
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(names):
@@ -51,7 +51,7 @@ def _signature(spec, fn, cfg, prepped: bool = False, store_chunks: bool = False)
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 constexprs[n] = None
-        elif n in ("NC", "NS", "SEARCH_STEPS"):
+        elif n in ("NC", "NS", "SEARCH_STEPS", "SEGS"):
             signature[n] = "i32"
         elif n == "STORE_CHUNKS":
             signature[n] = "constexpr"

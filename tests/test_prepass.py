@@ -17,7 +17,7 @@ import torch
 
 from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
-from mamba3_gen.runtime.forward import ForwardOp, selected_rotation
+from mamba3_gen.runtime.forward import PREP_MIN_SEGMENT, ForwardOp, auto_prep_segments, selected_rotation
 from mamba3_gen.spec.loader import load_spec
 from tests.helpers import SHIPPED_SPECS, assert_matches, run_op
 from tests.strategies import CPU_TOL, _interpretable, interpreter_only
@@ -74,6 +74,48 @@ def test_prepass_equals_inline(spec_path, forward, env, interp_kernels, monkeypa
                     assert rel_err(a, b) <= AGREE, (what, field)
             assert _circular(pre[1].angle, inline[1].angle) <= 1e-5, what
         calls.clear()
+
+
+@interpreter_only
+@pytest.mark.parametrize("spec_path", COMPLEX, ids=[p.stem for p in COMPLEX])
+def test_prepass_segments_equal_one_walk(spec_path, env, interp_kernels, monkeypatch):
+    """MAMBA3_GEN_PREP_SEGMENTS=3 (each sequence walked in three segments, each starting from the step-angle sums of
+    the blocks before it) gives exactly what one walk per sequence gives: the segments start on the walk's own
+    blocks and their prefix updates Θ with the walk's operations in the walk's order, so the interpreter's sums are
+    the same numbers. Batched (several blocks per segment, initial states where the spec has them) and packed (an
+    empty sequence and one shorter than a block: their later segments have no tokens)."""
+    spec = _interpretable(load_spec(spec_path))
+    module = interp_kernels(spec)
+    C = spec.dims.chunk_size
+    H = 2 * spec.dims.ngroups
+    common = dict(with_initial_states=spec.options.initial_states, dt_range=(1e-3, 1.0))
+    cases = [("batched", make_inputs(spec, 2, 4 * C + 5, H, seed=21, **common))]
+    if spec.options.varlen:
+        cases.append(("varlen", make_inputs(spec, 1, 0, H, seed=22, nseq_lengths=[3 * C + 3, 0, 2], **common)))
+    env("fused", "prepass")
+    for what, kw in cases:
+        monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "1")
+        one = run_op(module, spec, kw)
+        monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "3")
+        seg = run_op(module, spec, kw)
+        assert torch.equal(seg[0], one[0]), (what, rel_err(seg[0], one[0]))
+        if spec.options.final_states:
+            assert torch.equal(seg[1].angle, one[1].angle), what
+            assert torch.equal(seg[1].ssm, one[1].ssm), what
+    monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "0")
+    with pytest.raises(InputError, match="MAMBA3_GEN_PREP_SEGMENTS='0'.*positive integer"):
+        run_op(module, spec, cases[0][1])
+
+
+def test_auto_prep_segments():
+    """auto: one segment once the programs reach two per SM; else enough for two per SM, each segment at least
+    PREP_MIN_SEGMENT tokens."""
+    sms = 132
+    assert auto_prep_segments(8 * 32 * 2, 4096, sms) == 1  # B8 H32 N128: 512 programs
+    assert auto_prep_segments(32 * 2, 16384, sms) == 5  # B1 H32 N128: 64 programs -> 320
+    assert auto_prep_segments(32 * 2, 4 * PREP_MIN_SEGMENT, sms) == 4  # capped by the segment length
+    assert auto_prep_segments(32 * 2, 1500, sms) == 1
+    assert auto_prep_segments(2 * sms - 1, 1 << 20, sms) == 2
 
 
 def test_rotation_selection(monkeypatch):

@@ -99,6 +99,39 @@ def auto_rotation(meta: dict, keep_states: bool = False) -> str:
     return "prepass" if meta["S"] > 0 and meta.get("compute_dtype") == "bf16" and not keep_states else "inline"
 
 
+PREP_MIN_SEGMENT = 1024  # tokens: the shortest segment auto makes (its prefix re-reads Δ and the angles before it)
+
+
+def prep_segments(NS: int, H: int, L: int, N2: int, device: torch.device) -> int:
+    """Segments per sequence of the rotation pre-pass, read at each call from MAMBA3_GEN_PREP_SEGMENTS: a positive
+    integer, or ``auto`` (the default; :func:`auto_prep_segments` on a GPU, 1 elsewhere). Each segment is walked by
+    programs of its own, which first sum the step angles of the tokens before it (Δ and the angles only, the walk's
+    own carry update: the same Θ), so few sequences × heads still fill the GPU. ``L`` is the batch rows' length (a
+    varlen pack's total: segments split each sequence, a short one leaves the later segments idle).
+
+    Raises:
+        InputError: MAMBA3_GEN_PREP_SEGMENTS is neither ``auto`` nor a positive integer."""
+    raw = os.environ.get("MAMBA3_GEN_PREP_SEGMENTS", "auto").strip().lower() or "auto"
+    if raw != "auto":
+        if not raw.isdigit() or int(raw) < 1:
+            raise InputError(f"MAMBA3_GEN_PREP_SEGMENTS={raw!r}; expected auto or a positive integer (segments per "
+                             "sequence of the rotation pre-pass); try MAMBA3_GEN_PREP_SEGMENTS=auto (the default) "
+                             "or unset it")
+        return int(raw)
+    if device.type != "cuda" or INTERPRETING:
+        return 1
+    return auto_prep_segments(NS * H * triton.cdiv(N2, 32), L // max(NS, 1), _sm_count(device))
+
+
+def auto_prep_segments(programs: int, length: int, sms: int) -> int:
+    """``auto``'s segments per sequence for the rotation pre-pass: enough that ``programs`` (sequences × heads ×
+    pair blocks of 32) times the segments reach two programs per SM (the pre-pass's default tile runs two per SM by
+    its registers), each segment at least ``PREP_MIN_SEGMENT`` tokens of a sequence of ``length``."""
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), length // PREP_MIN_SEGMENT))
+
+
 def wants_chunk_states(meta: dict, differentiated: bool, has_backward: bool = True) -> bool:
     """Whether a forward call is to keep its chunk states for the backward: autograd records it
     (``differentiated``), the module has a backward, and MAMBA3_GEN_SAVE_STATES (read and checked at every call,
@@ -357,12 +390,14 @@ class ForwardOp:
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
         k_hat = torch.empty_like(q_hat)
 
+        segs = prep_segments(NS, H, L, m["N2"], v.device)
+
         def grid(cfg):
-            return (NS, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
+            return (NS * segs, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
 
         self.prep_kernel[grid](q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                init_angle, init_ssm, init_k, init_v, *fin, q_hat, k_hat, cu_seqlens, L, H, m["G"],
-                               *angles.stride()[:3], **flags)
+                               segs, *angles.stride()[:3], **flags)
         return q_hat, k_hat
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
