@@ -19,8 +19,8 @@ from mamba3_gen.errors import InputError
 from mamba3_gen.reference import make_inputs, naive_recurrence, rel_err
 from mamba3_gen.runtime.forward import PREP_MIN_SEGMENT, ForwardOp, auto_prep_segments, selected_rotation
 from mamba3_gen.spec.loader import load_spec
-from tests.helpers import SHIPPED_SPECS, assert_matches, run_op
-from tests.strategies import CPU_TOL, _interpretable, interpreter_only
+from tests.helpers import SHIPPED_SPECS, SPECS_DIR, assert_matches, respec, run_op
+from tests.strategies import CPU_TOL, GPU_TOL, _interpretable, gpu_only, interpreter_only
 
 COMPLEX = [p for p in SHIPPED_SPECS if load_spec(p).is_complex]
 AGREE = 1e-5  # inline vs pre-pass, fp32 (module docstring)
@@ -105,6 +105,34 @@ def test_prepass_segments_equal_one_walk(spec_path, env, interp_kernels, monkeyp
     monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "0")
     with pytest.raises(InputError, match="MAMBA3_GEN_PREP_SEGMENTS='0'.*positive integer"):
         run_op(module, spec, cases[0][1])
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name", ["siso_trap_complex", "mimo_r4"])
+def test_gpu_prepass_segments(name, gpu_kernels, monkeypatch):
+    """Compiled, bf16 inputs and bf16 dot operands, B1 L4096 H4 (auto: 4 segments, capped by PREP_MIN_SEGMENT):
+    3 and auto segments against one. Their prefix sums Θ in another register layout than the walk's carry (fp32
+    sums in another order: Θ within 1e-5 of 2π, an ulp-level difference that can flip the bf16 rounding of a Q̂, K̂
+    element), so outputs agree to 2e-3 relative (a few bf16 ulps of 2^-8 in a sum of 4096 terms), and each matches
+    the float64 recurrence to GPU_TOL[bf16]."""
+    spec = respec(load_spec(SPECS_DIR / f"{name}.yaml"), dtypes={"compute": "bf16"})
+    module = gpu_kernels(spec)
+    monkeypatch.setenv("MAMBA3_GEN_ROTATE", "prepass")
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", "fused")
+    kw = make_inputs(spec, 1, 4096, 4 * spec.dims.ngroups, dtype=torch.bfloat16, device="cuda", seed=31,
+                     with_initial_states=spec.options.initial_states)
+    ref = naive_recurrence(spec, **kw)
+    outs = {}
+    for segs in ("1", "3", "auto"):
+        monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", segs)
+        outs[segs] = run_op(module, spec, kw)
+        assert_matches(outs[segs], ref if spec.options.final_states else (ref[0], None), GPU_TOL[torch.bfloat16],
+                       what=f"segments={segs}")
+    for segs in ("3", "auto"):
+        assert rel_err(outs[segs][0].float(), outs["1"][0].float()) <= 2e-3, segs
+        if spec.options.final_states:
+            assert _circular(outs[segs][1].angle, outs["1"][1].angle) <= 1e-5, segs
 
 
 def test_auto_prep_segments():
