@@ -454,7 +454,7 @@ def compare(got: Any, ref: Any) -> tuple[bool, float, str]:
 
 # the run-time choices of the generated forward (README, environment variables): a run records those that are set
 RUN_ENV = ("MAMBA3_GEN_FORWARD", "MAMBA3_GEN_ROTATE", "MAMBA3_GEN_CHUNK_STATES", "MAMBA3_GEN_AUTOTUNE",
-           "MAMBA3_GEN_BWD", "MAMBA3_GEN_BWD_CHUNKS", "MAMBA3_GEN_SAVE_STATES")
+           "MAMBA3_GEN_BWD", "MAMBA3_GEN_BWD_CHUNKS", "MAMBA3_GEN_SAVE_STATES", "MAMBA3_GEN_PREP_SEGMENTS")
 
 
 def new_run() -> dict:
