@@ -79,11 +79,12 @@ def test_prepass_equals_inline(spec_path, forward, env, interp_kernels, monkeypa
 @interpreter_only
 @pytest.mark.parametrize("spec_path", COMPLEX, ids=[p.stem for p in COMPLEX])
 def test_prepass_segments_equal_one_walk(spec_path, env, interp_kernels, monkeypatch):
-    """MAMBA3_GEN_PREP_SEGMENTS=3 (each sequence walked in three segments, each starting from the step-angle sums of
-    the blocks before it) gives exactly what one walk per sequence gives: the segments start on the walk's own
-    blocks and their prefix updates Θ with the walk's operations in the walk's order, so the interpreter's sums are
-    the same numbers. Batched (several blocks per segment, initial states where the spec has them) and packed (an
-    empty sequence and one shorter than a block: their later segments have no tokens)."""
+    """MAMBA3_GEN_PREP_SEGMENTS=3 (each sequence walked in three segments, each starting from the sum of the step
+    angles before it) gives what one walk per sequence gives: the same Θ but for fp32 sums in another order (the
+    prefix sums elementwise mod 2π, then over rows; the walk carries per block), so Θ agrees to 1e-5 and outputs
+    and states to AGREE, as for the inline rotation. Batched (several blocks per segment, initial states where the
+    spec has them) and packed (an empty sequence and one shorter than a block: their later segments have no
+    tokens)."""
     spec = _interpretable(load_spec(spec_path))
     module = interp_kernels(spec)
     C = spec.dims.chunk_size
@@ -98,10 +99,10 @@ def test_prepass_segments_equal_one_walk(spec_path, env, interp_kernels, monkeyp
         one = run_op(module, spec, kw)
         monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "3")
         seg = run_op(module, spec, kw)
-        assert torch.equal(seg[0], one[0]), (what, rel_err(seg[0], one[0]))
+        assert rel_err(seg[0], one[0]) <= AGREE, what
         if spec.options.final_states:
-            assert torch.equal(seg[1].angle, one[1].angle), what
-            assert torch.equal(seg[1].ssm, one[1].ssm), what
+            assert _circular(seg[1].angle, one[1].angle) <= 1e-5, what
+            assert rel_err(seg[1].ssm, one[1].ssm) <= AGREE, what
     monkeypatch.setenv("MAMBA3_GEN_PREP_SEGMENTS", "0")
     with pytest.raises(InputError, match="MAMBA3_GEN_PREP_SEGMENTS='0'.*positive integer"):
         run_op(module, spec, cases[0][1])
