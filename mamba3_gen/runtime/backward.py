@@ -59,7 +59,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from mamba3_gen.errors import DeviceError, InputError
-from mamba3_gen.runtime.forward import build_key, chunk_slots, env_choice
+from mamba3_gen.runtime.forward import build_key, chunk_slots, env_choice, size_class
 from mamba3_gen.runtime.state import Mamba3State, state_layout
 from mamba3_gen.signature import GRAD_NAMES, STATE_FIELDS, backward_schema, features, out_shape, per_rank
 
@@ -356,7 +356,8 @@ class BackwardOp:
             states_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
                 q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout,
                 init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
-                L, H, G, NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False, IS_VARLEN=is_varlen,
+                L, H, G, size_class(NS, H, dev), NC, NS, search, *angle_strides, HAS_INIT=has_init, STORE_FINAL=False,
+                IS_VARLEN=is_varlen,
                 PER_RANK=per)
 
         dstate_kernel, chunk_v_kernel, chunk_coef_kernel, chunk_qk_kernel, steps_kernel = self.kernels

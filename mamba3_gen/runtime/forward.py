@@ -99,6 +99,18 @@ def auto_rotation(meta: dict, keep_states: bool = False) -> str:
     return "prepass" if meta["S"] > 0 and meta.get("compute_dtype") == "bf16" and not keep_states else "inline"
 
 
+def size_class(NS: int, H: int, device: torch.device) -> int:
+    """The forward kernels' autotune key for the problem's size (their argument SIZE_CLASS, read by nothing else):
+    sequences × heads NS·H below the SM count (0), below twice (1), below four times (2), or more (3); 0 off a
+    GPU. The best tile depends on how many programs there are (H100: the fused kernel's B1-tuned tile ran B8
+    L4096 at 1.93 ms against ~1.0 tuned there, benchmarks/NOTES.md 2026-12-06), so a batch of another class tunes
+    again (a few configs timed; nothing recompiles: the argument is not specialised)."""
+    if device.type != "cuda" or INTERPRETING:
+        return 0
+    programs, sms = NS * H, _sm_count(device)
+    return next((i for i, f in enumerate((1, 2, 4)) if programs < f * sms), 3)
+
+
 PREP_MIN_SEGMENT = 1024  # tokens: the shortest segment auto makes (its prefix re-reads Δ and the angles before it)
 
 
@@ -397,7 +409,7 @@ class ForwardOp:
 
         self.prep_kernel[grid](q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                                init_angle, init_ssm, init_k, init_v, *fin, q_hat, k_hat, cu_seqlens, L, H, m["G"],
-                               segs, *angles.stride()[:3], **flags)
+                               size_class(NS, H, v.device), segs, *angles.stride()[:3], **flags)
         return q_hat, k_hat
 
     def _launch(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
@@ -426,7 +438,8 @@ class ForwardOp:
         self.kernel[grid](
             q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
             init_angle, init_ssm, init_k, init_v, *fin, *[t if t.numel() else None for t in chunks], cu_seqlens,
-            L, H, self.meta["G"], triton.cdiv(L, self.meta["C"]), *angle_strides, **flags, PREPPED=prepass,
+            L, H, self.meta["G"], size_class(NS, H, v.device), triton.cdiv(L, self.meta["C"]), *angle_strides,
+            **flags, PREPPED=prepass,
             STORE_CHUNKS=save_chunks,
         )
         return (out, *states, *chunks)
@@ -467,7 +480,7 @@ class ForwardOp:
         states_kernel, out_kernel = self.chunked_kernels
         args = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                 init_angle, init_ssm, init_k, init_v, *fin, chunk_ssm, chunk_angle, chunk_k, chunk_v, cu_seqlens,
-                L, H, m["G"], NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
+                L, H, m["G"], size_class(NS, H, dev), NC, NS, max(0, NS - 1).bit_length(), *angle_strides)
         flags["PREPPED"] = prepass
 
         def states_grid(cfg):

@@ -91,7 +91,7 @@ def kernel_signature(spec, arg_names: list[str], block_p: int, prepped: bool = F
             else:
                 signature[name] = ty
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("L", "H", "G", "NC", "angles_sb", "angles_st", "angles_sh"):
+        elif name in ("L", "H", "G", "NC", "SIZE_CLASS", "angles_sb", "angles_st", "angles_sh"):
             signature[name] = "i32"
         else:
             raise AOTCompileError(f"kernel argument {name!r} is unknown to the AOT signature; "

@@ -91,7 +91,8 @@ def backward_signature(spec, J: int, fn, cfg, head_sums: bool | None = None) -> 
             else:
                 signature[name] = ptrs[name]
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "angles_sb", "angles_st", "angles_sh", "T"):
+        elif name in ("L", "H", "G", "NC", "NS", "SEARCH_STEPS", "SIZE_CLASS", "angles_sb", "angles_st", "angles_sh",
+                      "T"):
             signature[name] = "i32"
         else:
             raise AOTCompileError(f"backward kernel argument {name!r} is unknown to aot_backward.py")
