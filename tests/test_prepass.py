@@ -137,14 +137,17 @@ def test_gpu_prepass_segments(name, gpu_kernels, monkeypatch):
 
 
 def test_auto_prep_segments():
-    """auto: one segment once the programs reach two per SM; else enough for two per SM, each segment at least
-    PREP_MIN_SEGMENT tokens."""
+    """auto: the largest power of two keeping the programs within four per SM, each segment at least
+    PREP_MIN_SEGMENT tokens (the counts measured fastest on an H100: 8 at B1 L16384 H32, 4 at B2 L8192, 1 at B8)."""
     sms = 132
     assert auto_prep_segments(8 * 32 * 2, 4096, sms) == 1  # B8 H32 N128: 512 programs
-    assert auto_prep_segments(32 * 2, 16384, sms) == 5  # B1 H32 N128: 64 programs -> 320
+    assert auto_prep_segments(4 * 32 * 2, 4096, sms) == 2
+    assert auto_prep_segments(2 * 32 * 2, 8192, sms) == 4
+    assert auto_prep_segments(32 * 2, 16384, sms) == 8  # B1 H32 N128: 64 programs -> 512
     assert auto_prep_segments(32 * 2, 4 * PREP_MIN_SEGMENT, sms) == 4  # capped by the segment length
+    assert auto_prep_segments(32 * 2, 3 * PREP_MIN_SEGMENT, sms) == 2
     assert auto_prep_segments(32 * 2, 1500, sms) == 1
-    assert auto_prep_segments(2 * sms - 1, 1 << 20, sms) == 2
+    assert auto_prep_segments(4 * sms + 1, 1 << 20, sms) == 1
 
 
 def test_rotation_selection(monkeypatch):

@@ -136,12 +136,16 @@ def prep_segments(NS: int, H: int, L: int, N2: int, device: torch.device) -> int
 
 
 def auto_prep_segments(programs: int, length: int, sms: int) -> int:
-    """``auto``'s segments per sequence for the rotation pre-pass: enough that ``programs`` (sequences × heads ×
-    pair blocks of 32) times the segments reach two programs per SM (the pre-pass's default tile runs two per SM by
-    its registers), each segment at least ``PREP_MIN_SEGMENT`` tokens of a sequence of ``length``."""
-    if programs >= 2 * sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), length // PREP_MIN_SEGMENT))
+    """``auto``'s segments per sequence for the rotation pre-pass: the largest power of two that keeps ``programs``
+    (sequences × heads × pair blocks of 32) times the segments within four per SM, each segment at least
+    ``PREP_MIN_SEGMENT`` tokens of a sequence of ``length``. Measured on an H100 (132 SMs, H32 N128 bf16,
+    benchmarks/NOTES.md 2026-12-06): SISO B1 L16384 0.78 ms at 1 segment, 0.49 at 4, 0.42 at 8, 0.58 at 16; B2
+    L8192 0.53 / 0.30 (4) / 0.41 (8); MIMO R4 B1 2.28 / 1.40 / 1.26 / 1.52, B2 1.32 / 0.96 / 1.31; B8 L4096 (512
+    programs) is fastest unsegmented."""
+    segs = 1
+    while 2 * segs * programs <= 4 * sms and 2 * segs * PREP_MIN_SEGMENT <= length:
+        segs *= 2
+    return segs
 
 
 def wants_chunk_states(meta: dict, differentiated: bool, has_backward: bool = True) -> bool:
