@@ -117,9 +117,9 @@ PREP_MIN_SEGMENT = 1024  # tokens: the shortest segment auto makes (its prefix r
 def prep_segments(NS: int, H: int, L: int, N2: int, device: torch.device) -> int:
     """Segments per sequence of the rotation pre-pass, read at each call from MAMBA3_GEN_PREP_SEGMENTS: a positive
     integer, or ``auto`` (the default; :func:`auto_prep_segments` on a GPU, 1 elsewhere). Each segment is walked by
-    programs of its own, which first sum the step angles of the tokens before it (Δ and the angles only, the walk's
-    own carry update: the same Θ), so few sequences × heads still fill the GPU. ``L`` is the batch rows' length (a
-    varlen pack's total: segments split each sequence, a short one leaves the later segments idle).
+    programs of its own, which first sum the step angles of the tokens before it (Δ and the angles only: the same Θ
+    up to fp32 rounding), so few sequences × heads still fill the GPU. ``L`` is a sequence's length (a
+    varlen pack's mean: segments split each sequence, a short one leaves its later segments idle).
 
     Raises:
         InputError: MAMBA3_GEN_PREP_SEGMENTS is neither ``auto`` nor a positive integer."""
@@ -132,7 +132,7 @@ def prep_segments(NS: int, H: int, L: int, N2: int, device: torch.device) -> int
         return int(raw)
     if device.type != "cuda" or INTERPRETING:
         return 1
-    return auto_prep_segments(NS * H * triton.cdiv(N2, 32), L // max(NS, 1), _sm_count(device))
+    return auto_prep_segments(NS * H * triton.cdiv(N2, 32), L, _sm_count(device))
 
 
 def auto_prep_segments(programs: int, length: int, sms: int) -> int:
@@ -406,7 +406,7 @@ class ForwardOp:
         q_hat = torch.empty(shape, device=v.device, dtype=q.dtype if keep else torch.float32)
         k_hat = torch.empty_like(q_hat)
 
-        segs = prep_segments(NS, H, L, m["N2"], v.device)
+        segs = prep_segments(NS, H, L if cu_seqlens is None else L // max(NS, 1), m["N2"], v.device)
 
         def grid(cfg):
             return (NS * segs, H, triton.cdiv(m["N2"], cfg["BLOCK_K"]))
