@@ -393,8 +393,8 @@ class ForwardOp:
 
     def _prepass(self, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, out,
                  init_angle, init_ssm, init_k, init_v, fin, cu_seqlens, flags):
-        """The rotation pre-pass: one kernel, grid (sequence, head, pair block), walks each sequence chunk by chunk
-        carrying Θ (fp32, mod 2π, as the inline kernels do) and writes Q̂, K̂ per head, head-major (B, H, L, R, N;
+        """The rotation pre-pass: one kernel, grid (sequence × segment, head, pair block; :func:`prep_segments`),
+        walks each segment block by block carrying Θ (fp32, mod 2π, as the inline kernels do) and writes Q̂, K̂ per head, head-major (B, H, L, R, N;
         each row holds the rotation pairs' first dims, then their second), biased and rotated, in the input dtype
         (fp32 for fp32 inputs or fp32 dot operands), and the final Θ into ``fin[0]`` when it is asked for.
         Returns (Q̂, K̂), to pass as q, k with PREPPED."""
