@@ -371,7 +371,7 @@ class BackwardOp:
             de0 = empty(NS, H, P, N) if has_init else None
             dstate_kernel[lambda cfg: (NS, H, triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(m["N2"], cfg["BLOCK_K"]))](
                 q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, dout, d_ssm,
-                chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, NC, *angle_strides,
+                chunk_angle, dchunk, dinit_ssm, de0, cu_seqlens, L, H, G, size_class(NS, H, dev), NC, *angle_strides,
                 HAS_INIT=has_init, HAS_DFINAL=has_dfinal, IS_VARLEN=is_varlen, PER_RANK=per)
 
         # 3. every chunk at once: the value side per P block, the coefficient gradients, the key/query side per block
