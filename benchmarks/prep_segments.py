@@ -1,5 +1,6 @@
 """The rotation pre-pass's segments per sequence (MAMBA3_GEN_PREP_SEGMENTS), swept on one GPU: for each spec and
-size, the forward (``MAMBA3_GEN_ROTATE=prepass``) at each segment count, its output checked against one segment's
+size, the forward (``MAMBA3_GEN_ROTATE=prepass``) at each segment count, its output checked against the first
+count's (1 unless --segments says otherwise)
 (the segments' prefix sums Θ in another reduction layout: fp32 rounding of Θ, then bf16 rounding of Q̂, K̂), and the
 mean time per CUDA kernel under torch.profiler (the prep kernel's and the whole forward's).
 

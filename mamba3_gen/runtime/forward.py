@@ -100,11 +100,13 @@ def auto_rotation(meta: dict, keep_states: bool = False) -> str:
 
 
 def size_class(NS: int, H: int, device: torch.device) -> int:
-    """The forward kernels' autotune key for the problem's size (their argument SIZE_CLASS, read by nothing else):
+    """The autotune key for the problem's size of the forward kernels and the backward's dstate kernel (their
+    argument SIZE_CLASS, read by nothing else):
     sequences × heads NS·H below the SM count (0), below twice (1), below four times (2), or more (3); 0 off a
     GPU. The best tile depends on how many programs there are (H100: the fused kernel's B1-tuned tile ran B8
     L4096 at 1.93 ms against ~1.0 tuned there, benchmarks/NOTES.md 2026-12-06), so a batch of another class tunes
-    again (a few configs timed; nothing recompiles: the argument is not specialised)."""
+    again (a few configs timed; nothing recompiles: the argument is not specialised), which is why a CUDA graph
+    must be captured after a warm-up call at its shape (README)."""
     if device.type != "cuda" or INTERPRETING:
         return 0
     programs, sms = NS * H, _sm_count(device)
