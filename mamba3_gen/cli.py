@@ -595,20 +595,23 @@ def check(
                                        if k in short and not (k == "block_p" and kind == "prep"))
                               + (f" ({_size(c['smem_estimate'])})" if c.get("smem_estimate") else "") for c in cfgs)
             echo(f"  {names.get(kind, kind)}: {tiles}")
-        from mamba3_gen.runtime.forward import auto_forward, auto_rotation, keeps_chunk_states
+        from mamba3_gen.runtime.forward import auto_rotation, chunked_below, keeps_chunk_states
 
         meta = low.meta()
         rot = auto_rotation(meta)
-        many, few = auto_forward(meta, False, rot), auto_forward(meta, True, rot)
         # a differentiated call that keeps its chunk states (SAVE_STATES; a spec with a backward) may choose otherwise
         keeps = not low.lowered.backward_refusal and keeps_chunk_states(meta, "fused", "inline")
         rot_kept = auto_rotation(meta, keep_states=keeps)
-        few_kept = auto_forward(meta, True, rot_kept)
+
+        def below(fraction: float) -> str:
+            return "the GPU's SM count" if fraction == 1 else f"{fraction:g} × the GPU's SM count"
+
+        frac, frac_kept = chunked_below(meta, rot), chunked_below(meta, rot_kept)
         echo("at run time, on a GPU, with MAMBA3_GEN_FORWARD / MAMBA3_GEN_ROTATE unset (auto; README):")
-        echo("  forward: " + (f"{many} at every batch" if many == few else
-                              f"{many} when sequences × heads >= the GPU's SM count, else {few}")
-             + (f" ({few_kept} below the SM count in a differentiated call that keeps its chunk states)"
-                if few_kept != few else ""))
+        echo("  forward: " + ("chunked at every batch" if frac == float("inf") else
+                              f"fused when sequences × heads >= {below(frac)}, else chunked")
+             + (f" (chunked below {below(frac_kept)} in a differentiated call that keeps its chunk states)"
+                if frac_kept != frac else ""))
         if meta["S"]:
             echo(f"  rotation: {'the pre-pass' if rot == 'prepass' else 'inline'}"
                  + (" (inline in a differentiated call that keeps its chunk states; MAMBA3_GEN_SAVE_STATES)"

@@ -107,9 +107,9 @@ def test_variables_checked_whichever_forward_runs(forward, monkeypatch, interp_k
 
 def test_default_is_auto(monkeypatch):
     """MAMBA3_GEN_FORWARD unset means auto: fused without a CUDA device (and under the interpreter), else the
-    measured choice (benchmarks/NOTES.md, 2026-12-02 and 2026-12-03): chunked for MIMO, for a real state with N > 64
-    and when NS·H is below the SM count, except after the rotation pre-pass; fused for a complex SISO state at
-    NS·H >= SMs."""
+    measured choice (benchmarks/NOTES.md, 2026-12-02, 2026-12-03 and 2026-12-06): chunked for MIMO, for a real state
+    with N > 64 and when NS·H is below the SM count (below half of it after the rotation pre-pass); fused for a
+    complex SISO state from there."""
     from mamba3_gen.runtime import forward as fwd
 
     monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)
@@ -121,9 +121,12 @@ def test_default_is_auto(monkeypatch):
     assert fwd.selected_forward(siso_complex, 8, 32, cuda) == "fused"  # 256 >= 132 programs
     assert fwd.selected_forward(siso_complex, 2, 32, cuda) == "chunked"  # 64 < 132
     siso_complex_bf16 = {**siso_complex, "compute_dtype": "bf16"}
-    # after the pre-pass: fused at any batch; rotated inline (a call keeping its chunk states, or asked for), the
-    # chunked forward below the SM count
-    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, rotation="prepass") == "fused"
+    # after the pre-pass: chunked below half the SM count (B1, B2 at H32), fused from there (B4: 128 programs);
+    # rotated inline (a call keeping its chunk states, or asked for), the chunked forward below the SM count
+    assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, rotation="prepass") == "chunked"
+    assert fwd.selected_forward(siso_complex_bf16, 2, 32, cuda, rotation="prepass") == "chunked"  # 64 < 66
+    assert fwd.selected_forward(siso_complex_bf16, 3, 32, cuda, rotation="prepass") == "fused"  # 96 >= 66
+    assert fwd.selected_forward(siso_complex_bf16, 4, 32, cuda, rotation="prepass") == "fused"
     assert fwd.selected_forward(siso_complex_bf16, 1, 32, cuda, rotation="inline") == "chunked"
     assert fwd.selected_forward(siso_complex_bf16, 8, 32, cuda, rotation="inline") == "fused"
     assert fwd.selected_forward({**siso_complex_bf16, "R": 4}, 8, 32, cuda) == "chunked"

@@ -209,7 +209,8 @@ def test_check_names_autos_choice_and_bf16_operands_on_fp32_inputs(tmp_path):
     result = invoke("check", str(path), "--no-aot")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "  forward: fused at every batch (chunked below the SM count in a differentiated call" in out
+    assert ("  forward: fused when sequences × heads >= 0.5 × the GPU's SM count, else chunked (chunked below the "
+            "GPU's SM count in a differentiated call" in out)
     assert "  rotation: the pre-pass (inline in a differentiated call that keeps its chunk states" in out
     assert "note: bf16 dot operands round the fp32 inputs to bf16" in out
     assert "  backward: tf32 dot operands (the spec's bf16 is the forward's" in out

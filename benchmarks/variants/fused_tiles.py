@@ -22,4 +22,7 @@ VARIANTS = {
     "p64w8": {"sets": BF16},  # the shipped first config
     "p32w8": _first(32, 8),
     "p16w8": _first(16, 8),
+    # 16 warps: 128 registers a thread (the register file's limit at 512 threads), 400 B spilled, 2279 SASS
+    # instructions a thread in the loop (8 warps: 2402 with 255 registers); twice the warps to hide latency with
+    "p64w16": _first(64, 16),
 }

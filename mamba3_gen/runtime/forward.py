@@ -64,12 +64,13 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
                      rotation: str = "inline") -> str:
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
     head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
-    chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster on an H200 (benchmarks/NOTES.md,
-    sessions 2026-12-02 and 2026-12-03) — MIMO (R > 1), a real state with N > 64, or fewer (sequence, head) pairs
-    NS·H than the GPU has SMs (the fused kernel's programs would leave SMs idle), except after the rotation
-    pre-pass (``rotation``, the call's :func:`selected_rotation`), whose fused kernel is faster at every batch (B1
-    L16384: 2.54 vs 3.22 ms) — else ``fused``. Under the CPU interpreter, and for a module without the chunked
-    forward (``has_chunked=False``: built by an older generator), ``auto`` is ``fused``.
+    chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster (benchmarks/NOTES.md,
+    sessions 2026-12-02, 2026-12-03 on an H200 and 2026-12-06 third on an H100) — MIMO (R > 1), a real state with
+    N > 64, or few (sequence, head) pairs NS·H (the fused kernel's programs would leave SMs idle): fewer than the
+    GPU's SMs with the inline rotation, fewer than half of them after the rotation pre-pass (``rotation``, the
+    call's :func:`selected_rotation`; bf16 dot operands, H100: B1 L16384 H32 chunked 1.42 vs fused 2.27 ms, B2 L8192
+    1.06 vs 1.30, B4 L4096 0.91 vs 0.84) — else ``fused``. Under the CPU interpreter, and for a module without the
+    chunked forward (``has_chunked=False``: built by an older generator), ``auto`` is ``fused``.
 
     Raises:
         InputError: MAMBA3_GEN_FORWARD names none of ``auto``, ``fused``, ``chunked``.
@@ -79,17 +80,23 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
         return name
     if meta is None or device is None or device.type != "cuda" or INTERPRETING or not has_chunked:
         return "fused"
-    return auto_forward(meta, few_programs=NS * H < _sm_count(device), rotation=rotation)
+    return auto_forward(meta, NS * H, _sm_count(device), rotation=rotation)
 
 
-def auto_forward(meta: dict, few_programs: bool, rotation: str = "inline") -> str:
-    """``auto``'s forward on a GPU (see :func:`selected_forward`): ``few_programs`` is NS·H below the SM count,
-    ``rotation`` the call's (``prepass`` or ``inline``)."""
+def chunked_below(meta: dict, rotation: str = "inline") -> float:
+    """The fraction of the GPU's SM count below which ``auto`` (:func:`selected_forward`) takes the chunked forward
+    for ``programs`` = NS·H (sequences × heads): ``inf`` where it always does (MIMO, a real state with N > 64), 1
+    with the inline rotation, 0.5 after the rotation pre-pass (``rotation`` ``prepass``), whose fused kernel is
+    faster from half the SM count on."""
     if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64):
-        return "chunked"
-    if few_programs and rotation != "prepass":
-        return "chunked"
-    return "fused"
+        return float("inf")
+    return 0.5 if rotation == "prepass" else 1.0
+
+
+def auto_forward(meta: dict, programs: int, sms: int, rotation: str = "inline") -> str:
+    """``auto``'s forward on a GPU with ``sms`` SMs (see :func:`selected_forward`): ``programs`` is NS·H,
+    ``rotation`` the call's (``prepass`` or ``inline``)."""
+    return "chunked" if programs < chunked_below(meta, rotation) * sms else "fused"
 
 
 def auto_rotation(meta: dict, keep_states: bool = False) -> str:
