@@ -134,6 +134,15 @@ def test_default_is_auto(monkeypatch):
     assert fwd.selected_forward({"R": 4, "S": 32, "N": 64}, 8, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 128}, 8, 32, cuda) == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, cuda) == "fused"
+    # bf16 dot operands: a real state with N > 64 runs fused from the SM count on (its tiles no longer spill)
+    euler_bf16 = {"R": 1, "S": 0, "N": 128, "compute_dtype": "bf16"}
+    assert fwd.selected_forward(euler_bf16, 8, 32, cuda) == "fused"
+    assert fwd.selected_forward(euler_bf16, 2, 32, cuda) == "chunked"
+    # two or more lags: chunked at any batch with tf32 operands; with bf16 ones as a one-lag rule
+    two_lags = {"R": 1, "S": 32, "N": 128, "J": 2}
+    assert fwd.selected_forward(two_lags, 8, 32, cuda) == "chunked"
+    assert fwd.selected_forward({**two_lags, "compute_dtype": "bf16"}, 8, 32, cuda, rotation="prepass") == "fused"
+    assert fwd.selected_forward({**two_lags, "compute_dtype": "bf16"}, 1, 32, cuda, rotation="prepass") == "chunked"
     assert fwd.selected_forward({"R": 1, "S": 0, "N": 64}, 8, 32, torch.device("cpu")) == "fused"
     assert fwd.selected_forward(siso_complex, 2, 32, cuda, has_chunked=False) == "fused"  # an older module
     monkeypatch.setenv("MAMBA3_GEN_FORWARD", " Chunked ")

@@ -65,8 +65,9 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
     """The forward MAMBA3_GEN_FORWARD selects, read at each call: ``fused`` (one kernel, one program per sequence,
     head and P block walks every chunk), ``chunked`` (a states kernel over state tiles, then an out kernel over every
     chunk at once) or ``auto`` (the default): ``chunked`` where it was measured faster (benchmarks/NOTES.md,
-    sessions 2026-12-02, 2026-12-03 on an H200 and 2026-12-06 third on an H100) — MIMO (R > 1), a real state with
-    N > 64, or few (sequence, head) pairs NS·H (the fused kernel's programs would leave SMs idle): fewer than the
+    sessions 2026-12-02, 2026-12-03 on an H200 and 2026-12-06 third on an H100) — MIMO (R > 1); with tf32 or fp32
+    dot operands a real state with N > 64 or a rule with J ≥ 2 lags (:func:`chunked_below`); or few (sequence,
+    head) pairs NS·H (the fused kernel's programs would leave SMs idle): fewer than the
     GPU's SMs with the inline rotation, fewer than half of them after the rotation pre-pass (``rotation``, the
     call's :func:`selected_rotation`; bf16 dot operands, H100: B1 L16384 H32 chunked 1.42 vs fused 2.27 ms, B2 L8192
     1.06 vs 1.30, B4 L4096 0.91 vs 0.84) — else ``fused``. Under the CPU interpreter, and for a module without the
@@ -85,10 +86,17 @@ def selected_forward(meta: Optional[dict] = None, NS: int = 0, H: int = 0,
 
 def chunked_below(meta: dict, rotation: str = "inline") -> float:
     """The fraction of the GPU's SM count below which ``auto`` (:func:`selected_forward`) takes the chunked forward
-    for ``programs`` = NS·H (sequences × heads): ``inf`` where it always does (MIMO, a real state with N > 64), 1
-    with the inline rotation, 0.5 after the rotation pre-pass (``rotation`` ``prepass``), whose fused kernel is
-    faster from half the SM count on."""
-    if meta["R"] > 1 or (meta["S"] == 0 and meta["N"] > 64):
+    for ``programs`` = NS·H (sequences × heads): ``inf`` where it always does — MIMO, and with tf32 or fp32 dot
+    operands a real state with N > 64 or a rule with two or more lags (J ≥ 2: the fused kernel carries the lagged
+    tokens and spills) — 1 with the inline rotation, 0.5 after the rotation pre-pass (``rotation`` ``prepass``),
+    whose fused kernel is faster from half the SM count on. Measured on an H100, B8 L4096 H32 (benchmarks/NOTES.md
+    2026-12-06 third): two_lag_complex tf32 chunked 2.80 vs fused 3.87 ms, bf16 after the pre-pass fused 2.03 vs
+    chunked 2.30; siso_euler_real tf32 chunked 1.69 vs 2.99, bf16 fused 1.20 vs chunked 1.37 (B1 L16384: chunked
+    1.02 vs 2.38)."""
+    if meta["R"] > 1:
+        return float("inf")
+    wide = meta.get("compute_dtype") != "bf16"  # tf32 / fp32 dot operands: the fused kernel's tiles spill more
+    if wide and (meta.get("J", 1) > 1 or (meta["S"] == 0 and meta["N"] > 64)):
         return float("inf")
     return 0.5 if rotation == "prepass" else 1.0
 
