@@ -29,6 +29,7 @@ element), fp32 inputs ≤ 2e-3 relative (the dots run on tf32 operands, 11-bit m
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,6 +350,64 @@ def test_strong_then_weak_decay_in_one_chunk(edge_kernels):
     kw["adt"][:, :, :32] = -30.0
     kw["adt"][:, :, 32:] = -1e-3
     assert_matches(_on(edge_kernels, spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
+
+
+def _fp32_dots(module, tag: str):
+    """A copy of a generated forward module (a spec with bf16 dot operands) whose dots take fp32 operands: the
+    interpreter computes bf16 dots on raw bits, and this keeps the rest of the bf16 branch of the templates."""
+    import importlib.util
+    import sys
+    import tempfile
+
+    text = (Path(module.__file__).parent / "fwd.py").read_text(encoding="utf-8")
+    text = text.replace(".to(tl.bfloat16)", "").replace("'template_hash': '", f"'template_hash': '{tag}_", 1)
+    path = Path(tempfile.mkdtemp()) / f"fwd_{tag}.py"
+    path.write_text(text, encoding="utf-8")
+    loader = importlib.util.spec_from_file_location(f"fp32_dots_{tag}", path)
+    mod = importlib.util.module_from_spec(loader)
+    sys.modules[loader.name] = mod
+    loader.loader.exec_module(mod)
+    return mod
+
+
+@interpreter_only
+@pytest.mark.parametrize("forward", ["fused", "chunked"])
+def test_bf16_operand_branch_decay_cumsum(forward, monkeypatch):
+    """With bf16 dot operands the decay cumsum is a plain fp32 scan, not the double-float one
+    (templates/triton/stages/decay_weights.py.jinja): run that branch in the interpreter with fp32 dots (fp32 chunk
+    states). Ordinary decays: CPU_TOL. The strong-then-weak chunk: its cancellation costs 3.0e-4 (measured), below
+    the 2^-9 ≈ 2e-3 rounding every bf16 product adds, and bounded here by 5e-4."""
+    import mamba3_gen
+
+    monkeypatch.setenv("MAMBA3_GEN_FORWARD", forward)
+    monkeypatch.setenv("MAMBA3_GEN_CHUNK_STATES", "fp32")
+    bf16 = {"input": "fp32", "compute": "bf16"}
+    spec = respec(make_spec(rule="exp_trapezoidal", kind="complex", N=16, P=8, chunk=16), dtypes=bf16)
+    mod = _fp32_dots(mamba3_gen.load(spec), f"bf16branch_{forward}")
+    assert "tl.cumsum(a_fin, axis=0)" in Path(mod.__file__).read_text(encoding="utf-8")
+    kw = make_inputs(spec, 2, 37, 2, seed=3)
+    assert rel_err(run_op(mod, spec, kw)[0], naive_recurrence(spec, **kw)[0]) <= CPU_TOL.rel
+    strong = respec(make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64), dtypes=bf16)
+    mod = _fp32_dots(mamba3_gen.load(strong), f"bf16strong_{forward}")
+    kw = make_inputs(strong, 1, 64, 1, seed=5)
+    kw["adt"][:, :, :32] = -30.0
+    kw["adt"][:, :, 32:] = -1e-3
+    assert rel_err(run_op(mod, strong, kw)[0], naive_recurrence(strong, **kw)[0]) <= 5e-4
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_strong_then_weak_decay_bf16_operands(gpu_kernels):
+    """The chunk above with bf16 dot operands, which take a plain fp32 cumsum of A·Δ (templates/triton/stages/
+    decay_weights.py.jinja): its cancellation near −960 (≤ ~3e-4 of a weight) is below the 2^-9 rounding of every
+    bf16 product, so the output stays within the bf16-operand tolerance of the float64 recurrence."""
+    spec = respec(make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64),
+                  dtypes={"input": "fp32", "compute": "bf16"})
+    kw = make_inputs(spec, 1, 64, 1, seed=5)
+    kw["adt"][:, :, :32] = -30.0
+    kw["adt"][:, :, 32:] = -1e-3
+    out = run_op(gpu_kernels(spec), spec, to_device(kw, "cuda"))[0].cpu()
+    assert_matches((out, None), (naive_recurrence(spec, **kw)[0], None), GPU_TOL[torch.bfloat16])
 
 
 _POISON_SPECS = {
