@@ -107,9 +107,9 @@ def test_variables_checked_whichever_forward_runs(forward, monkeypatch, interp_k
 
 def test_default_is_auto(monkeypatch):
     """MAMBA3_GEN_FORWARD unset means auto: fused without a CUDA device (and under the interpreter), else the
-    measured choice (benchmarks/NOTES.md, 2026-12-02, 2026-12-03 and 2026-12-06): chunked for MIMO, for a real state
-    with N > 64 and when NS·H is below the SM count (below half of it after the rotation pre-pass); fused for a
-    complex SISO state from there."""
+    measured choice (benchmarks/NOTES.md, 2026-12-02, 2026-12-03 and 2026-12-06): chunked for MIMO; with tf32 /
+    fp32 dot operands for a real state with N > 64 and for J ≥ 2 lags; and when NS·H is below the SM count (below
+    half of it after the rotation pre-pass); fused from there."""
     from mamba3_gen.runtime import forward as fwd
 
     monkeypatch.delenv("MAMBA3_GEN_FORWARD", raising=False)

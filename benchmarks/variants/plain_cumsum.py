@@ -1,6 +1,6 @@
 """Variants for `benchmarks/ablate.py`: the price of the double-float (two_sum) decay cumsum in the chunk loop with
 bf16 dot operands. The two_sum scan keeps segment sums free of cancellation (fp32 error ≤ 1e-4 with a strong decay
-before a weak one); with bf16 operands the products round to 2^-8 anyway, so a plain fp32 cumsum might do there.
+before a weak one); with bf16 operands the products round to 2^-9 anyway, so a plain fp32 cumsum might do there.
 sm_90a SASS of the fused PREPPED loop (siso_trap_complex, bf16): 2402 static instructions -> 2263 (−139) plain.
 
     python benchmarks/ablate.py siso_trap_complex --variants benchmarks/variants/plain_cumsum.py \\
