@@ -162,10 +162,10 @@ def compile_report(spec_path_or_spec, arch: str = "sm_90a", timeout: float | Non
     if isinstance(spec_path_or_spec, (str, os.PathLike)):
         spec_arg = os.path.abspath(os.fspath(spec_path_or_spec))  # the subprocess runs in a temporary cwd
     else:  # a Spec object: write it to a temporary YAML file for the subprocess
-        import yaml
+        from ruamel.yaml import YAML  # the project's YAML library (PyYAML is not a dependency)
 
         tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mamba3_cute_spec_", delete=False)
-        yaml.safe_dump(spec_path_or_spec.model_dump(mode="json", by_alias=True), tmp)
+        YAML(typ="safe", pure=True).dump(spec_path_or_spec.model_dump(mode="json", by_alias=True), tmp)
         tmp.close()
         spec_arg = tmp.name
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
