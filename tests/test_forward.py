@@ -347,9 +347,7 @@ def test_strong_then_weak_decay_in_one_chunk(edge_kernels):
     """A chunk of 64 with A·Δ = −30 for its first half and −1e-3 after: the weak decays of the second half are sums
     over their own segment, not differences of cumsums near −960 (where fp32 keeps ~6e-5): fp32 ≤ 1e-4."""
     spec = _fp32(make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64))
-    kw = make_inputs(spec, 1, 64, 1, seed=5)
-    kw["adt"][:, :, :32] = -30.0
-    kw["adt"][:, :, 32:] = -1e-3
+    kw = _strong_then_weak(spec, -30.0)
     assert_matches(_on(edge_kernels, spec, kw), naive_recurrence(spec, **kw), CPU_TOL)
 
 
