@@ -395,6 +395,20 @@ def test_bf16_operand_branch_decay_cumsum(forward, tmp_path, monkeypatch):
     assert "tl.cumsum(a_fin, axis=0)" in Path(mod.__file__).read_text(encoding="utf-8")
     kw = make_inputs(spec, 2, 37, 2, seed=3)
     assert rel_err(run_op(mod, spec, kw)[0], naive_recurrence(spec, **kw)[0]) <= CPU_TOL.rel
+    # a step that decays to zero (a = −inf) is floored like any other (no count of zero steps in this branch): the
+    # weights across it are e^(≤ −110) = 0, those beside it unchanged; no lag, one, two lags (the sums at t + J)
+    two_lag = respec(make_spec(rule="custom", weights=["dt * lam", "0.5 * dt * exp(adt)"], N=16, P=8, chunk=16),
+                     dtypes=bf16)
+    euler = respec(make_spec(rule="exp_euler", kind="real", N=16, P=8, chunk=16), dtypes=bf16)
+    for sp, tag in ((spec, "one"), (two_lag, "two"), (euler, "none")):
+        m = mod if tag == "one" else _fp32_dots(mamba3_gen.load(sp), f"bf16lags_{tag}_{forward}", tmp_path, monkeypatch)
+        kw = make_inputs(sp, 2, 37, 2, seed=4)
+        kw["adt"][0, :, 5] = float("-inf")  # inside the first chunk
+        kw["adt"][1, :, 16] = float("-inf")  # a chunk's first step
+        kw["adt"][1, :, 30] = float("-inf")
+        ref = naive_recurrence(sp, **kw)[0]
+        assert torch.isfinite(ref).all()
+        assert rel_err(run_op(m, sp, kw)[0], ref) <= CPU_TOL.rel, tag
     strong = respec(make_spec(rule="exp_trapezoidal", kind="real", N=16, P=8, chunk=64), dtypes=bf16)
     mod = _fp32_dots(mamba3_gen.load(strong), f"bf16strong_{forward}", tmp_path, monkeypatch)
     for a_strong in (-30.0, -600.0):
