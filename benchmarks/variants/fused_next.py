@@ -11,7 +11,7 @@ inputs: it measures the check's cost); warps4 / p32 change the fused and out ker
 build the spec with bf16 dot operands first; stages2 lets
 Triton pipeline the chunk loop's loads (num_stages=2).
 """
-RARE_IF = "if tl.sum(tl.where(v_finite, 0, 1)) > 0:"
+RARE_IF = 'if not (tl.abs(tl.sum(v_rows)) < float("inf")):'
 SEEN = "seen = _rows2d(tl.cumsum(bad_tok, axis=0), BLOCK_P) > 0"
 SEEN_DOT = ('seen = tl.dot(tl.where(lag_ij >= 0, 1.0, 0.0), bad_tok.to(tl.float32), input_precision="tf32") > 0.5'
             '  # [ROWS, BLOCK_P] count of non-finite values at or before the row')
