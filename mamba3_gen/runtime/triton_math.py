@@ -23,12 +23,6 @@ if INTERPRETING:
         return tl.sigmoid(x)
 
     @triton.jit
-    def _rcp_approx(x):
-        # 1/x by MUFU.RCP alone (rcp.approx.ftz: 1 ulp; 1/inf = 0, a NaN stays NaN); x >= 1 where it is used here
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-
-    @triton.jit
     def exp_ftz(x):
         return tl.exp(x)
 
