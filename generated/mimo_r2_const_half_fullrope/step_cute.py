@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'halved',
  'spec_hash': '588f0c300720bfbd517f33a0f65b4a44b3eb08577431f14e80408d36d41d85b4',
  'state_dtype': 'fp32',
- 'template_hash': '0a9eb2b09d68',
+ 'template_hash': '466d01e53ef6',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'halved',
  'spec_hash': '2de5a2abb2b350bc4f1683acadf53f43a733793c7ad549a3bde5564fdf698d58',
  'state_dtype': 'fp32',
- 'template_hash': '0a9eb2b09d68',
+ 'template_hash': '466d01e53ef6',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}
