@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'halved',
  'spec_hash': '588f0c300720bfbd517f33a0f65b4a44b3eb08577431f14e80408d36d41d85b4',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

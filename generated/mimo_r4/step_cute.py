@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'halved',
  'spec_hash': '80ed11c0f94fefae014ec7b28eaa551c7af64fce88d69e764874a1c8f517def9',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'halved',
  'spec_hash': '2de5a2abb2b350bc4f1683acadf53f43a733793c7ad549a3bde5564fdf698d58',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -49,7 +49,7 @@ META = {'BN': 128,
  'rotation': None,
  'spec_hash': '7189f8a9b4035942452cac1d937ced96fea1dd8e9673c3e2581aa73bc56d839a',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

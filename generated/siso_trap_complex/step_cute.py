@@ -50,7 +50,7 @@ META = {'BN': 128,
  'rotation': 'pairwise',
  'spec_hash': '67508b674d10cb130c191e3aaf91675f4057e9972c3e9a1bd9a3d08f31559a92',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

@@ -51,7 +51,7 @@ META = {'BN': 128,
  'rotation': 'pairwise',
  'spec_hash': 'b11de4dc21b1e735d641888442994c808574ab9a58e05abbb2185ac4cf3c0092',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}

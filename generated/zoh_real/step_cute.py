@@ -49,7 +49,7 @@ META = {'BN': 128,
  'rotation': None,
  'spec_hash': '8da96338bc9eaa70e88a78e8c8669277888e24c88ed73ed0524c1f64fce81017',
  'state_dtype': 'fp32',
- 'template_hash': '466d01e53ef6',
+ 'template_hash': '81c90f0b4e0f',
  'trap_input': 'logit',
  'varlen': True,
  'z_gate': True}
